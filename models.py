@@ -1,0 +1,471 @@
+"""ExtreMA models: a plain ViT with class-attention pooling, token masking, the siamese learner and
+official-checkpoint conversion.
+
+Self-contained (torch and einops only): copy this file into your project.
+
+Shapes: B images, N patches, K visible patches per mask, M masks, D channels, P projector outputs.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+ARCHS = {  # name: ViT sizes
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Position embedding
+
+
+def sincos_pos_embed(dim, grid_h, grid_w):
+    """Fixed 2-D sin-cos table (MAE formula), (grid_h * grid_w, dim) in row-major patch order.
+
+    The first dim/2 channels encode the column index, the last dim/2 the row index, each half as
+    [sin(pos * w), cos(pos * w)] with w_i = 10000^(-i / (dim/4)).
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                                torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+
+    def encode(pos):  # (h, w) -> (h*w, dim/2)
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+def resize_pos_embed(pos_embed, old_grid, new_grid):
+    """Bicubic resize of a (1, h*w, D) table from grid old_grid=(h, w) to new_grid."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    table = rearrange(pos_embed, "1 (h w) d -> 1 d h w", h=old_grid[0], w=old_grid[1])
+    table = F.interpolate(table.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
+    return rearrange(table, "1 d h w -> 1 (h w) d").to(pos_embed.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Masking
+
+
+def num_visible(num_patches, mask_ratio):
+    """K, the patches one mask keeps: int(N * (1 - mask_ratio)) as in the paper."""
+    return int(num_patches * (1 - mask_ratio))
+
+
+def check_masks(num_patches, mask_ratio, num_masks, disjoint=True):
+    """Raise ValueError when the masks cannot be drawn."""
+    if not 0 <= mask_ratio < 1:
+        raise ValueError(f"mask ratio must be in [0, 1), got {mask_ratio}")
+    if num_masks < 1:
+        raise ValueError(f"need at least one mask, got {num_masks}")
+    k = num_visible(num_patches, mask_ratio)
+    if k < 1:
+        raise ValueError(f"mask ratio {mask_ratio} keeps no patch of {num_patches}")
+    if disjoint and num_masks * k > num_patches:
+        raise ValueError(f"{num_masks} disjoint masks of {k} visible patches do not fit in "
+                         f"{num_patches} patches; lower --num-masks or raise --mask-ratio")
+
+
+def sample_keep(batch_size, num_patches, mask_ratio, num_masks, disjoint=True, device=None):
+    """Visible patch indices, int64 (M, B, K).
+
+    Disjoint: one random permutation per image, mask i keeps permutation[K*i : K*(i+1)].
+    Otherwise each mask draws its own permutation.
+    """
+    check_masks(num_patches, mask_ratio, num_masks, disjoint)
+    k = num_visible(num_patches, mask_ratio)
+    if disjoint:
+        perm = torch.rand(batch_size, num_patches, device=device).argsort(dim=1)  # (B, N)
+        return rearrange(perm[:, :num_masks * k], "b (m k) -> m b k", m=num_masks)
+    perm = torch.rand(num_masks, batch_size, num_patches, device=device).argsort(dim=2)  # (M, B, N)
+    return perm[..., :k]
+
+
+def gather_visible(tokens, keep):
+    """tokens (B, N, D), keep (M, B, K) -> (M*B, K, D), rows mask-major (row m*B + b)."""
+    m, b, _ = keep.shape
+    rows = torch.arange(b, device=tokens.device).repeat(m)  # (M*B,)
+    return tokens[rows[:, None], keep.reshape(m * b, -1)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Vision Transformer
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: zero whole residual branches per sample with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through SDPA (flash / memory-efficient kernels where available)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(rearrange(x, "b h n d -> b n (h d)"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, drop_path):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class ClassAttention(nn.Module):
+    """CaiT class attention: the cls row queries all rows of u = [cls; tokens].
+
+    k and v share one matmul (`kv`); official checkpoints' separate k, v are concatenated on load.
+    """
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, u):  # u: (B, 1+N, D), row 0 is the cls token
+        q = rearrange(self.q(u[:, :1]), "b 1 (h d) -> b h 1 d", h=self.num_heads)
+        k, v = rearrange(self.kv(u), "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, d)
+        return self.proj(rearrange(x, "b h 1 d -> b 1 (h d)"))
+
+
+class ClassAttentionBlock(nn.Module):
+    """Refines the cls token only; the patch tokens pass through unchanged. Layer scale, no drop path."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, layer_scale):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = ClassAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+        self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+
+    def forward(self, cls, tokens):  # cls (B, 1, D), tokens (B, N, D)
+        cls = cls + self.gamma_1 * self.attn(self.norm1(torch.cat([cls, tokens], dim=1)))
+        return cls + self.gamma_2 * self.mlp(self.norm2(cls))
+
+
+class VisionTransformer(nn.Module):
+    """ViT without a cls token in the self-attention blocks, pooled by class-attention blocks.
+
+    forward(x, keep) -> (tokens, instance) after the final norm: (B, N, D) and (B, D) for full images,
+    (M*B, K, D) and (M*B, D) when keep (M, B, K) selects visible patches.
+    Any input whose sides divide by the patch size works: the position table is resized on the fly.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, ca_depth=2, layer_scale=0.1, drop_path=0.0):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, *self.grid_size)[None])
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
+        self.ca_blocks = nn.ModuleList(ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, layer_scale)
+                                       for _ in range(ca_depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        init_weights(self)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def embed(self, x):
+        """(B, C, H, W) -> (B, N, D) patch tokens plus position embedding."""
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
+            raise ValueError(f"input {tuple(x.shape[-2:])} is not divisible by patch size {self.patch_size}")
+        tokens = rearrange(self.patch_embed(x), "b d h w -> b (h w) d")
+        return tokens + resize_pos_embed(self.pos_embed, self.grid_size, (h, w))
+
+    def pool(self, tokens):
+        """Class-attention output (M*B, D) for tokens (M*B, N, D), before the final norm."""
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        for blk in self.ca_blocks:
+            cls = blk(cls, tokens)
+        return cls[:, 0]
+
+    def forward_features(self, x, keep=None):
+        """Tokens and class-attention output before the final norm."""
+        tokens = self.embed(x)
+        if keep is not None:
+            tokens = gather_visible(tokens, keep)  # (M*B, K, D)
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        return tokens, self.pool(tokens)
+
+    def forward(self, x, keep=None):
+        tokens, instance = self.forward_features(x, keep)
+        return self.norm(tokens), self.norm(instance)
+
+    def intermediate_tokens(self, x, layers):
+        """Tokens (B, N, D) after each block in `layers` (1-based, e.g. 4, 6, 8, 12), no final norm."""
+        tokens, out = self.embed(x), []
+        for i, blk in enumerate(self.blocks[:max(layers)], start=1):
+            tokens = blk(tokens)
+            if i in layers:
+                out.append(tokens)
+        return out
+
+
+def vit_tiny(**kwargs):
+    return VisionTransformer(**ARCHS["vit_tiny"], **kwargs)
+
+
+def vit_small(**kwargs):
+    return VisionTransformer(**ARCHS["vit_small"], **kwargs)
+
+
+def vit_base(**kwargs):
+    return VisionTransformer(**ARCHS["vit_base"], **kwargs)
+
+
+def vit_large(**kwargs):
+    return VisionTransformer(**ARCHS["vit_large"], **kwargs)
+
+
+def init_weights(module):
+    """Xavier-uniform Linear and patch-embedding weights, zero biases, unit LayerNorm (as official).
+
+    A fused k|v weight is initialised as the two separate matrices of the official model.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight.data.view(m.weight.shape[0], -1))
+            nn.init.zeros_(m.bias)
+        if isinstance(m, ClassAttention):
+            for half in m.kv.weight.data.chunk(2):
+                nn.init.xavier_uniform_(half)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Heads, loss and the siamese learner
+
+
+def mlp_head(in_dim, hidden_dim, out_dim, num_layers):
+    """Linear - LN - GELU - ... - Linear: the projector (3 layers) and predictor (2 layers)."""
+    dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+    layers = []
+    for i in range(num_layers):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < num_layers - 1:
+            layers += [nn.LayerNorm(dims[i + 1]), nn.GELU()]
+    head = nn.Sequential(*layers)
+    init_weights(head)
+    return head
+
+
+def byol_loss(q, k):
+    """||q/|q| - k/|k|||^2 = 2 - 2 cos(q, k); q (M*B, P) mask-major, k (B, P); mean over batch and masks."""
+    q = rearrange(F.normalize(q.float(), dim=-1), "(m b) p -> m b p", b=k.shape[0])
+    k = F.normalize(k.float(), dim=-1)
+    return (q - k).pow(2).sum(-1).mean()
+
+
+def infonce_loss(q, k, temperature):
+    """InfoNCE of each mask's prediction against the targets of all processes, scaled by 2T."""
+    q = rearrange(F.normalize(q.float(), dim=-1), "(m b) p -> m b p", b=k.shape[0])
+    k = F.normalize(k.float(), dim=-1)
+    offset = 0
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [torch.empty_like(k) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, k)
+        offset = k.shape[0] * dist.get_rank()
+        k = torch.cat(gathered)
+    logits = torch.einsum("mbp,np->mbn", q, k) / temperature
+    labels = torch.arange(q.shape[1], device=q.device) + offset
+    loss = F.cross_entropy(rearrange(logits, "m b n -> (m b) n"), labels.repeat(q.shape[0]))
+    return loss * 2 * temperature
+
+
+def momentum_at(epoch, epochs, base=0.996):
+    """EMA coefficient at a fractional epoch: cosine from base to 1."""
+    return 1 - (1 - base) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+class ExtreMA(nn.Module):
+    """Online encoder + projector + predictor sees masked x1; momentum encoder + projector sees full x2.
+
+    forward(x1, x2, keep=None) returns the loss and leaves the momentum branch alone;
+    call update_momentum(m) once per optimizer step (the official code does it before the forward).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                 ca_depth=2, layer_scale=0.1, proj_dim=256, proj_hidden_dim=4096, mask_ratio=0.8, num_masks=5,
+                 disjoint=True, drop_path=0.0, loss="byol", temperature=1.0):
+        super().__init__()
+        if loss not in ("byol", "infonce"):
+            raise ValueError(f"unknown loss {loss!r}: byol or infonce")
+        vit = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                   num_heads=num_heads, mlp_ratio=mlp_ratio, ca_depth=ca_depth, layer_scale=layer_scale)
+        self.encoder = VisionTransformer(**vit, drop_path=drop_path)
+        check_masks(self.encoder.num_patches, mask_ratio, num_masks, disjoint)
+        self.mask_ratio, self.num_masks, self.disjoint = mask_ratio, num_masks, disjoint
+        self.loss_type, self.temperature = loss, temperature
+        self.projector = mlp_head(embed_dim, proj_hidden_dim, proj_dim, 3)
+        self.predictor = mlp_head(proj_dim, proj_hidden_dim, proj_dim, 2)
+        self.momentum_encoder = VisionTransformer(**vit)
+        self.momentum_projector = mlp_head(embed_dim, proj_hidden_dim, proj_dim, 3)
+        self.momentum_encoder.load_state_dict(self.encoder.state_dict())
+        self.momentum_projector.load_state_dict(self.projector.state_dict())
+        for p in self.momentum_params():
+            p.requires_grad_(False)
+
+    def online_params(self):
+        return [*self.encoder.parameters(), *self.projector.parameters()]
+
+    def momentum_params(self):
+        return [*self.momentum_encoder.parameters(), *self.momentum_projector.parameters()]
+
+    @torch.no_grad()
+    def update_momentum(self, m):
+        """target <- m * target + (1 - m) * online, one fused foreach op over all tensors."""
+        torch._foreach_lerp_(self.momentum_params(), self.online_params(), 1.0 - m)
+
+    def sample_keep(self, batch_size, device=None):
+        return sample_keep(batch_size, self.encoder.num_patches, self.mask_ratio, self.num_masks,
+                           self.disjoint, device)
+
+    def predict(self, x1, keep):
+        """Online predictions (M*B, P) for x1 under the masks keep (M, B, K)."""
+        _, instance = self.encoder.forward_features(x1, keep)
+        return self.predictor(self.projector(self.encoder.norm(instance)))
+
+    @torch.no_grad()
+    def target(self, x2):
+        """Momentum projections (B, P) of the full x2."""
+        _, instance = self.momentum_encoder.forward_features(x2)
+        return self.momentum_projector(self.momentum_encoder.norm(instance))
+
+    def forward(self, x1, x2, keep=None):
+        if keep is None:
+            keep = self.sample_keep(x1.shape[0], x1.device)
+        q, k = self.predict(x1, keep), self.target(x2)
+        if self.loss_type == "byol":
+            return byol_loss(q, k)
+        return infonce_loss(q, k, self.temperature)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def convert_official_state_dict(state_dict):
+    """Official ExtreMA keys (`module.base_encoder.*`, ...) -> keys of ExtreMA here.
+
+    base_encoder -> encoder, base_encoder.head -> projector, momentum_encoder.head -> momentum_projector,
+    blocks_token -> ca_blocks with attn.k and attn.v concatenated into attn.kv,
+    patch_embed.proj -> patch_embed.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        branch, _, rest = key.partition(".")
+        if branch == "predictor":
+            out[key] = value
+            continue
+        if branch not in ("base_encoder", "momentum_encoder"):
+            raise ValueError(f"not an official ExtreMA key: {key}")
+        online = branch == "base_encoder"
+        if rest.startswith("head."):
+            out[("projector." if online else "momentum_projector.") + rest[5:]] = value
+            continue
+        rest = rest.replace("blocks_token.", "ca_blocks.").replace("patch_embed.proj.", "patch_embed.")
+        out[("encoder." if online else "momentum_encoder.") + rest] = value
+    for key in [k for k in out if ".attn.k." in k]:
+        out[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([out.pop(key), out.pop(key.replace(".k.", ".v."))])
+    return out
+
+
+def encoder_state_dict(checkpoint, branch="momentum"):
+    """The encoder weights of one branch from a pretrain.py checkpoint ({'model': ...}), an official
+    one ({'state_dict': ...}) or a bare state_dict of either."""
+    if branch not in ("online", "momentum"):
+        raise ValueError(f"branch must be online or momentum, got {branch!r}")
+    sd = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
+    if any(k.removeprefix("module.").startswith("base_encoder.") for k in sd):
+        sd = convert_official_state_dict(sd)
+    prefix = "encoder." if branch == "online" else "momentum_encoder."
+    out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not out:
+        raise ValueError(f"checkpoint has no {branch} encoder weights (no keys starting with {prefix!r})")
+    return out
+
+
+def check_state_dict(module, state_dict, what="checkpoint"):
+    """Raise ValueError naming missing, unexpected and mis-shaped keys (load_state_dict's are multi-line)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state_dict and state_dict[k].shape != v.shape]
+    problems = [f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys]
+    if problems:
+        raise ValueError(f"{what} does not fit the model ({'; '.join(problems)})")
+
+
+def load_encoder(encoder, checkpoint, branch="momentum"):
+    """Load one branch of a checkpoint into a VisionTransformer, resizing the position table to its grid."""
+    sd = encoder_state_dict(checkpoint, branch)
+    if "pos_embed" in sd and sd["pos_embed"].shape != encoder.pos_embed.shape:
+        n = sd["pos_embed"].shape[1]
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"cannot resize a non-square position table of {n} patches")
+        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], (side, side), encoder.grid_size)
+    check_state_dict(encoder, sd, f"{branch} encoder in checkpoint")
+    encoder.load_state_dict(sd)

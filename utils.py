@@ -1,0 +1,315 @@
+"""Plumbing shared by the stage scripts: errors, distributed set-up, precision, schedules, optimizer
+groups, checkpoints, logs and datasets. Model code lives in models.py."""
+import json
+import math
+import os
+import random
+import re
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torchvision import datasets
+from torchvision.transforms import v2
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors
+
+
+class DataError(Exception):
+    """Bad input data (unreadable image, malformed annotation); reported as a one-line error."""
+
+
+def fail(message):
+    """Stop with a one-line error on stderr and exit status 1."""
+    raise SystemExit(f"error: {message}")
+
+
+def run_main(main):
+    """Run a stage's main(); data and configuration errors end in one line, not a traceback.
+
+    Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep its last line.
+    """
+    try:
+        main()
+    except (DataError, ValueError) as e:
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        fail(re.sub(r"^(\w+\.)*\w+Error: ", "", last))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes, devices, precision
+
+
+def init_distributed(device):
+    """Set up torch.distributed under torchrun (NCCL on CUDA, gloo on CPU); a plain python run is one
+    process. Returns (rank, world_size, torch.device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            fail("--device cuda was asked for but no CUDA device is visible")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def is_main():
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over processes in place (no-op in one process) and return it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_amp(amp, device):
+    """--amp default: bf16 on GPUs that support it, else none (float32)."""
+    if amp is None:
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    return amp
+
+
+def autocast(device, amp):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device, amp):
+    """Loss scaling for fp16 only; a disabled scaler is a pass-through for bf16 and float32."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+
+def local_batch_size(batch_size, world_size, accum_iter):
+    """Per-process micro-batch of a global --batch-size, or a one-line error when it does not divide."""
+    if batch_size < 1 or accum_iter < 1 or batch_size % (world_size * accum_iter):
+        fail(f"--batch-size {batch_size} does not divide over {world_size} process(es) x "
+             f"--accum-iter {accum_iter}")
+    return batch_size // (world_size * accum_iter)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedules and optimizer groups
+
+
+def cosine_schedule(step, total_steps, warmup_steps, base, final=0.0):
+    """Linear warm-up from 0, then half-cycle cosine from base to final (per iteration)."""
+    if step < warmup_steps:
+        return base * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return final + (base - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer, lr):
+    """Set every group's lr to lr times its lr_scale (layer-wise decay; 1 when absent)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token")
+
+
+def no_weight_decay(name, param):
+    """Biases, norm weights, layer-scale vectors (all 1-D), pos_embed and cls_token skip weight decay."""
+    return param.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
+
+
+def param_groups(model, weight_decay):
+    """Two AdamW groups: with and without weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def layer_id(name, num_layers):
+    """Depth of a parameter for layer-wise lr decay: patch embedding, pos_embed and cls_token are 0,
+    block i is i + 1, everything else (norms, heads, decoders) is num_layers + 1."""
+    match = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    if re.search(r"(?:^|\.)(patch_embed|pos_embed|cls_token)(\.|$)", name):
+        return 0
+    return num_layers + 1
+
+
+def layer_decay_groups(model, weight_decay, layer_decay, num_layers):
+    """AdamW groups with lr_scale = layer_decay ** (num_layers + 1 - layer_id), decay off as param_groups."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = layer_id(name, num_layers)
+        skip = no_weight_decay(name, p)
+        group = groups.setdefault((lid, skip), {
+            "params": [], "weight_decay": 0.0 if skip else weight_decay,
+            "lr_scale": layer_decay ** (num_layers + 1 - lid), "layer_id": lid})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def adamw(groups, lr, betas, device):
+    """AdamW with the fused kernel on CUDA and the foreach one elsewhere."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=None if fused else True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints and logs
+
+
+def save_checkpoint(state, path):
+    """Write atomically: a temporary file in the same folder, then rename over the old one."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """torch.load on CPU with a one-line error for a missing or unreadable file."""
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        fail(f"cannot read checkpoint {path}: {e}")
+
+
+def load_pretrained_encoder(encoder, path, branch, log=print):
+    """--pretrained PATH into a VisionTransformer (ours or official format); None means random init."""
+    from models import load_encoder
+    if path is None:
+        log("no --pretrained given: the encoder starts from random initialisation")
+        return
+    try:
+        load_encoder(encoder, load_checkpoint(path), branch)
+    except ValueError as e:
+        fail(f"{path}: {e}")
+    log(f"loaded the {branch} encoder from {path}")
+
+
+def resume_checkpoint(output_dir):
+    """checkpoint-last.pth of output_dir, or None to start fresh."""
+    path = os.path.join(output_dir, "checkpoint-last.pth")
+    return load_checkpoint(path) if os.path.exists(path) else None
+
+
+def load_resumed(module, state_dict, path):
+    """Strict load of a resumed model with a one-line error naming mismatched keys."""
+    from models import check_state_dict
+    try:
+        check_state_dict(module, state_dict, f"checkpoint {path}")
+    except ValueError as e:
+        fail(str(e))
+    module.load_state_dict(state_dict)
+
+
+def log_json(output_dir, record):
+    """Append one JSON object per line to <output-dir>/log.jsonl (main process only)."""
+    if is_main():
+        with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Meter:
+    """Throughput and ETA for progress lines."""
+
+    def __init__(self, total_steps):
+        self.total, self.start = total_steps, time.time()
+
+    def line(self, step, images):
+        elapsed = time.time() - self.start
+        eta = elapsed / max(step, 1) * (self.total - step)
+        return f"{images / max(elapsed, 1e-9):.1f} img/s  eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_rgb(path):
+    """Open an image as RGB; an unreadable file raises DataError naming it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+def image_folder(root, transform):
+    """ImageFolder with a one-line error for a missing or empty folder."""
+    if not os.path.isdir(root):
+        fail(f"data folder {root} does not exist")
+    try:
+        return datasets.ImageFolder(root, transform=transform, loader=load_rgb)
+    except FileNotFoundError:
+        fail(f"no images found in {root} (expected {root}/<class>/<image>)")
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """A small random labelled image set, the same for every run: each image is its class's colour plus
+    noise, so there is something to learn. Items are PIL images, so real transforms apply."""
+
+    def __init__(self, size, img_size, num_classes=10, transform=None, seed=0):
+        self.size, self.img_size, self.num_classes = size, img_size, num_classes
+        self.transform, self.seed = transform, seed
+        self.colours = np.random.default_rng(seed).integers(0, 256, (num_classes, 3))
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        label = index % self.num_classes
+        rng = np.random.default_rng((self.seed, index))
+        noise = rng.normal(0, 40, (self.img_size, self.img_size, 3))
+        img = Image.fromarray(np.clip(self.colours[label] + noise, 0, 255).astype(np.uint8))
+        return (self.transform(img) if self.transform else img), label
+
+
+def normalize():
+    """PIL/uint8 -> float tensor normalised with the ImageNet statistics."""
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def eval_transform(img_size):
+    """Resize(256/224 of the crop, bicubic) + CenterCrop, the ImageNet evaluation protocol."""
+    return v2.Compose([v2.Resize(int(img_size * 256 / 224), interpolation=v2.InterpolationMode.BICUBIC),
+                       v2.CenterCrop(img_size), normalize()])
+
+
+def make_loader(dataset, batch_size, train, num_workers, seed, device):
+    """Per-process DataLoader.
+
+    train: a shuffling DistributedSampler that drops the last partial batch (also in one process, so the
+    order depends only on seed and epoch: call loader.sampler.set_epoch(epoch) each epoch).
+    Otherwise every process takes the indices rank, rank + world, ...: each item is seen exactly once
+    over all processes, with no padding, so evaluation sums are exact.
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    if train:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                      seed=seed, drop_last=True)
+    else:
+        sampler = range(rank, len(dataset), world)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
+                                       num_workers=num_workers, pin_memory=device.type == "cuda",
+                                       persistent_workers=num_workers > 0)
