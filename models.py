@@ -18,6 +18,7 @@ ARCHS = {  # name: ViT sizes
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
     "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "vit_fixture": dict(embed_dim=64, depth=2, num_heads=4),  # the tiny official fixture; for tests
 }
 
 

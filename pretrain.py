@@ -1,0 +1,203 @@
+"""ExtreMA pretraining: masked online views predict the momentum encoder's full-image instance representation.
+
+    python pretrain.py --data synthetic --device cpu ...                 # one process
+    torchrun --nproc_per_node 8 pretrain.py --data /path/to/imagenet     # official ViT-B recipe (defaults)
+"""
+import argparse
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.transforms import v2
+
+import models
+import utils
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="synthetic", help="ImageNet root (uses ROOT/train) or 'synthetic'")
+    p.add_argument("--synthetic-size", type=int, default=256, help="images in the synthetic set")
+    p.add_argument("--output-dir", default="output/pretrain")
+    p.add_argument("--arch", default="vit_base", choices=models.ARCHS)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=2048, help="global batch over all processes")
+    p.add_argument("--accum-iter", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--warmup-epochs", type=float, default=40)
+    p.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * batch-size / 256")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--mask-ratio", type=float, default=0.8)
+    p.add_argument("--num-masks", type=int, default=5)
+    p.add_argument("--no-disjoint", dest="disjoint", action="store_false", help="independent masks")
+    p.add_argument("--color-aug", action=argparse.BooleanOptionalAction, default=True,
+                   help="per-view colour jitter and grayscale (else both views are the same crop)")
+    p.add_argument("--crop-min", type=float, default=0.2, help="RandomResizedCrop minimum scale")
+    p.add_argument("--drop-path", type=float, default=0.1, help="online encoder only")
+    p.add_argument("--layer-scale", type=float, default=0.1, help="class-attention layer scale init")
+    p.add_argument("--ca-depth", type=int, default=2, help="class-attention blocks")
+    p.add_argument("--proj-dim", type=int, default=256)
+    p.add_argument("--proj-hidden-dim", type=int, default=4096)
+    p.add_argument("--loss", choices=["byol", "infonce"], default="byol")
+    p.add_argument("--temperature", type=float, default=1.0, help="InfoNCE temperature")
+    p.add_argument("--ema", type=float, default=0.996, help="initial momentum, cosine to 1")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
+                   help="default: bf16 on GPUs that support it, else none")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--num-workers", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=50, help="keep checkpoint-<epoch>.pth every N epochs")
+    p.add_argument("--print-freq", type=int, default=20, help="steps between progress lines and loss checks")
+    return p.parse_args(argv)
+
+
+class TwoViews:
+    """One shared RandomResizedCrop + flip, then each view its own colour augmentation."""
+
+    def __init__(self, img_size, crop_min, color_aug):
+        self.crop = v2.Compose([v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0)), v2.RandomHorizontalFlip()])
+        colour = [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), v2.RandomGrayscale(0.2)]
+        self.colour = v2.Compose((colour if color_aug else []) + [utils.normalize()])
+
+    def __call__(self, img):
+        img = self.crop(img)
+        return self.colour(img), self.colour(img)
+
+
+def build_model(args):
+    return models.ExtreMA(
+        img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch], ca_depth=args.ca_depth,
+        layer_scale=args.layer_scale, proj_dim=args.proj_dim, proj_hidden_dim=args.proj_hidden_dim,
+        mask_ratio=args.mask_ratio, num_masks=args.num_masks, disjoint=args.disjoint, drop_path=args.drop_path,
+        loss=args.loss, temperature=args.temperature)
+
+
+def check_args(args):
+    if args.img_size % args.patch_size:
+        utils.fail(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+    try:
+        models.check_masks((args.img_size // args.patch_size) ** 2, args.mask_ratio, args.num_masks, args.disjoint)
+    except ValueError as e:
+        utils.fail(e)
+
+
+def build_dataset(args, transform):
+    if args.data == "synthetic":
+        return utils.SyntheticImages(args.synthetic_size, args.img_size, transform=transform, seed=args.seed)
+    train = os.path.join(args.data, "train")
+    return utils.image_folder(train if os.path.isdir(train) else args.data, transform)
+
+
+def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, keeps=None):
+    """One optimizer step over accum-iter micro-batches [(x1, x2), ...].
+
+    Same update as one large batch: each micro-batch's mean loss is divided by their number, and DDP
+    all-reduces gradients only on the last one. Returns the mean loss as a device tensor (no host sync).
+    """
+    learner = model.module if isinstance(model, DDP) else model
+    device = micro_batches[0][0].device
+    utils.set_lr(optimizer, lr)
+    learner.update_momentum(momentum)  # as the official code: the EMA step precedes the forward
+    total = 0.0
+    for i, (x1, x2) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
+            with utils.autocast(device, amp):
+                loss = model(x1, x2, keep=None if keeps is None else keeps[i])
+            scaler.scale(loss / len(micro_batches)).backward()
+        total = total + loss.detach()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total / len(micro_batches)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    check_args(args)
+    rank, world_size, device = utils.init_distributed(args.device)
+    amp = utils.resolve_amp(args.amp, device)
+    local_batch = utils.local_batch_size(args.batch_size, world_size, args.accum_iter)
+    utils.set_seed(args.seed + rank)
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    dataset = build_dataset(args, TwoViews(args.img_size, args.crop_min, args.color_aug))
+    loader = utils.make_loader(dataset, local_batch, train=True, num_workers=args.num_workers, seed=args.seed,
+                               device=device)
+    steps_per_epoch = len(loader) // args.accum_iter
+    if steps_per_epoch == 0:
+        utils.fail(f"{len(dataset)} images give no full batch of {args.batch_size}; lower --batch-size")
+
+    learner = build_model(args).to(device)
+    optimizer = utils.adamw(utils.param_groups(learner, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
+                            device=device)
+    scaler = utils.grad_scaler(device, amp)
+    start_epoch = 0
+    checkpoint = utils.resume_checkpoint(args.output_dir)
+    if checkpoint is not None:
+        utils.load_resumed(learner, checkpoint["model"], os.path.join(args.output_dir, "checkpoint-last.pth"))
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch = checkpoint["epoch"] + 1
+        log(f"resumed from {args.output_dir}/checkpoint-last.pth at epoch {start_epoch}")
+    if args.compile:
+        learner.encoder.compile()
+        learner.momentum_encoder.compile()
+    model = DDP(learner, broadcast_buffers=False) if world_size > 1 else learner
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    base_lr = args.blr * args.batch_size / 256
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+    n_params = sum(p.numel() for p in learner.online_params()) / 1e6
+    log(f"{args.arch} {n_params:.1f}M online params | {len(dataset)} images, {world_size} process(es) x "
+        f"{local_batch} x {args.accum_iter} = batch {args.batch_size} | lr {base_lr:.2e} | amp {amp} | "
+        f"{steps_per_epoch} steps/epoch on {device}")
+
+    for epoch in range(start_epoch, args.epochs):
+        utils.set_seed(args.seed + rank + 1000 * epoch)  # a resumed run replays the same epoch
+        loader.sampler.set_epoch(epoch)
+        learner.train()
+        batches = iter(loader)
+        loss_sum = torch.zeros((), device=device)
+        meter = utils.Meter(steps_per_epoch)
+        for step in range(steps_per_epoch):
+            it = epoch * steps_per_epoch + step
+            micro_batches = [[x.to(device, non_blocking=True) for x in next(batches)[0]]
+                             for _ in range(args.accum_iter)]
+            lr = utils.cosine_schedule(it, total_steps, warmup_steps, base_lr)
+            momentum = models.momentum_at(it / steps_per_epoch, args.epochs, args.ema)
+            loss = train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp)
+            loss_sum += loss
+            if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
+                value = loss.item()
+                if not math.isfinite(value):
+                    utils.fail(f"non-finite loss {value} at epoch {epoch} step {step}; "
+                               f"the last good checkpoint is kept")
+                log(f"epoch {epoch} step {step + 1}/{steps_per_epoch} loss {value:.4f} lr {lr:.3e} "
+                    f"m {momentum:.5f} {meter.line(step + 1, (step + 1) * args.batch_size)}")
+
+        epoch_loss = (utils.all_reduce_sum(loss_sum) / (steps_per_epoch * world_size)).item()
+        if not math.isfinite(epoch_loss):
+            utils.fail(f"non-finite loss at epoch {epoch}; the last good checkpoint is kept")
+        elapsed = time.time() - meter.start
+        if rank == 0:
+            state = {"model": learner.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": epoch, "args": vars(args)}
+            utils.save_checkpoint(state, os.path.join(args.output_dir, "checkpoint-last.pth"))
+            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+                utils.save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+        utils.log_json(args.output_dir, {
+            "epoch": epoch, "train_loss": epoch_loss, "lr": lr, "momentum": momentum, "time_s": round(elapsed, 2),
+            "images_per_s": round(steps_per_epoch * args.batch_size / elapsed, 1)})
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    utils.run_main(main)
