@@ -256,6 +256,47 @@ class VisionTransformer(nn.Module):
         return out
 
 
+def default_feature_blocks(depth):
+    """Blocks 4, 6, 8, 12 of a 12-block ViT (the paper's dense-transfer features), scaled to other depths."""
+    return [max(1, round(depth * b / 12)) for b in (4, 6, 8, 12)]
+
+
+def rescale_map(dim, factor):
+    """Scale a (B, D, h, w) map by a power of two: 2x transposed convs with BatchNorm + GELU between them
+    (BEiT / CAE), identity, or max-pooling."""
+    if factor < 1:
+        return nn.MaxPool2d(round(1 / factor))
+    layers = []
+    for i in range(round(math.log2(factor))):
+        if i:
+            layers += [nn.BatchNorm2d(dim), nn.GELU()]
+        layers.append(nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2))
+    return nn.Sequential(*layers) if layers else nn.Identity()
+
+
+class FeatureMaps(nn.Module):
+    """Multi-scale maps for dense transfer: the tokens after four blocks as (B, D, H/s, W/s), s = strides.
+
+    Takes over the encoder and drops what dense tasks never read: the blocks after the last feature
+    block, the class-attention blocks, the cls token and the final norm.
+    """
+
+    def __init__(self, encoder, feature_blocks=None, strides=(4, 8, 16, 32)):
+        super().__init__()
+        self.feature_blocks = list(feature_blocks or default_feature_blocks(len(encoder.blocks)))
+        encoder.blocks = encoder.blocks[:max(self.feature_blocks)]
+        encoder.ca_blocks, encoder.cls_token, encoder.norm = nn.ModuleList(), None, nn.Identity()
+        self.encoder = encoder
+        self.necks = nn.ModuleList(rescale_map(encoder.embed_dim, encoder.patch_size / s) for s in strides)
+
+    def forward(self, x):  # (B, 3, H, W)
+        blocks = sorted(set(self.feature_blocks))
+        tokens = dict(zip(blocks, self.encoder.intermediate_tokens(x, blocks)))  # block -> (B, N, D)
+        h = x.shape[-2] // self.encoder.patch_size
+        return [neck(rearrange(tokens[block], "b (h w) d -> b d h w", h=h))
+                for neck, block in zip(self.necks, self.feature_blocks)]
+
+
 def vit_tiny(**kwargs):
     return VisionTransformer(**ARCHS["vit_tiny"], **kwargs)
 

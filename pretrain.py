@@ -7,7 +7,6 @@ import argparse
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -94,27 +93,13 @@ def build_dataset(args, transform):
 
 
 def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, keeps=None):
-    """One optimizer step over accum-iter micro-batches [(x1, x2), ...].
-
-    Same update as one large batch: each micro-batch's mean loss is divided by their number, and DDP
-    all-reduces gradients only on the last one. Returns the mean loss as a device tensor (no host sync).
-    """
+    """One ExtreMA optimizer step over accum-iter micro-batches [(x1, x2), ...], masks drawn unless `keeps`
+    gives one (M, b, K) tensor per micro-batch. Returns the mean loss as a device tensor."""
     learner = model.module if isinstance(model, DDP) else model
-    device = micro_batches[0][0].device
     utils.set_lr(optimizer, lr)
     learner.update_momentum(momentum)  # as the official code: the EMA step precedes the forward
-    total = 0.0
-    for i, (x1, x2) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
-            with utils.autocast(device, amp):
-                loss = model(x1, x2, keep=None if keeps is None else keeps[i])
-            scaler.scale(loss / len(micro_batches)).backward()
-        total = total + loss.detach()
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return total / len(micro_batches)
+    batches = [(x1, x2, None if keeps is None else keeps[i]) for i, (x1, x2) in enumerate(micro_batches)]
+    return utils.accumulate_step(model, optimizer, scaler, batches, lambda x1, x2, keep: model(x1, x2, keep=keep), amp)
 
 
 def main(argv=None):

@@ -6,12 +6,15 @@ import os
 import random
 import re
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 from torchvision import datasets
+from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import v2
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -295,7 +298,7 @@ def eval_transform(img_size):
                        v2.CenterCrop(img_size), normalize()])
 
 
-def make_loader(dataset, batch_size, train, num_workers, seed, device):
+def make_loader(dataset, batch_size, train, num_workers, seed, device, collate_fn=None):
     """Per-process DataLoader.
 
     train: a shuffling DistributedSampler that drops the last partial batch (also in one process, so the
@@ -312,4 +315,114 @@ def make_loader(dataset, batch_size, train, num_workers, seed, device):
         sampler = range(rank, len(dataset), world)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
                                        num_workers=num_workers, pin_memory=device.type == "cuda",
-                                       persistent_workers=num_workers > 0)
+                                       persistent_workers=num_workers > 0, collate_fn=collate_fn)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training steps and classification evaluation (linear probe, fine-tuning)
+
+
+def accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, amp):
+    """One optimizer step over micro-batches (lists of device tensors): loss_fn(*micro_batch) under autocast.
+
+    The same update as one large batch for a loss that is a mean over images: each micro-batch's loss is
+    divided by their number, and a DDP model all-reduces gradients only on the last one.
+    Returns the mean loss as a device tensor (no host synchronisation).
+    """
+    device = micro_batches[0][0].device
+    total = 0.0
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext():
+            with autocast(device, amp):
+                loss = loss_fn(*batch)
+            scaler.scale(loss / len(micro_batches)).backward()
+        total = total + loss.detach()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total / len(micro_batches)
+
+
+def train_one_epoch(loss_fn, model, loader, optimizer, scaler, epoch, args, device, log=print):
+    """One epoch of optimizer steps of args.accum_iter micro-batches each; returns (mean loss, last lr).
+
+    loss_fn(images, targets) -> scalar loss through `model` (DDP-wrapped or not). The lr follows the
+    per-iteration warm-up + cosine schedule of args.lr over args.epochs, scaled by each group's lr_scale.
+    Uses args.accum_iter, epochs, warmup_epochs, lr, amp, print_freq, batch_size.
+    """
+    steps = len(loader) // args.accum_iter
+    if steps == 0:
+        fail(f"{len(loader.sampler)} training images per process make no full step of --batch-size "
+             f"{args.batch_size} with --accum-iter {args.accum_iter}")
+    meter, sums = Meter(steps), torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, steps
+    batches = iter(loader)
+    for step in range(steps):
+        lr = cosine_schedule(epoch + step / steps, args.epochs, args.warmup_epochs, args.lr)
+        set_lr(optimizer, lr)
+        micro_batches = [[t.to(device, non_blocking=True) for t in next(batches)] for _ in range(args.accum_iter)]
+        loss = accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, args.amp)
+        sums += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device)])
+        if (step + 1) % args.print_freq == 0:
+            value = loss.item()
+            if not math.isfinite(value):
+                fail(f"loss is {value} at epoch {epoch} step {step + 1}; stopping")
+            log(f"epoch {epoch} [{step + 1}/{steps}] loss {value:.4f} lr {lr:.3e} "
+                f"{meter.line(step + 1, (step + 1) * args.batch_size)}")
+    loss_sum, count = all_reduce_sum(sums).tolist()
+    if not math.isfinite(loss_sum):
+        fail(f"training loss is {loss_sum / count} in epoch {epoch}; stopping")
+    return loss_sum / count, lr
+
+
+def classification_datasets(data, img_size, train_transform, val_transform, num_classes=None, synthetic_size=256):
+    """(train set, val set, number of classes).
+
+    data "synthetic": SyntheticImages items 0..synthetic_size-1 for training and the next synthetic_size // 4
+    (at least 1) of the same set for validation, num_classes default 10. Otherwise ImageFolder
+    DATA/train and DATA/val, which must hold the same classes.
+    """
+    if data == "synthetic":
+        if synthetic_size < 1:
+            fail(f"--synthetic-size must be positive, got {synthetic_size}")
+        num_classes = num_classes or 10
+        num_val = max(1, synthetic_size // 4)
+        train = SyntheticImages(synthetic_size, img_size, num_classes, train_transform)
+        val = torch.utils.data.Subset(SyntheticImages(synthetic_size + num_val, img_size, num_classes, val_transform),
+                                      range(synthetic_size, synthetic_size + num_val))
+        return train, val, num_classes
+    if not os.path.isdir(data):
+        fail(f"data folder {data} does not exist")
+    train = image_folder(os.path.join(data, "train"), train_transform)
+    val = image_folder(os.path.join(data, "val"), val_transform)
+    if train.classes != val.classes:
+        fail(f"{data}/train and {data}/val hold different classes ({len(train.classes)} vs {len(val.classes)})")
+    if num_classes not in (None, len(train.classes)):
+        fail(f"--num-classes {num_classes} but {data}/train holds {len(train.classes)} classes")
+    return train, val, len(train.classes)
+
+
+def accuracy_counts(logits, targets):
+    """Top-1 and top-5 hits in a batch: logits (B, C), integer targets (B,) -> float64 (2,)."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
+    hits = top == targets[:, None]
+    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).double()
+
+
+@torch.no_grad()
+def evaluate(model_fn, loader, device, amp):
+    """(top-1 %, top-5 %, mean cross-entropy) of model_fn(images) -> logits over a whole evaluation set.
+
+    Each process counts its share (make_loader(train=False) gives every image to exactly one process) and
+    the sums are added over processes, so the result is exact however the set divides.
+    """
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, loss sum, images
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model_fn(images).float()  # (B, C)
+        sums[:2] += accuracy_counts(logits, targets)
+        sums[2] += F.cross_entropy(logits, targets, reduction="sum").double()
+        sums[3] += len(targets)
+    top1, top5, loss, count = all_reduce_sum(sums).tolist()
+    return 100 * top1 / count, 100 * top5 / count, loss / count

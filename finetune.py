@@ -1,0 +1,234 @@
+"""End-to-end fine-tuning of a pretrained ExtreMA encoder for classification (the distributed
+representation): mean of the patch tokens -> LayerNorm -> Linear, BEiT-style recipe with layer-wise lr decay,
+RandAugment, random erasing, MixUp/CutMix and label smoothing. --train-subset / --label-fraction run the
+semi-supervised (1% / 10% labels) evaluation.
+
+    python finetune.py --data synthetic --device cpu ...                                   # one process
+    torchrun --nproc_per_node 8 finetune.py --data /path/to/imagenet --pretrained CKPT    # official recipe
+
+Deviation: torchvision's RandAugment has no magnitude noise, so the official "rand-m9-mstd0.5" becomes a
+fixed magnitude 9.
+"""
+import argparse
+import os
+from collections import defaultdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.transforms import v2
+
+import models
+import utils
+
+SUBSET_SEED = 0  # --label-fraction draws the same images whatever --seed
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="synthetic", help="ImageNet root (ROOT/train, ROOT/val) or 'synthetic'")
+    p.add_argument("--synthetic-size", type=int, default=256, help="training images in the synthetic set")
+    p.add_argument("--num-classes", type=int, default=None, help="synthetic: default 10; folders: their classes")
+    p.add_argument("--train-subset", default=None,
+                   help="file of training image names, one per line (e.g. the 1%% / 10%% ImageNet lists)")
+    p.add_argument("--label-fraction", type=float, default=None,
+                   help="class-balanced random fraction of the training images (fixed seed)")
+    p.add_argument("--output-dir", default="output/finetune")
+    p.add_argument("--arch", default="vit_base", choices=models.ARCHS)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--pretrained", default=None, help="pretrain.py or official checkpoint (none: random init)")
+    p.add_argument("--branch", choices=["online", "momentum"], default="online", help="encoder to fine-tune")
+    p.add_argument("--batch-size", type=int, default=1024, help="global batch over all processes")
+    p.add_argument("--accum-iter", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--warmup-epochs", type=float, default=5)
+    p.add_argument("--blr", type=float, default=5e-4, help="lr = blr * batch-size / 256")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--layer-decay", type=float, default=0.65, help="lr scale per block below the head")
+    p.add_argument("--drop-path", type=float, default=0.2)
+    p.add_argument("--color-jitter", type=float, default=0.4, help="brightness/contrast/saturation; 0: off")
+    p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    p.add_argument("--mixup", type=float, default=0.8, help="MixUp alpha; 0: off")
+    p.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha; 0: off")
+    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
+                   help="default: bf16 on GPUs that support it, else none")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--num-workers", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--print-freq", type=int, default=20, help="steps between progress lines and loss checks")
+    p.add_argument("--eval-only", action="store_true", help="evaluate checkpoint-last.pth of --output-dir")
+    return p.parse_args(argv)
+
+
+class MeanPoolClassifier(nn.Module):
+    """Mean of the patch tokens after the last block (before the final norm) -> LayerNorm -> Linear.
+
+    The encoder's class-attention blocks, cls token and final norm are deleted (after loading), so every
+    parameter gets a gradient and DDP needs no unused-parameter search. Head: trunc-normal std 0.02 times
+    0.001 (i.e. std 2e-5), bias 0.
+    """
+
+    def __init__(self, encoder, num_classes):
+        super().__init__()
+        del encoder.ca_blocks, encoder.cls_token, encoder.norm
+        self.encoder = encoder
+        self.fc_norm = nn.LayerNorm(encoder.embed_dim, eps=1e-6)
+        self.head = nn.Linear(encoder.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        self.head.weight.data.mul_(0.001)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images):
+        tokens = self.encoder.intermediate_tokens(images, [len(self.encoder.blocks)])[-1]  # (B, N, D)
+        return self.head(self.fc_norm(tokens.mean(dim=1)))  # (B, C)
+
+
+def train_transform(args):
+    """RandomResizedCrop (bicubic), flip, RandAugment(2, 9), colour jitter, normalise, random erasing."""
+    bicubic = v2.InterpolationMode.BICUBIC
+    steps = [v2.RandomResizedCrop(args.img_size, interpolation=bicubic), v2.RandomHorizontalFlip(),
+             v2.RandAugment(num_ops=2, magnitude=9, interpolation=bicubic)]
+    if args.color_jitter > 0:
+        steps.append(v2.ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter))
+    return v2.Compose(steps + [utils.normalize(), v2.RandomErasing(p=args.reprob, value="random")])
+
+
+def batch_mixing(args, num_classes):
+    """MixUp or CutMix, chosen at random per batch, or None when both are off; labels become (B, C)."""
+    choices = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + \
+              ([v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else [])
+    return v2.RandomChoice(choices) if choices else None
+
+
+def names_and_labels(dataset):
+    """Basenames and labels of a training set; synthetic item i is named synthetic_{i}.png."""
+    if isinstance(dataset, utils.SyntheticImages):  # SyntheticImages labels item i with class i % num_classes
+        return ([f"synthetic_{i}.png" for i in range(len(dataset))],
+                [i % dataset.num_classes for i in range(len(dataset))])
+    return [os.path.basename(path) for path, _ in dataset.samples], list(dataset.targets)
+
+
+def subset_indices(dataset, train_subset, label_fraction):
+    """Training indices named in the train_subset file, or a class-balanced label_fraction of each class
+    (at least one image per class), or None for the whole set."""
+    names, labels = names_and_labels(dataset)
+    if train_subset is not None:
+        if not os.path.isfile(train_subset):
+            utils.fail(f"--train-subset file {train_subset} does not exist")
+        with open(train_subset) as f:
+            wanted = [os.path.basename(line.strip()) for line in f if line.strip()]
+        index = {name: i for i, name in enumerate(names)}
+        if len(index) < len(names):
+            utils.fail("--train-subset matches file names, but the training set repeats some file names")
+        unknown = [name for name in wanted if name not in index]
+        if unknown:
+            utils.fail(f"{train_subset}: {len(unknown)} name(s) not in the training set, e.g. {', '.join(unknown[:3])}")
+        return sorted({index[name] for name in wanted})
+    if label_fraction is not None:
+        by_class = defaultdict(list)
+        for i, label in enumerate(labels):
+            by_class[label].append(i)
+        generator = torch.Generator().manual_seed(SUBSET_SEED)
+        chosen = []
+        for label in sorted(by_class):
+            members = by_class[label]
+            count = max(1, round(label_fraction * len(members)))
+            chosen += [members[j] for j in torch.randperm(len(members), generator=generator)[:count].tolist()]
+        return sorted(chosen)
+    return None
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.img_size % args.patch_size:
+        utils.fail(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+    if args.train_subset is not None and args.label_fraction is not None:
+        utils.fail("give --train-subset or --label-fraction, not both")
+    if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
+        utils.fail(f"--label-fraction must be in (0, 1], got {args.label_fraction}")
+    rank, world_size, device = utils.init_distributed(args.device)
+    args.amp = utils.resolve_amp(args.amp, device)
+    local_batch = utils.local_batch_size(args.batch_size, world_size, args.accum_iter)
+    args.lr = args.blr * args.batch_size / 256
+    log = print if rank == 0 else (lambda *a: None)
+    os.makedirs(args.output_dir, exist_ok=True)
+    utils.set_seed(args.seed + rank)
+
+    train_set, val_set, num_classes = utils.classification_datasets(
+        args.data, args.img_size, train_transform(args), utils.eval_transform(args.img_size), args.num_classes,
+        args.synthetic_size)
+    indices = subset_indices(train_set, args.train_subset, args.label_fraction)
+    if indices is not None:
+        log(f"semi-supervised: {len(indices)} of {len(train_set)} training images")
+        train_set = torch.utils.data.Subset(train_set, indices)
+    train_loader = utils.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device)
+    val_loader = utils.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device)
+    mixing = batch_mixing(args, num_classes)
+
+    encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch],
+                                       ca_depth=2, layer_scale=0.1, drop_path=args.drop_path)
+    utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log)
+    model = MeanPoolClassifier(encoder, num_classes).to(device)
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
+    groups = utils.layer_decay_groups(model, args.weight_decay, args.layer_decay, len(encoder.blocks))
+    optimizer = utils.adamw(groups, args.lr, (0.9, 0.999), device)
+    scaler = utils.grad_scaler(device, args.amp)
+    log(f"fine-tuning the {args.branch} encoder ({args.arch}): {len(train_set)} training / {len(val_set)} "
+        f"validation images, {num_classes} classes, lr {args.lr:.3e}, layer decay {args.layer_decay}, "
+        f"{world_size} process(es) x {local_batch} x {args.accum_iter}")
+
+    start_epoch, best_acc1 = 0, 0.0
+    checkpoint_path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    checkpoint = utils.resume_checkpoint(args.output_dir)
+    if checkpoint is not None:
+        utils.load_resumed(model, checkpoint["model"], checkpoint_path)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, best_acc1 = checkpoint["epoch"] + 1, checkpoint["best_acc1"]
+        log(f"resumed from {checkpoint_path} (epoch {checkpoint['epoch']})")
+
+    if args.eval_only:
+        if checkpoint is None:
+            utils.fail(f"--eval-only needs a fine-tuned model: {checkpoint_path} does not exist")
+        model.eval()
+        acc1, acc5, val_loss = utils.evaluate(model, val_loader, device, args.amp)
+        record = dict(epoch=checkpoint["epoch"], eval_only=True, acc1=acc1, acc5=acc5, val_loss=val_loss)
+        log(f"evaluation of {checkpoint_path}: acc1 {acc1:.2f} acc5 {acc5:.2f} on {len(val_set)} images")
+        utils.log_json(args.output_dir, record)
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
+        return
+
+    def loss_fn(images, targets):
+        if mixing is not None:
+            images, targets = mixing(images, targets)  # targets (B, C), mixed one-hot
+        else:
+            targets = F.one_hot(targets, num_classes).float()
+        targets = targets * (1 - args.smoothing) + args.smoothing / num_classes
+        return F.cross_entropy(ddp_model(images), targets)
+
+    for epoch in range(start_epoch, args.epochs):
+        utils.set_seed(args.seed + rank + epoch * 1000)
+        train_loader.sampler.set_epoch(epoch)
+        model.train()
+        train_loss, lr = utils.train_one_epoch(loss_fn, ddp_model, train_loader, optimizer, scaler, epoch, args, device, log)
+        model.eval()
+        acc1, acc5, val_loss = utils.evaluate(model, val_loader, device, args.amp)
+        best_acc1 = max(best_acc1, acc1)
+        record = dict(epoch=epoch, train_loss=train_loss, lr=lr, acc1=acc1, acc5=acc5, val_loss=val_loss,
+                      best_acc1=best_acc1, train_images=len(train_set))
+        log(f"epoch {epoch}: train loss {train_loss:.4f} acc1 {acc1:.2f} acc5 {acc5:.2f} (best {best_acc1:.2f})")
+        utils.log_json(args.output_dir, record)
+        if rank == 0:
+            utils.save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                       scaler=scaler.state_dict(), epoch=epoch, best_acc1=best_acc1,
+                                       args=vars(args)), checkpoint_path)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

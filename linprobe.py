@@ -1,0 +1,193 @@
+"""Linear probe of a pretrained ExtreMA encoder: the encoder is frozen, a BatchNorm + linear head is trained
+on its instance representation (the class-attention output; by default before the final norm and from the
+momentum encoder, as the official probe).
+
+    python linprobe.py --data synthetic --device cpu ...                                   # one process
+    torchrun --nproc_per_node 8 linprobe.py --data /path/to/imagenet --pretrained CKPT    # official recipe
+"""
+import argparse
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.transforms import v2
+
+import models
+import utils
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="synthetic", help="ImageNet root (ROOT/train, ROOT/val) or 'synthetic'")
+    p.add_argument("--synthetic-size", type=int, default=256, help="training images in the synthetic set")
+    p.add_argument("--num-classes", type=int, default=None, help="synthetic: default 10; folders: their classes")
+    p.add_argument("--output-dir", default="output/linprobe")
+    p.add_argument("--arch", default="vit_base", choices=models.ARCHS)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--pretrained", default=None, help="pretrain.py or official checkpoint (none: random init)")
+    p.add_argument("--branch", choices=["momentum", "online"], default="momentum", help="encoder to probe")
+    p.add_argument("--final-norm", action="store_true",
+                   help="probe the class-attention output after the final norm (default: before, as official)")
+    p.add_argument("--batch-size", type=int, default=4096, help="global batch over all processes")
+    p.add_argument("--accum-iter", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument("--warmup-epochs", type=float, default=10)
+    p.add_argument("--blr", type=float, default=0.1, help="lr = blr * batch-size / 256")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--optimizer", choices=["sgd", "lars"], default="sgd", help="momentum 0.9 either way")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
+                   help="default: bf16 on GPUs that support it, else none")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--num-workers", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--print-freq", type=int, default=20, help="steps between progress lines and loss checks")
+    p.add_argument("--eval-only", action="store_true", help="evaluate checkpoint-last.pth of --output-dir")
+    return p.parse_args(argv)
+
+
+class LinearProbe(nn.Module):
+    """Frozen encoder (always in eval mode, no gradients) -> BatchNorm1d(affine=False) -> Linear."""
+
+    def __init__(self, encoder, num_classes, final_norm=False):
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False).eval()
+        self.final_norm = final_norm
+        self.head = nn.Sequential(nn.BatchNorm1d(encoder.embed_dim, affine=False, eps=1e-6),
+                                  nn.Linear(encoder.embed_dim, num_classes))
+        nn.init.normal_(self.head[1].weight, std=0.01)
+        nn.init.zeros_(self.head[1].bias)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def features(self, images):
+        """(B, 3, H, W) -> class-attention output (B, D), before the final norm unless final_norm."""
+        _, instance = self.encoder.forward_features(images)
+        return self.encoder.norm(instance) if self.final_norm else instance
+
+    def forward(self, images):
+        return self.head(self.features(images))  # (B, C)
+
+
+class LARS(torch.optim.Optimizer):
+    """Momentum SGD with layer-wise adaptive rate scaling (You et al., 2017): the update of each weight
+    matrix (weight decay included) is rescaled to trust_coefficient * |w| / |update|; 1-D parameters
+    (biases) take plain momentum SGD steps without weight decay."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    w_norm, u_norm = p.norm(), update.norm()
+                    trust = torch.where((w_norm > 0) & (u_norm > 0),
+                                        group["trust_coefficient"] * w_norm / u_norm, 1.0)
+                    update = update * trust
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                state["momentum_buffer"].mul_(group["momentum"]).add_(update)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.img_size % args.patch_size:
+        utils.fail(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+    rank, world_size, device = utils.init_distributed(args.device)
+    args.amp = utils.resolve_amp(args.amp, device)
+    local_batch = utils.local_batch_size(args.batch_size, world_size, args.accum_iter)
+    args.lr = args.blr * args.batch_size / 256
+    log = print if rank == 0 else (lambda *a: None)
+    os.makedirs(args.output_dir, exist_ok=True)
+    utils.set_seed(args.seed + rank)
+
+    train_transform = v2.Compose([v2.RandomResizedCrop(args.img_size), v2.RandomHorizontalFlip(), utils.normalize()])
+    train_set, val_set, num_classes = utils.classification_datasets(
+        args.data, args.img_size, train_transform, utils.eval_transform(args.img_size), args.num_classes,
+        args.synthetic_size)
+    train_loader = utils.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device)
+    val_loader = utils.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device)
+
+    encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch],
+                                       ca_depth=2, layer_scale=0.1)
+    utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log)
+    probe = LinearProbe(encoder, num_classes, args.final_norm).to(device)
+    head = probe.head  # the only trained (and DDP-wrapped) part
+    if world_size > 1:
+        if device.type == "cuda":  # SyncBatchNorm has no CPU kernel; on CPU each process keeps its own statistics
+            probe.head = nn.SyncBatchNorm.convert_sync_batchnorm(probe.head)
+        head = DDP(probe.head, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.optimizer == "lars":
+        optimizer = LARS(probe.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(probe.head.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    scaler = utils.grad_scaler(device, args.amp)
+    log(f"linear probe of the {args.branch} encoder ({args.arch}, {'after' if args.final_norm else 'before'} the "
+        f"final norm): {len(train_set)} training / {len(val_set)} validation images, {num_classes} classes, "
+        f"lr {args.lr:.3e}, {world_size} process(es) x {local_batch} x {args.accum_iter}")
+
+    start_epoch, best_acc1 = 0, 0.0
+    checkpoint_path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    checkpoint = utils.resume_checkpoint(args.output_dir)
+    if checkpoint is not None:
+        utils.load_resumed(probe, checkpoint["model"], checkpoint_path)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, best_acc1 = checkpoint["epoch"] + 1, checkpoint["best_acc1"]
+        log(f"resumed from {checkpoint_path} (epoch {checkpoint['epoch']})")
+
+    if args.eval_only:
+        if checkpoint is None:
+            utils.fail(f"--eval-only needs a trained head: {checkpoint_path} does not exist")
+        probe.eval()
+        acc1, acc5, val_loss = utils.evaluate(probe, val_loader, device, args.amp)
+        record = dict(epoch=checkpoint["epoch"], eval_only=True, acc1=acc1, acc5=acc5, val_loss=val_loss)
+        log(f"evaluation of {checkpoint_path}: acc1 {acc1:.2f} acc5 {acc5:.2f} on {len(val_set)} images")
+        utils.log_json(args.output_dir, record)
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
+        return
+
+    def loss_fn(images, targets):
+        return F.cross_entropy(head(probe.features(images)), targets)
+
+    for epoch in range(start_epoch, args.epochs):
+        utils.set_seed(args.seed + rank + epoch * 1000)
+        train_loader.sampler.set_epoch(epoch)
+        probe.train()
+        train_loss, lr = utils.train_one_epoch(loss_fn, head, train_loader, optimizer, scaler, epoch, args, device, log)
+        probe.eval()
+        if world_size > 1:  # evaluate everywhere with the BatchNorm statistics that rank 0 saves
+            for buffer in probe.head.buffers():
+                torch.distributed.broadcast(buffer, 0)
+        acc1, acc5, val_loss = utils.evaluate(probe, val_loader, device, args.amp)
+        best_acc1 = max(best_acc1, acc1)
+        record = dict(epoch=epoch, train_loss=train_loss, lr=lr, acc1=acc1, acc5=acc5, val_loss=val_loss,
+                      best_acc1=best_acc1)
+        log(f"epoch {epoch}: train loss {train_loss:.4f} acc1 {acc1:.2f} acc5 {acc5:.2f} (best {best_acc1:.2f})")
+        utils.log_json(args.output_dir, record)
+        if rank == 0:  # the frozen encoder is saved too, so the checkpoint evaluates on its own
+            utils.save_checkpoint(dict(model=probe.state_dict(), optimizer=optimizer.state_dict(),
+                                       scaler=scaler.state_dict(), epoch=epoch, best_acc1=best_acc1,
+                                       args=vars(args)), checkpoint_path)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

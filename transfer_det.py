@@ -1,0 +1,446 @@
+"""COCO object detection and instance segmentation with Mask R-CNN + FPN on a pretrained ExtreMA ViT.
+
+The protocol of the paper (after the CAE code base): features of four ViT blocks (4, 6, 8, 12 of 12) are
+brought to strides 4, 8, 16, 32 (two 2x transposed convs; one; identity; 2x max-pool), fed to an FPN with an
+extra pooled level, and trained in torchvision's Mask R-CNN for the 1x schedule (12 epochs, lr x0.1 at
+epochs 8 and 11) with AdamW, layer-wise lr decay, batch 16, multi-scale training (shorter side 480-800,
+longer side at most 1333) and flips; evaluated at 800/1333 with the COCO API (box AP and mask AP).
+
+    python transfer_det.py --data /data/coco --pretrained checkpoint.pth --output-dir out/det
+    torchrun --nproc_per_node 8 transfer_det.py --data /data/coco --pretrained extrema_mask08x5_color_1k_300ep.pth
+    python transfer_det.py --data synthetic --arch vit_tiny --img-size 64 --patch-size 8 --epochs 2 --batch-size 2
+"""
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision import tv_tensors
+from torchvision.models.detection import MaskRCNN
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.transforms import v2
+
+import models
+import utils
+
+STRIDES = (4, 8, 16, 32)  # of the four maps fed to the FPN; it adds a fifth, pooled level at 64
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")  # COCOeval.stats
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Mask R-CNN + FPN on COCO with a pretrained ExtreMA ViT")
+    p.add_argument("--data", default="synthetic",
+                   help="COCO 2017 root ({train2017,val2017}/, annotations/instances_{train,val}2017.json) "
+                        "or 'synthetic' (a tiny generated set written to <output-dir>/synthetic_coco)")
+    p.add_argument("--synthetic-images", type=int, default=8, help="images per split with --data synthetic")
+    p.add_argument("--output-dir", default="output_det")
+    p.add_argument("--arch", default="vit_base", choices=list(models.ARCHS))
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--img-size", type=int, default=800,
+                   help="test-time shorter side; training scales (480-800) and the 1333 cap scale with it; "
+                        "the image side with --data synthetic")
+    p.add_argument("--lsj", action="store_true",
+                   help="large-scale jitter instead of multi-scale resize: scale 0.1-2.0 of a square of side "
+                        "round(1024 * img_size / 800), crop/pad to it; test with the longer side at that size")
+    p.add_argument("--feature-blocks", type=int, nargs=4, default=None,
+                   help="1-based blocks whose tokens make the stride 4, 8, 16, 32 maps "
+                        "(default 4 6 8 12 for 12 blocks, scaled to the depth)")
+    p.add_argument("--pretrained", default=None, help="pretrain.py or official ExtreMA checkpoint")
+    p.add_argument("--branch", default="online", choices=["online", "momentum"],
+                   help="encoder to transfer (default online, as fine-tuning)")
+    p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=16, help="global batch over all processes")
+    p.add_argument("--accum-iter", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--lr-drop-epochs", type=int, nargs="*", default=[8, 11],
+                   help="epochs at whose start the lr is multiplied by 0.1")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW lr for the global batch (not rescaled)")
+    p.add_argument("--warmup-iters", type=int, default=1000,
+                   help="optimizer steps of linear warm-up from 0.001 * lr")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--layer-decay", type=float, default=0.75)
+    p.add_argument("--device", default=None)
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"])
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--print-freq", type=int, default=20)
+    p.add_argument("--eval-only", action="store_true", help="evaluate <output-dir>/checkpoint-last.pth")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+
+def write_synthetic_coco(root, img_size, num_images, seed=0):
+    """A tiny COCO-format set under root: per split, num_images images of img_size x img_size with 1-3
+    filled rectangles or polygons of three categories (non-contiguous ids 1, 3, 7, as in COCO), plus one
+    image with no objects; the last object image also holds one iscrowd=1 region. Same files for a seed."""
+    rng = np.random.default_rng(seed)
+    categories = [{"id": 1, "name": "square", "supercategory": "shape"},
+                  {"id": 3, "name": "triangle", "supercategory": "shape"},
+                  {"id": 7, "name": "blob", "supercategory": "shape"}]
+    colours = {1: (220, 40, 40), 3: (40, 200, 60), 7: (50, 70, 230)}
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    for split in ("train", "val"):
+        folder = os.path.join(root, f"{split}2017")
+        os.makedirs(folder, exist_ok=True)
+        images, annotations = [], []
+        for image_id in range(1, num_images + 2):
+            img = Image.fromarray(rng.integers(90, 140, (img_size, img_size, 3), dtype=np.uint8))
+            draw = ImageDraw.Draw(img)
+            shapes = [] if image_id == num_images + 1 else [rng.choice([1, 3, 7]) for _ in range(rng.integers(1, 4))]
+            if image_id == num_images:
+                shapes.append(rng.choice([1, 3, 7]))  # drawn as a crowd region
+            for index, cat in enumerate(shapes):
+                side = rng.uniform(0.25, 0.5) * img_size
+                cx, cy = rng.uniform(side / 2, img_size - side / 2, 2)
+                if cat == 1:
+                    angles = np.array([0.25, 0.75, 1.25, 1.75]) * np.pi
+                else:
+                    angles = np.sort(rng.uniform(0, 2 * np.pi, 3 if cat == 3 else 6))
+                radius = side / 2 * (1 if cat != 7 else rng.uniform(0.6, 1.0, len(angles)))
+                xs, ys = cx + radius * np.cos(angles), cy + radius * np.sin(angles)
+                polygon = [float(round(v, 2)) for xy in zip(xs, ys) for v in xy]
+                draw.polygon(polygon, fill=colours[cat])
+                crowd = image_id == num_images and index == len(shapes) - 1
+                rle = mask_util.merge(mask_util.frPyObjects([polygon], img_size, img_size))
+                segmentation = [polygon]
+                if crowd:  # crowd regions come as RLE in COCO
+                    segmentation = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(cat),
+                                    "segmentation": segmentation, "area": float(mask_util.area(rle)),
+                                    "bbox": [float(v) for v in mask_util.toBbox(rle)], "iscrowd": int(crowd)})
+            file_name = f"{image_id:012d}.jpg"
+            img.save(os.path.join(folder, file_name), quality=95)
+            images.append({"id": image_id, "file_name": file_name, "height": img_size, "width": img_size})
+        dataset = {"info": {"description": "ExtreMA synthetic COCO"}, "licenses": [], "images": images,
+                   "annotations": annotations, "categories": categories}
+        path = os.path.join(root, "annotations", f"instances_{split}2017.json")
+        with open(f"{path}.tmp", "w") as f:
+            json.dump(dataset, f)
+        os.replace(f"{path}.tmp", path)
+    return root
+
+
+def load_coco(ann_file):
+    """pycocotools COCO with one-line errors for a missing or malformed file and unknown category ids."""
+    if not os.path.isfile(ann_file):
+        utils.fail(f"annotation file {ann_file} does not exist")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(ann_file)
+    except Exception as e:
+        utils.fail(f"cannot read annotation file {ann_file}: {type(e).__name__}: {e}")
+    known = set(coco.getCatIds())
+    for ann in coco.dataset.get("annotations", []):
+        if ann["category_id"] not in known:
+            utils.fail(f"{ann_file}: annotation {ann['id']} (image {ann['image_id']}) has category id "
+                       f"{ann['category_id']}, which is not in the file's category list {sorted(known)}")
+    return coco
+
+
+def usable(ann):
+    """A training target: not a crowd region, box at least 1 pixel wide and high (as mmdetection)."""
+    return not ann.get("iscrowd", 0) and ann["bbox"][2] >= 1 and ann["bbox"][3] >= 1 and ann.get("area", 1) > 0
+
+
+class CocoInstances(torch.utils.data.Dataset):
+    """COCO instances of one split. Items: (image, target) with image a tv_tensors.Image (3, H, W) and, in
+    training, target {boxes (N, 4) xyxy, labels (N,) in 1..C, masks (N, H, W) uint8, image_id}; in
+    evaluation target is {image_id} (COCOeval reads the ground truth itself).
+    Training skips images without usable annotations; crowd regions are never targets."""
+
+    def __init__(self, root, split, train, transform, cat_ids=None):
+        self.ann_file = os.path.join(root, "annotations", f"instances_{split}2017.json")
+        self.img_dir = os.path.join(root, f"{split}2017")
+        self.coco = load_coco(self.ann_file)
+        if not os.path.isdir(self.img_dir):
+            utils.fail(f"image folder {self.img_dir} does not exist")
+        self.cat_ids = sorted(self.coco.getCatIds())
+        if cat_ids is not None and self.cat_ids != cat_ids:
+            utils.fail(f"the category ids of {self.ann_file} differ from the validation set's")
+        self.label_of = {cat: i + 1 for i, cat in enumerate(self.cat_ids)}  # 0 is the background
+        self.ids = sorted(self.coco.getImgIds())
+        if train:
+            self.ids = [i for i in self.ids if any(usable(a) for a in self.coco.imgToAnns[i])]
+        if not self.ids:
+            utils.fail(f"{self.ann_file} has no {'annotated ' if train else ''}images")
+        self.train, self.transform = train, transform
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        path = os.path.join(self.img_dir, info["file_name"])
+        img = utils.load_rgb(path)
+        if img.size != (info["width"], info["height"]):
+            raise utils.DataError(f"image {path} is {img.size[0]}x{img.size[1]} but {self.ann_file} says "
+                                  f"{info['width']}x{info['height']}")
+        image = tv_tensors.Image(v2.functional.pil_to_tensor(img))
+        if not self.train:
+            return self.transform(image).as_subclass(torch.Tensor), {"image_id": image_id}
+        anns = [a for a in self.coco.imgToAnns[image_id] if usable(a)]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+        masks = np.stack([self.coco.annToMask(a) for a in anns])  # (N, H, W)
+        target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image.shape[-2:]),
+                  "labels": torch.tensor([self.label_of[a["category_id"]] for a in anns]),
+                  "masks": tv_tensors.Mask(torch.from_numpy(masks)), "image_id": image_id}
+        image, target = self.transform(image, target)
+        return image.as_subclass(torch.Tensor), {k: v.as_subclass(torch.Tensor) if torch.is_tensor(v) else v for k, v in target.items()}
+
+
+def train_transform(lsj_size):
+    """Horizontal flip (multi-scale resize happens in Mask R-CNN's transform) or, with lsj_size, large-scale
+    jitter: flip, resize by 0.1-2.0 of the square, crop/pad to it, drop boxes cropped away."""
+    steps = [v2.RandomHorizontalFlip()]
+    if lsj_size:
+        steps += [v2.ScaleJitter((lsj_size, lsj_size), scale_range=(0.1, 2.0)),
+                  v2.RandomCrop(lsj_size, pad_if_needed=True), v2.SanitizeBoundingBoxes(min_size=1)]
+    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True)])
+
+
+def collate_lists(batch):
+    """Detection batches are lists: images have different sizes and targets different counts."""
+    return tuple(map(list, zip(*batch)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+
+
+class ViTPyramid(nn.Module):
+    """ViT maps at strides 4, 8, 16, 32 -> FPN with 256 channels and a fifth level max-pooled to stride 64.
+    Input (B, 3, H, W) with H, W multiples of 32 and of the patch size."""
+
+    def __init__(self, encoder, feature_blocks, out_channels=256):
+        super().__init__()
+        self.maps = models.FeatureMaps(encoder, feature_blocks, STRIDES)
+        self.fpn = FeaturePyramidNetwork([encoder.embed_dim] * len(STRIDES), out_channels,
+                                         extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels  # what MaskRCNN reads
+
+    def forward(self, images):  # (B, 3, H, W)
+        maps = self.maps(images)  # four (B, D, H/stride, W/stride)
+        return self.fpn(OrderedDict((str(level), m) for level, m in enumerate(maps)))  # '0'..'3', 'pool'
+
+
+def scales(img_size):
+    """Training shorter sides (480..800 step 32) and the longer-side cap 1333, scaled by img_size/800."""
+    return tuple(sorted({round(s * img_size / 800) for s in range(480, 801, 32)})), round(1333 * img_size / 800)
+
+
+def build_detector(args, num_classes, log=print):
+    """Mask R-CNN (torchvision, standard FPN heads) on the pretrained ViT; num_classes without background."""
+    patch = args.patch_size
+    if patch < 1 or patch & (patch - 1):
+        utils.fail(f"--patch-size {patch} must be a power of two to give maps at strides {STRIDES}")
+    depth = models.ARCHS[args.arch]["depth"]
+    blocks = args.feature_blocks or models.default_feature_blocks(depth)
+    if not all(1 <= b <= depth for b in blocks):
+        utils.fail(f"--feature-blocks {blocks} must lie in 1..{depth} for {args.arch}")
+    pretrain_size = 224 // patch * patch  # the grid the position table is stored at; resized per batch
+    encoder = models.VisionTransformer(img_size=pretrain_size, patch_size=patch, **models.ARCHS[args.arch],
+                                       drop_path=args.drop_path, ca_depth=2, layer_scale=0.1)
+    utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log)
+    if args.lsj:
+        side = round(1024 * args.img_size / 800)
+        min_size, max_size = side, side
+    else:
+        min_size, max_size = scales(args.img_size)  # a random one per image in training, the last at test
+    return MaskRCNN(ViTPyramid(encoder, blocks), num_classes=num_classes + 1, min_size=min_size,
+                    max_size=max_size, image_mean=utils.IMAGENET_MEAN, image_std=utils.IMAGENET_STD,
+                    size_divisible=max(32, patch))
+
+
+def lr_at(step, epoch, args):
+    """Step schedule: x0.1 at each --lr-drop-epochs, after a linear warm-up from 0.001 * lr (mmdetection)."""
+    lr = args.lr * 0.1 ** sum(epoch >= e for e in args.lr_drop_epochs)
+    if step < args.warmup_iters:
+        lr *= 0.001 + 0.999 * step / args.warmup_iters
+    return lr
+
+
+# ----------------------------------------------------------------------------------------------------
+# COCO evaluation
+
+
+def coco_results(outputs, image_ids, cat_ids):
+    """Mask R-CNN outputs (boxes xyxy in image pixels, labels 1..C, scores, masks (N, 1, H, W) probabilities)
+    -> COCO result dicts with xywh box and RLE mask (thresholded at 0.5, counts as str for JSON)."""
+    results = []
+    for out, image_id in zip(outputs, image_ids):
+        boxes = out["boxes"].float().cpu()
+        boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
+        masks = (out["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)  # (N, H, W)
+        rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0))) if len(masks) else []
+        for box, label, score, rle in zip(boxes.tolist(), out["labels"].tolist(), out["scores"].tolist(), rles):
+            rle["counts"] = rle["counts"].decode("ascii")
+            results.append({"image_id": int(image_id), "category_id": cat_ids[label - 1], "score": float(score),
+                            "bbox": box, "segmentation": rle})
+    return results
+
+
+def coco_evaluate(coco_gt, results):
+    """COCOeval of results for 'bbox' and 'segm': {bbox_AP, bbox_AP50, ..., segm_ARl}. No results: all 0."""
+    stats = {}
+    for iou_type, key in (("bbox", "bbox"), ("segm", "segmentation")):
+        dets = [{k: r[k] for k in ("image_id", "category_id", "score", key)} for r in results]
+        values = [0.0] * len(METRICS)
+        if dets:
+            with contextlib.redirect_stdout(io.StringIO()):
+                evaluator = COCOeval(coco_gt, coco_gt.loadRes(dets), iou_type)
+                evaluator.evaluate()
+                evaluator.accumulate()
+            if utils.is_main():
+                print(f"{iou_type}:")
+            evaluator.summarize()
+            values = evaluator.stats.tolist()
+        stats.update({f"{iou_type}_{name}": float(v) for name, v in zip(METRICS, values)})
+    return stats
+
+
+@torch.no_grad()
+def evaluate(detector, loader, coco_gt, cat_ids, device, amp):
+    """Detect on every image of the loader (split over processes), gather, score on the main process."""
+    detector.eval()
+    results = []
+    for images, targets in loader:
+        with utils.autocast(device, amp):
+            outputs = detector([img.to(device, non_blocking=True) for img in images])
+        results += coco_results(outputs, [t["image_id"] for t in targets], cat_ids)
+    if dist.is_available() and dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    return coco_evaluate(coco_gt, results) if utils.is_main() else {}
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = utils.init_distributed(args.device)
+    amp = utils.resolve_amp(args.amp, device)
+    local_batch = utils.local_batch_size(args.batch_size, world, args.accum_iter)
+    log = print if utils.is_main() else (lambda *a, **k: None)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    root = args.data
+    if root == "synthetic":
+        root = os.path.join(args.output_dir, "synthetic_coco")
+        if utils.is_main():
+            write_synthetic_coco(root, args.img_size, args.synthetic_images, seed=args.seed)
+        if world > 1:
+            dist.barrier()
+    elif not os.path.isdir(root):
+        utils.fail(f"data folder {root} does not exist")
+    lsj_size = round(1024 * args.img_size / 800) if args.lsj else None
+    val_set = CocoInstances(root, "val", False, v2.ToDtype(torch.float32, scale=True))
+    val_loader = utils.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device, collate_lists)
+    log(f"{len(val_set)} validation images, {len(val_set.cat_ids)} categories")
+    if not args.eval_only:
+        train_set = CocoInstances(root, "train", True, train_transform(lsj_size), cat_ids=val_set.cat_ids)
+        train_loader = utils.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device,
+                                         collate_lists)
+        log(f"{len(train_set)} training images")
+        if len(train_loader) < args.accum_iter:
+            utils.fail(f"{len(train_set)} training images make no full batch of {args.batch_size}")
+
+    utils.set_seed(args.seed)  # the same initial heads in every process and every run
+    detector = build_detector(args, len(val_set.cat_ids), log).to(device)
+    if world > 1 and device.type == "cuda":  # SyncBatchNorm has no CPU kernel
+        detector = nn.SyncBatchNorm.convert_sync_batchnorm(detector)
+    depth = models.ARCHS[args.arch]["depth"]
+    groups = utils.layer_decay_groups(detector, args.weight_decay, args.layer_decay, depth)
+    optimizer = utils.adamw(groups, args.lr, (0.9, 0.999), device)
+    scaler = utils.grad_scaler(device, amp)
+
+    start_epoch = 0
+    checkpoint = utils.resume_checkpoint(args.output_dir)
+    if checkpoint is not None:
+        utils.load_resumed(detector, checkpoint["model"], os.path.join(args.output_dir, "checkpoint-last.pth"))
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch = checkpoint["epoch"] + 1
+        log(f"resumed from epoch {checkpoint['epoch']}")
+    elif args.eval_only:
+        utils.fail(f"--eval-only needs a trained detector at {args.output_dir}/checkpoint-last.pth")
+    if args.eval_only:
+        stats = evaluate(detector, val_loader, val_set.coco, val_set.cat_ids, device, amp)
+        utils.log_json(args.output_dir, {"epoch": start_epoch - 1, "eval_only": True, **stats})
+        return stats
+
+    model = detector
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(detector, device_ids=[device.index] if device.type == "cuda" else None)
+    steps_per_epoch = len(train_loader) // args.accum_iter
+    log(f"{args.epochs} epochs of {steps_per_epoch} steps, lr {args.lr}, amp {amp}, {world} process(es)")
+
+    stats = {}
+    for epoch in range(start_epoch, args.epochs):
+        utils.set_seed(args.seed + rank + epoch * 1000)
+        train_loader.sampler.set_epoch(epoch)
+        model.train()
+        meter, loss_sum, count = utils.Meter(steps_per_epoch), torch.zeros(2, device=device), 0
+        for i, (images, targets) in enumerate(train_loader):
+            if i >= steps_per_epoch * args.accum_iter:
+                break
+            step = epoch * steps_per_epoch + i // args.accum_iter
+            utils.set_lr(optimizer, lr_at(step, epoch, args))
+            images = [img.to(device, non_blocking=True) for img in images]
+            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+            last_micro = (i + 1) % args.accum_iter == 0
+            sync = model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
+            with sync:
+                with utils.autocast(device, amp):
+                    losses = model(images, targets)  # loss_classifier, loss_box_reg, loss_mask, loss_objectness, loss_rpn_box_reg
+                    loss = sum(losses.values())
+                if not math.isfinite(loss.item()):
+                    utils.fail(f"loss is {loss.item()} at epoch {epoch} step {i} "
+                               f"({', '.join(f'{k} {v.item():.4g}' for k, v in losses.items())}); stopping")
+                scaler.scale(loss / args.accum_iter).backward()
+            if last_micro:
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += torch.stack([loss.detach().float(), torch.ones((), device=device)])
+            count += len(images)
+            if utils.is_main() and i % args.print_freq == 0:
+                parts = "  ".join(f"{k} {v.item():.4f}" for k, v in losses.items())
+                log(f"epoch {epoch} [{i // args.accum_iter}/{steps_per_epoch}] loss {loss.item():.4f}  {parts}  "
+                    f"lr {optimizer.param_groups[0]['lr'] / optimizer.param_groups[0]['lr_scale']:.3g}  "
+                    f"{meter.line(i // args.accum_iter + 1, count * world)}")
+        utils.all_reduce_sum(loss_sum)
+        stats = {"epoch": epoch, "train_loss": (loss_sum[0] / loss_sum[1]).item(), "lr": lr_at(step, epoch, args)}
+        stats.update(evaluate(detector, val_loader, val_set.coco, val_set.cat_ids, device, amp))
+        if utils.is_main():
+            utils.save_checkpoint({"model": detector.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scaler": scaler.state_dict(), "epoch": epoch, "args": vars(args)},
+                                  os.path.join(args.output_dir, "checkpoint-last.pth"))
+        utils.log_json(args.output_dir, stats)
+        log(f"epoch {epoch}: train loss {stats['train_loss']:.4f}  box AP {stats.get('bbox_AP', 0):.3f}  "
+            f"mask AP {stats.get('segm_AP', 0):.3f}")
+    if world > 1:
+        dist.barrier()
+    return stats
+
+
+if __name__ == "__main__":
+    utils.run_main(main)
