@@ -1,15 +1,27 @@
 """Smoke tests: numerics against the official implementation, masking, and every stage end to end on tiny
 synthetic data. Run with `pytest test_smoke.py` (a few minutes on a 2-core CPU)."""
 import json
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
 
+import bench
+import finetune
+import linprobe
 import models
 import pretrain
+import transfer_det
+import transfer_seg
 import utils
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -35,6 +47,23 @@ def official():
     if not os.path.exists(FIXTURE):
         pytest.skip(f"official fixture not found at {FIXTURE}")
     return torch.load(FIXTURE)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def official_file(official, tmp_path_factory):
+    """The official fixture and its checkpoint saved as a file for --pretrained."""
+    path = tmp_path_factory.mktemp("official") / "extrema_tiny.pth"
+    torch.save(official["checkpoint"], path)
+    return official, str(path)
 
 
 @pytest.fixture(scope="module")
@@ -323,3 +352,704 @@ def test_unreadable_image_is_named(tmp_path):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot read image {folder / 'broken.jpg'}: ")
+
+# ====================================================================================================
+# Linear probe and fine-tuning
+
+
+EVAL_SCRIPTS = {"linprobe": linprobe, "finetune": finetune}
+
+
+def eval_args(out, *extra, arch="vit_fixture", img_size=32):
+    """A tiny run: 8 training and 2 validation synthetic images of 4 classes, batch 4, one epoch."""
+    return ["--data", "synthetic", "--synthetic-size", "8", "--num-classes", "4", "--arch", arch,
+            "--img-size", str(img_size), "--patch-size", "8", "--batch-size", "4", "--epochs", "1",
+            "--warmup-epochs", "0", "--device", "cpu", "--num-workers", "0", "--print-freq", "2",
+            "--output-dir", str(out), *extra]
+
+
+def eval_checkpoint(out):
+    return torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=False)
+
+
+def eval_check_log(out, epochs):
+    records = read_log(out)
+    assert [r["epoch"] for r in records] == list(range(epochs))
+    for r in records:
+        assert {"epoch", "train_loss", "lr", "acc1", "acc5", "val_loss", "best_acc1"} <= r.keys()
+        assert torch.isfinite(torch.tensor(r["train_loss"])) and 0 <= r["acc1"] <= r["acc5"] <= 100
+    return records
+
+
+@pytest.fixture(scope="module")
+def eval_pretrained(tmp_path_factory):
+    """A checkpoint written by pretrain.py: one epoch of the fixture-sized ViT on 32x32 images."""
+    out = tmp_path_factory.mktemp("pretrain")
+    pretrain.main(["--data", "synthetic", "--synthetic-size", "16", "--arch", "vit_fixture", "--img-size", "32",
+                   "--patch-size", "8", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0",
+                   "--proj-dim", "32", "--proj-hidden-dim", "64", "--mask-ratio", "0.75", "--num-masks", "2",
+                   "--output-dir", str(out), "--device", "cpu", "--num-workers", "0"])
+    return str(out / "checkpoint-last.pth")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Linear probe
+
+
+@pytest.mark.parametrize("branch", ["momentum", "online"])
+def test_linprobe_official_frozen_and_features(official_file, tmp_path, branch):
+    """Training moves the head only; the probe reads the official class-attention output before the norm."""
+    fixture, path = official_file
+    linprobe.main(eval_args(tmp_path, "--pretrained", path, "--branch", branch))
+    eval_check_log(tmp_path, 1)
+    state = eval_checkpoint(tmp_path)["model"]
+    pretrained = models.encoder_state_dict(fixture["checkpoint"], branch)
+    for key, value in pretrained.items():  # the frozen encoder is bit-identical after training
+        assert torch.equal(state[f"encoder.{key}"], value), key
+    assert state["head.0.num_batches_tracked"] == 2  # the head's BatchNorm did train
+
+    encoder = models.VisionTransformer(img_size=32, patch_size=8, **models.ARCHS["vit_fixture"])
+    probe = linprobe.LinearProbe(encoder, 4).eval()
+    probe.load_state_dict(state)
+    prefix = "momentum_" if branch == "momentum" else ""
+    expected = fixture["expected"][f"{prefix}inst_full_prenorm"]
+    torch.testing.assert_close(probe.features(fixture["x1"]), expected, atol=1e-5, rtol=1e-5)
+    if branch == "online":  # --final-norm reads the normed instance representation
+        probe.final_norm = True
+        torch.testing.assert_close(probe.features(fixture["x1"]), fixture["expected"]["inst_full"],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_linprobe_pretrain_checkpoint_and_eval_only(eval_pretrained, tmp_path):
+    linprobe.main(eval_args(tmp_path, "--pretrained", eval_pretrained, img_size=48))
+    last = eval_check_log(tmp_path, 1)[-1]
+    state = eval_checkpoint(tmp_path)["model"]
+    pretrained = torch.load(eval_pretrained, weights_only=False)["model"]
+    assert torch.equal(state["encoder.blocks.0.attn.qkv.weight"],
+                       pretrained["momentum_encoder.blocks.0.attn.qkv.weight"])
+    assert state["encoder.pos_embed"].shape == (1, 36, 64)  # 4x4 table resized to the 6x6 grid
+    torch.testing.assert_close(state["encoder.pos_embed"],
+                               models.resize_pos_embed(pretrained["momentum_encoder.pos_embed"], (4, 4), (6, 6)))
+
+    linprobe.main(eval_args(tmp_path, img_size=48) + ["--eval-only"])
+    record = read_log(tmp_path)[-1]
+    assert record["eval_only"] and record["acc1"] == last["acc1"] and record["acc5"] == last["acc5"]
+
+
+def test_linprobe_lars(official_file, tmp_path):
+    linprobe.main(eval_args(tmp_path, "--pretrained", official_file[1], "--optimizer", "lars"))
+    state = eval_checkpoint(tmp_path)["model"]
+    assert torch.isfinite(state["head.1.weight"]).all() and state["head.1.weight"].std() > 0.005
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fine-tuning
+
+
+@pytest.mark.parametrize("branch", ["online", "momentum"])
+def test_finetune_official_pooling(official_file, branch):
+    """The classifier's LayerNorm reads the mean of the official pre-norm patch tokens."""
+    fixture, path = official_file
+    encoder = models.VisionTransformer(img_size=32, patch_size=8, **models.ARCHS["vit_fixture"])
+    utils.load_pretrained_encoder(encoder, path, branch, log=lambda *a: None)
+    model = finetune.MeanPoolClassifier(encoder, 4).eval()
+    assert not any(k.startswith(("encoder.ca_blocks", "encoder.cls_token", "encoder.norm"))
+                   for k in model.state_dict())
+    pooled = []
+    model.fc_norm.register_forward_hook(lambda module, inputs, output: pooled.append(inputs[0]))
+    assert model(fixture["x1"]).shape == (4, 4)
+    prefix = "momentum_" if branch == "momentum" else ""
+    expected = fixture["expected"][f"{prefix}tokens_full_prenorm"].mean(dim=1)
+    torch.testing.assert_close(pooled[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_finetune_official_layer_decay(official_file, tmp_path):
+    """The head gets the full lr, the patch embedding the smallest (layer 0), each block 0.65x the next."""
+    finetune.main(eval_args(tmp_path, "--pretrained", official_file[1], "--warmup-epochs", "1"))
+    eval_check_log(tmp_path, 1)
+    groups = eval_checkpoint(tmp_path)["optimizer"]["param_groups"]
+    depth = models.ARCHS["vit_fixture"]["depth"]
+    by_layer = {}
+    for group in groups:
+        by_layer.setdefault(group["layer_id"], []).append(group)
+    assert sorted(by_layer) == list(range(depth + 2))
+    head_lr = max(g["lr"] for g in groups)
+    assert head_lr > 0
+    for layer, members in by_layer.items():
+        for g in members:
+            assert g["lr"] == pytest.approx(head_lr * 0.65 ** (depth + 1 - layer))
+    assert sum(len(g["params"]) for g in by_layer[0]) == 2  # patch embedding weight and bias
+    assert min(g["lr"] for g in groups) == by_layer[0][0]["lr"]
+    assert {g["weight_decay"] for g in by_layer[depth + 1]} == {0.0, 0.05}  # head weight decays, norms do not
+
+
+def test_finetune_pretrain_checkpoint_resized(eval_pretrained, tmp_path):
+    finetune.main(eval_args(tmp_path, "--pretrained", eval_pretrained, img_size=48))
+    assert eval_check_log(tmp_path, 1)[0]["train_images"] == 8
+    state = eval_checkpoint(tmp_path)["model"]
+    assert state["encoder.pos_embed"].shape == (1, 36, 64)
+    pretrained = torch.load(eval_pretrained, weights_only=False)["model"]
+    assert not torch.equal(state["encoder.blocks.0.attn.qkv.weight"], pretrained["encoder.blocks.0.attn.qkv.weight"])
+
+
+def test_finetune_subsets(tmp_path):
+    dataset = utils.SyntheticImages(40, 8, num_classes=4)
+    half = finetune.subset_indices(dataset, None, 0.5)
+    assert len(half) == 20
+    assert [sum(i % 4 == c for i in half) for c in range(4)] == [5, 5, 5, 5]
+    assert half == finetune.subset_indices(dataset, None, 0.5)  # fixed seed
+    assert len(finetune.subset_indices(dataset, None, 0.01)) == 4  # at least one per class
+    listed = tmp_path / "subset.txt"
+    listed.write_text("synthetic_3.png\nsome/dir/synthetic_17.png\n\nsynthetic_3.png\n")
+    assert finetune.subset_indices(dataset, str(listed), None) == [3, 17]
+    listed.write_text("synthetic_3.png\nn01440764_10026.JPEG\n")
+    with pytest.raises(SystemExit, match="n01440764_10026.JPEG"):
+        finetune.subset_indices(dataset, str(listed), None)
+
+    listed.write_text("".join(f"synthetic_{i}.png\n" for i in range(0, 8, 2)))
+    finetune.main(eval_args(tmp_path / "run", "--train-subset", str(listed)))
+    assert read_log(tmp_path / "run")[0]["train_images"] == 4
+    with pytest.raises(SystemExit, match="not both"):
+        finetune.main(eval_args(tmp_path / "both", "--train-subset", str(listed), "--label-fraction", "0.1"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Both scripts
+
+
+class EvalInterrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("script", ["linprobe", "finetune"])
+def test_resume_continues_identically(official_file, tmp_path, monkeypatch, script):
+    """Two epochs in one go == one epoch, a crash after its checkpoint, and the same command again."""
+    main = EVAL_SCRIPTS[script].main
+    args = lambda out: eval_args(out, "--pretrained", official_file[1], "--epochs", "2", "--warmup-epochs", "1")
+    main(args(tmp_path / "straight"))
+
+    save = utils.save_checkpoint
+
+    def save_then_crash(state, path):
+        save(state, path)
+        raise EvalInterrupted
+
+    monkeypatch.setattr(utils, "save_checkpoint", save_then_crash)
+    with pytest.raises(EvalInterrupted):
+        main(args(tmp_path / "resumed"))
+    monkeypatch.setattr(utils, "save_checkpoint", save)
+    assert len(read_log(tmp_path / "resumed")) == 1
+    main(args(tmp_path / "resumed"))
+
+    assert read_log(tmp_path / "resumed") == read_log(tmp_path / "straight")
+    straight, resumed = eval_checkpoint(tmp_path / "straight"), eval_checkpoint(tmp_path / "resumed")
+    assert straight["epoch"] == resumed["epoch"] == 1
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+
+
+@pytest.mark.parametrize("script", ["linprobe", "finetune"])
+def test_bad_inputs(official_file, eval_pretrained, tmp_path, script):
+    main = EVAL_SCRIPTS[script].main
+    with pytest.raises(SystemExit, match=r"error: checkpoint .*missing\.pth does not exist"):
+        main(eval_args(tmp_path, "--pretrained", str(tmp_path / "missing.pth")))
+    with pytest.raises(SystemExit, match=r"does not fit the model.*blocks\.2\.") as info:
+        main(eval_args(tmp_path, "--pretrained", eval_pretrained, arch="vit_tiny"))  # a 2-block checkpoint into 12
+    assert "\n" not in str(info.value)
+    with pytest.raises(SystemExit, match="data folder .*nowhere does not exist"):
+        main(eval_args(tmp_path) + ["--data", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="--batch-size 10 does not divide"):
+        main(eval_args(tmp_path) + ["--batch-size", "10", "--accum-iter", "3"])
+    with pytest.raises(SystemExit, match="--eval-only needs"):
+        main(eval_args(tmp_path / "empty") + ["--eval-only"])
+    with pytest.raises(SystemExit, match="make no full step"):
+        main(eval_args(tmp_path / "big") + ["--batch-size", "16"])
+    assert not os.path.exists(tmp_path / "big" / "checkpoint-last.pth")
+
+
+def test_random_init_is_logged(tmp_path, capsys):
+    linprobe.main(eval_args(tmp_path))
+    assert "random initialisation" in capsys.readouterr().out
+    eval_check_log(tmp_path, 1)
+
+
+@pytest.mark.parametrize("script", ["linprobe"])  # finetune passes too (add it; +20 s on 2 cores)
+def test_torchrun_two_processes_exact_evaluation(official_file, tmp_path, script):
+    """Under DDP (2 CPU processes, gloo) a validation set of 3 images is counted exactly: the same top-1,
+    top-5 and loss as one process evaluating the saved checkpoint."""
+    args = eval_args(tmp_path, "--pretrained", official_file[1], "--synthetic-size", "12")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--standalone", f"{script}.py", *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    distributed = read_log(tmp_path)[-1]
+    EVAL_SCRIPTS[script].main(args + ["--eval-only"])
+    single = read_log(tmp_path)[-1]
+    assert single["eval_only"] and single["acc1"] == distributed["acc1"] and single["acc5"] == distributed["acc5"]
+    assert single["val_loss"] == pytest.approx(distributed["val_loss"], rel=1e-5)
+    assert round(single["acc5"] * 3 / 100, 6).is_integer()  # hits out of 3 images
+
+
+def test_finetune_image_folder_subset_list(tmp_path):
+    """A real folder layout: --train-subset names (as in the ImageNet 1% lists) select by file name."""
+    from PIL import Image
+    for split, count in (("train", 4), ("val", 1)):
+        for wnid, colour in (("n01440764", (200, 30, 30)), ("n01443537", (30, 30, 200))):
+            os.makedirs(tmp_path / "data" / split / wnid)
+            for i in range(count):
+                Image.new("RGB", (40, 40), colour).save(tmp_path / "data" / split / wnid / f"{wnid}_{i}.JPEG")
+    listed = tmp_path / "1percent.txt"
+    listed.write_text("n01440764_0.JPEG\nn01440764_2.JPEG\nn01443537_1.JPEG\nn01443537_3.JPEG\n")
+    args = eval_args(tmp_path / "out", "--train-subset", str(listed), "--batch-size", "2") + [
+        "--data", str(tmp_path / "data"), "--num-classes", "2"]
+    finetune.main(args)
+    assert eval_check_log(tmp_path / "out", 1)[0]["train_images"] == 4
+    with pytest.raises(SystemExit, match="--num-classes 4 but .* holds 2 classes"):
+        finetune.main(args + ["--num-classes", "4"])
+
+# ====================================================================================================
+# ADE20K segmentation
+
+
+SEG_TINY = ["--arch", "vit_fixture", "--img-size", "32", "--patch-size", "8", "--decoder-channels", "32",
+            "--num-workers", "0", "--device", "cpu", "--amp", "none", "--print-freq", "1", "--lr", "1e-3",
+            "--warmup-iters", "1"]
+
+
+def seg_write_ade(root, split, sizes, annotations=None, seed=0):
+    """An ADEChallengeData2016-layout split: image i of size sizes[i] = (w, h) with random labels 0..150."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "images", split), exist_ok=True)
+    os.makedirs(os.path.join(root, "annotations", split), exist_ok=True)
+    labels = []
+    for i, (w, h) in enumerate(sizes):
+        name = f"ADE_{split}_{i:08d}"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            os.path.join(root, "images", split, name + ".jpg"))
+        label = annotations[i] if annotations else rng.choice([0, 1, 2, 5, 150], (h, w)).astype(np.uint8)
+        Image.fromarray(label).save(os.path.join(root, "annotations", split, name + ".png"))
+        labels.append(label)
+    return labels
+
+
+def test_seg_metrics_against_hand_computed_confusion():
+    labels = torch.tensor([0, 0, 1, 1, 2, 255, 255, 0, 2])
+    pred = torch.tensor([0, 1, 1, 1, 0, 3, 2, 0, 4])  # the 3 and 2 fall on ignored pixels
+    confusion = transfer_seg.confusion_matrix(pred, labels, 5)
+    expected = torch.tensor([[2, 1, 0, 0, 0],   # rows: ground truth, columns: prediction
+                             [0, 2, 0, 0, 0],
+                             [1, 0, 0, 0, 1],
+                             [0, 0, 0, 0, 0],
+                             [0, 0, 0, 0, 0]])
+    assert torch.equal(confusion, expected)
+    m = transfer_seg.segmentation_metrics(confusion)
+    # IoU: 2/(3+3-2), 2/(2+3-2), 0/2, absent from both -> NaN, predicted without ground truth -> 0
+    assert m["iou"][:3] == pytest.approx([50.0, 200 / 3, 0.0]) and m["iou"][4] == 0.0
+    assert math.isnan(m["iou"][3])
+    assert m["mIoU"] == pytest.approx((50 + 200 / 3) / 4)
+    # accuracy: 2/3, 2/2, 0/2, NaN without ground truth (classes 3 and 4)
+    assert m["acc"][:3] == pytest.approx([200 / 3, 100.0, 0.0]) and all(map(math.isnan, m["acc"][3:]))
+    assert m["mAcc"] == pytest.approx((200 / 3 + 100) / 3)
+    assert m["aAcc"] == pytest.approx(400 / 7)
+
+
+def test_seg_labels_and_schedule():
+    annotation = np.array([[0, 1, 150, 255]], dtype=np.uint8)
+    assert transfer_seg.reduce_labels(annotation, "x.png").tolist() == [[255, 0, 149, 255]]
+    with pytest.raises(utils.DataError, match="x.png has label 151"):
+        transfer_seg.reduce_labels(np.array([[151]], dtype=np.uint8), "x.png")
+    assert transfer_seg.keep_ratio_size(512, 683, 2048, 512) == (512, 683)
+    assert transfer_seg.keep_ratio_size(100, 1000, 2048, 512) == (205, 2048)
+    lrs = [transfer_seg.poly_lr(it, 100, 10, 1.0) for it in (0, 5, 10, 55, 100)]
+    assert lrs == pytest.approx([0.0, 0.5 * 0.95, 0.9, 0.45, 0.0])
+
+
+def test_seg_train_transform_shapes_and_padding():
+    torch.manual_seed(0)
+    img = Image.fromarray(np.full((20, 40, 3), 128, dtype=np.uint8))
+    labels = torch.full((20, 40), 3)
+    # ratio 0.5 of the (256, 64) scale: 20x40 -> 32x64, smaller than the 64x64 crop
+    out_img, out_labels = transfer_seg.TrainTransform(64, ratio_range=(0.5, 0.5))(img, labels)
+    assert out_img.shape == (3, 64, 64) and out_labels.shape == (64, 64)
+    assert (out_labels[:32] == 3).all() and (out_labels[32:] == 255).all()  # ignore-padded below
+    assert (out_img[:, 32:] == 0).all() and (out_img[:, :32] != 0).any()  # image padding 0 after normalising
+
+
+def test_seg_feature_pyramid_shapes_and_layers():
+    assert models.default_feature_blocks(12) == [4, 6, 8, 12]
+    assert models.default_feature_blocks(24) == [8, 12, 16, 24]
+    assert models.default_feature_blocks(2) == [1, 1, 1, 2]
+    x = torch.randn(2, 3, 64, 64)
+    for patch in (8, 16):
+        args = transfer_seg.get_args(["--arch", "vit_tiny", "--img-size", "64", "--patch-size", str(patch),
+                                      "--decoder-channels", "32"])
+        transfer_seg.check_args(args)
+        assert args.feature_blocks == [4, 6, 8, 12]
+        model = transfer_seg.build_model(args, log=lambda *a: None).eval()
+        assert not any("ca_blocks" in n or "cls_token" in n for n, _ in model.named_parameters())
+        with torch.no_grad():
+            maps = model.backbone(x)
+            logits, aux = model(x)
+            tokens8 = model.backbone.encoder.intermediate_tokens(x, [8])[0]  # (B, N, D)
+        assert [tuple(m.shape) for m in maps] == [(2, 192, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
+        stride16 = rearrange(tokens8, "b (h w) d -> b d h w", h=64 // patch)
+        if patch == 8:
+            stride16 = F.max_pool2d(stride16, 2)
+        assert torch.allclose(maps[2], stride16)  # the stride-16 map is block 8
+        assert logits.shape == (2, 150, 16, 16) and aux.shape == (2, 150, 4, 4)
+        groups = utils.layer_decay_groups(model, 0.05, 0.65, 12)
+        scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+        assert scale[id(model.backbone.encoder.blocks[0].attn.qkv.weight)] == pytest.approx(0.65 ** 12)
+        assert scale[id(model.decode_head.fpn_bottleneck[0].weight)] == 1.0
+    args = transfer_seg.get_args(["--arch", "vit_tiny", "--img-size", "64", "--feature-blocks", "1", "2", "3", "5"])
+    transfer_seg.check_args(args)
+    assert len(transfer_seg.build_model(args, log=lambda *a: None).backbone.encoder.blocks) == 5  # unused: gone
+
+
+def test_seg_pretrained_official_encoder(official_file):
+    fixture, path = official_file
+    args = transfer_seg.get_args(SEG_TINY + ["--pretrained", str(path), "--branch", "online"])
+    transfer_seg.check_args(args)
+    model = transfer_seg.build_model(args, log=lambda *a: None).eval()
+    with torch.no_grad():
+        tokens = model.backbone.encoder.intermediate_tokens(fixture["x1"], [2])[0]
+    assert torch.allclose(tokens, fixture["expected"]["tokens_full_prenorm"], atol=1e-5)
+
+
+def test_seg_synthetic_end_to_end_and_resume(tmp_path, monkeypatch):
+    argv = SEG_TINY + ["--batch-size", "4", "--iters", "4", "--eval-every", "2"]
+    straight = str(tmp_path / "straight")
+    transfer_seg.main(argv + ["--output-dir", straight])
+    log = read_log(straight)
+    assert [r["iter"] for r in log] == [2, 4]
+    for record in log:
+        assert {"iter", "train_loss", "lr", "mIoU", "aAcc", "mAcc"} <= record.keys()
+        assert math.isfinite(record["train_loss"]) and 0 <= record["mIoU"] <= 100
+    assert log[0]["train_loss"] != log[1]["train_loss"]
+    with open(os.path.join(straight, "per_class_iou.json")) as f:
+        per_class = json.load(f)
+    assert len(per_class["iou"]) == 150 and per_class["iou"][100] is None  # synthetic classes are 0..7
+    assert any(v is not None for v in per_class["iou"][:8])
+
+    # interrupted after the first save (the second evaluation crashes), then resumed by the same command
+    resumed = str(tmp_path / "resumed")
+    evaluate, calls = transfer_seg.evaluate, []
+
+    def crash_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return evaluate(*a, **k)
+
+    monkeypatch.setattr(transfer_seg, "evaluate", crash_second)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        transfer_seg.main(argv + ["--output-dir", resumed])
+    assert torch.load(os.path.join(resumed, "checkpoint-last.pth"), weights_only=False)["iter"] == 2
+    monkeypatch.setattr(transfer_seg, "evaluate", evaluate)
+    transfer_seg.main(argv + ["--output-dir", resumed])
+    assert read_log(resumed)[-1]["train_loss"] == log[-1]["train_loss"]
+    a = torch.load(os.path.join(straight, "checkpoint-last.pth"), weights_only=False)
+    b = torch.load(os.path.join(resumed, "checkpoint-last.pth"), weights_only=False)
+    assert a["iter"] == b["iter"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_seg_ade_layout_folder(tmp_path):
+    root = str(tmp_path / "ADEChallengeData2016")
+    seg_write_ade(root, "training", [(48, 40), (40, 48), (64, 36)])
+    val_labels = seg_write_ade(root, "validation", [(50, 38), (36, 70)], seed=1)
+    out = str(tmp_path / "out")
+    argv = SEG_TINY + ["--data", root, "--batch-size", "2", "--output-dir", out]
+    transfer_seg.main(argv + ["--iters", "2", "--eval-every", "2"])
+    assert read_log(out)[-1]["iter"] == 2
+    # evaluated at the annotations' own sizes: exactly the classes with ground truth have an accuracy
+    present = sorted({int(v) - 1 for label in val_labels for v in np.unique(label) if 1 <= v <= 150})
+    for mode in ("slide", "whole"):
+        metrics = transfer_seg.main(argv + ["--iters", "2", "--eval-only", "--eval-mode", mode])
+        assert [i for i, a in enumerate(metrics["acc"]) if not math.isnan(a)] == present
+        with open(os.path.join(out, "per_class_iou.json")) as f:
+            assert [i for i, a in enumerate(json.load(f)["acc"]) if a is not None] == present
+
+
+def seg_run_error(argv):
+    with pytest.raises(SystemExit) as error:
+        utils.run_main(lambda: transfer_seg.main(argv))
+    return str(error.value)
+
+
+def test_seg_bad_input(tmp_path):
+    argv = SEG_TINY + ["--batch-size", "2", "--iters", "1", "--output-dir", str(tmp_path / "out")]
+    message = seg_run_error(argv + ["--data", str(tmp_path / "missing")])
+    assert message.startswith("error:") and "missing" in message and "does not exist" in message
+
+    mismatch = str(tmp_path / "mismatch")
+    seg_write_ade(mismatch, "training", [(40, 40), (40, 40)],
+                  annotations=[np.ones((40, 40), np.uint8), np.ones((32, 40), np.uint8)])
+    seg_write_ade(mismatch, "validation", [(40, 40)])
+    message = seg_run_error(argv + ["--data", mismatch])
+    assert "ADE_training_00000001.png is 40x32" in message and "40x40" in message
+
+    bad_label = str(tmp_path / "bad_label")
+    seg_write_ade(bad_label, "training", [(40, 40), (40, 40)],
+                  annotations=[np.ones((40, 40), np.uint8), np.full((40, 40), 151, np.uint8)])
+    seg_write_ade(bad_label, "validation", [(40, 40)])
+    message = seg_run_error(argv + ["--data", bad_label])
+    assert "ADE_training_00000001.png has label 151" in message
+    assert not os.path.exists(tmp_path / "out" / "checkpoint-last.pth")
+
+    message = seg_run_error(argv + ["--data", "synthetic", "--patch-size", "12"])
+    assert "power of two" in message
+
+
+def test_seg_torchrun_evaluation_matches_one_process(tmp_path):
+    """Two CPU processes split the evaluation set; the reduced confusion gives the one-process metrics."""
+    out = str(tmp_path / "out")
+    argv = SEG_TINY + ["--batch-size", "4", "--iters", "1", "--eval-every", "1", "--output-dir", out]
+    transfer_seg.main(argv)
+    with open(os.path.join(out, "per_class_iou.json")) as f:
+        one_process = json.load(f)
+    os.remove(os.path.join(out, "per_class_iou.json"))
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             os.path.join(here, "transfer_seg.py"), *argv, "--eval-only"],
+                            cwd=here, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, [line for line in result.stderr.splitlines() if "error" in line]
+    with open(os.path.join(out, "per_class_iou.json")) as f:
+        assert json.load(f) == one_process
+
+# ====================================================================================================
+# COCO detection
+
+
+DET_FLAGS = ["--arch", "vit_fixture", "--img-size", "64", "--patch-size", "8", "--batch-size", "2",
+             "--synthetic-images", "2", "--num-workers", "0", "--device", "cpu", "--print-freq", "1",
+             "--warmup-iters", "2", "--lr", "1e-3"]
+
+
+def det_small_maskrcnn(backbone, num_classes, **kwargs):
+    """torchvision's Mask R-CNN with fewer proposals/samples and narrow box and mask heads (tests only)."""
+    model = MaskRCNN(backbone, num_classes=num_classes, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
+                     rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50, box_batch_size_per_image=32,
+                     box_detections_per_img=10, **kwargs)
+    model.roi_heads.box_head = TwoMLPHead(256 * 7 * 7, 32)
+    model.roi_heads.box_predictor = FastRCNNPredictor(32, num_classes)
+    model.roi_heads.mask_head = MaskRCNNHeads(256, (16, 16), 1)
+    model.roi_heads.mask_predictor = MaskRCNNPredictor(16, 16, num_classes)
+    return model
+
+
+@pytest.fixture
+def det_small_heads(monkeypatch):
+    monkeypatch.setattr(transfer_det, "MaskRCNN", det_small_maskrcnn)
+
+
+@pytest.fixture(scope="module")
+def det_coco(tmp_path_factory):
+    return transfer_det.write_synthetic_coco(str(tmp_path_factory.mktemp("det") / "coco"), 64, 3)
+
+
+@pytest.mark.parametrize("patch", [8, 16])
+def test_det_pyramid_shapes_non_square(patch):
+    args = transfer_det.get_args(["--arch", "vit_fixture", "--patch-size", str(patch), "--img-size", "64"])
+    detector = transfer_det.build_detector(args, num_classes=3, log=lambda *a: None)
+    assert detector.backbone.maps.feature_blocks == [1, 1, 1, 2]  # 4, 6, 8, 12 scaled to 2 blocks
+    assert models.default_feature_blocks(24) == [8, 12, 16, 24]
+    features = detector.backbone.eval()(torch.randn(2, 3, 64, 96))
+    shapes = {k: tuple(v.shape) for k, v in features.items()}
+    assert shapes == {"0": (2, 256, 16, 24), "1": (2, 256, 8, 12), "2": (2, 256, 4, 6), "3": (2, 256, 2, 3),
+                      "pool": (2, 256, 1, 2)}
+    assert detector.transform.size_divisible == 32
+    assert detector.transform.min_size == (38, 41, 44, 46, 49, 51, 54, 56, 59, 61, 64)  # 480..800 x 64/800
+    assert detector.transform.max_size == 107
+    groups = utils.layer_decay_groups(detector, 0.05, 0.75, 2)
+    scales = {g["layer_id"]: g["lr_scale"] for g in groups}
+    assert scales[0] == pytest.approx(0.75 ** 3) and scales[3] == 1.0  # patch embedding vs. heads
+
+
+def test_det_training_step_has_finite_losses_with_mask(det_coco, det_small_heads):
+    torch.manual_seed(0)
+    args = transfer_det.get_args(DET_FLAGS)
+    dataset = transfer_det.CocoInstances(det_coco, "train", True, transfer_det.train_transform(None))
+    assert len(dataset) == 3  # the image without objects is skipped
+    images, targets = transfer_det.collate_lists([dataset[0], dataset[1]])
+    crowd_free = [a for a in dataset.coco.imgToAnns[dataset.ids[1]] if not a["iscrowd"]]
+    assert len(targets[1]["boxes"]) == len(crowd_free) and targets[1]["masks"].shape[1:] == (64, 64)
+    assert set(targets[0]["labels"].tolist()) <= {1, 2, 3}
+    detector = transfer_det.build_detector(args, len(dataset.cat_ids), log=lambda *a: None).train()
+    losses = detector(images, targets)
+    assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert detector.backbone.maps.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_det_coco_eval_perfect_and_empty(det_coco):
+    dataset = transfer_det.CocoInstances(det_coco, "val", False, None)
+    coco = dataset.coco
+    outputs = []
+    for image_id in dataset.ids:
+        anns = [a for a in coco.imgToAnns[image_id] if not a["iscrowd"]]  # crowd regions are only ignored
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        masks = torch.from_numpy(np.stack([coco.annToMask(a) for a in anns] or [np.zeros((64, 64), np.uint8)]))
+        outputs.append({"boxes": boxes, "labels": torch.tensor([dataset.label_of[a["category_id"]] for a in anns]),
+                        "scores": torch.ones(len(anns)), "masks": masks[:len(anns), None].float()})
+    results = transfer_det.coco_results(outputs, dataset.ids, dataset.cat_ids)
+    json.dumps(results)  # RLE counts are str
+    assert {r["category_id"] for r in results} <= {1, 3, 7}
+    perfect = transfer_det.coco_evaluate(coco, results)
+    assert len(perfect) == 24
+    for key in ("bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_AR100", "segm_AP", "segm_AP50", "segm_AR100"):
+        assert perfect[key] == pytest.approx(1.0), key
+    empty = transfer_det.coco_evaluate(coco, [])
+    assert empty["bbox_AP"] == 0.0 and empty["segm_AP"] == 0.0
+
+
+def test_det_resume_matches_straight_run(tmp_path, det_small_heads):
+    resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
+    transfer_det.main(DET_FLAGS + ["--output-dir", resumed, "--epochs", "1"])
+    transfer_det.main(DET_FLAGS + ["--output-dir", resumed, "--epochs", "2"])
+    transfer_det.main(DET_FLAGS + ["--output-dir", straight, "--epochs", "2"])
+    logs = [[json.loads(line) for line in open(os.path.join(d, "log.jsonl"))] for d in (resumed, straight)]
+    assert [r["epoch"] for r in logs[0]] == [0, 1] == [r["epoch"] for r in logs[1]]
+    assert logs[0][1]["train_loss"] == pytest.approx(logs[1][1]["train_loss"], rel=1e-6)
+    assert np.isfinite(logs[0][1]["train_loss"])
+    for name in ("bbox_AP", "bbox_AP50", "bbox_ARl", "segm_AP", "segm_AR100", "lr"):
+        assert name in logs[0][1]
+    weights = [torch.load(os.path.join(d, "checkpoint-last.pth"), weights_only=False)["model"]
+               for d in (resumed, straight)]
+    for key in weights[1]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_det_bad_inputs(tmp_path, det_coco):
+    missing = tmp_path / "no_annotations"
+    (missing / "val2017").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="annotation file .*instances_val2017.json does not exist"):
+        transfer_det.main(DET_FLAGS + ["--data", str(missing), "--output-dir", str(tmp_path / "out1")])
+
+    broken = tmp_path / "unknown_category"
+    os.makedirs(broken / "annotations")
+    for split in ("train", "val"):
+        os.symlink(os.path.join(det_coco, f"{split}2017"), broken / f"{split}2017")
+    os.symlink(os.path.join(det_coco, "annotations", "instances_val2017.json"),
+               broken / "annotations" / "instances_val2017.json")
+    dataset = json.load(open(os.path.join(det_coco, "annotations", "instances_train2017.json")))
+    dataset["annotations"][1]["category_id"] = 99
+    json.dump(dataset, open(broken / "annotations" / "instances_train2017.json", "w"))
+    with pytest.raises(SystemExit, match=r"annotation 2 .*category id 99.*not in the file's category list"):
+        transfer_det.main(DET_FLAGS + ["--data", str(broken), "--output-dir", str(tmp_path / "out2")])
+
+    unreadable = tmp_path / "unreadable"
+    os.makedirs(unreadable / "annotations")
+    os.makedirs(unreadable / "train2017")
+    dataset["annotations"][1]["category_id"] = 1
+    json.dump(dataset, open(unreadable / "annotations" / "instances_train2017.json", "w"))
+    bad_image = unreadable / "train2017" / dataset["images"][0]["file_name"]
+    bad_image.write_bytes(b"not a jpeg")
+    train = transfer_det.CocoInstances(str(unreadable), "train", True, transfer_det.train_transform(None))
+    with pytest.raises(utils.DataError, match=f"cannot read image {bad_image}"):
+        train[0]
+
+
+def test_det_loads_official_checkpoint_branch(official_file):
+    fixture, path = official_file
+    state = fixture["checkpoint"]["state_dict"]
+    for branch, prefix in (("momentum", "module.momentum_encoder."), ("online", "module.base_encoder.")):
+        args = transfer_det.get_args(["--arch", "vit_fixture", "--patch-size", "8", "--pretrained", path,
+                                      "--branch", branch])
+        encoder = transfer_det.build_detector(args, num_classes=3, log=lambda *a: None).backbone.maps.encoder
+        torch.testing.assert_close(encoder.blocks[1].mlp.fc2.weight, state[prefix + "blocks.1.mlp.fc2.weight"])
+        assert not any(name.startswith(("ca_blocks", "cls_token")) for name, _ in encoder.named_parameters())
+
+
+# ====================================================================================================
+# Benchmark (correctness only: no timing is asserted)
+
+
+BENCH_TINY = ["--arch", "vit_tiny", "--img-size", "32", "--patch-size", "8", "--steps", "2", "--warmup-steps", "1",
+              "--device", "cpu", "--amp", "none", "--proj-hidden-dim", "64", "--proj-dim", "32",
+              "--mask-ratio", "0.75", "--num-masks", "2", "--num-workers", "0"]
+
+
+def bench_hand_flops_per_image(dim=192, depth=12, ca_depth=2, patches=16, patch=8, visible=4, masks=2, hidden=64,
+                               out=32):
+    """Matmul/conv/attention FLOPs of one training step per image, counted by hand (2 per multiply-add)."""
+    def blocks(n):  # self-attention blocks over n tokens: qkv, proj, MLP (12 D^2 per token) + QK^T, AV
+        return depth * (24 * n * dim ** 2 + 4 * n * n * dim)
+
+    def class_attention(n):  # q on the cls row, k and v on 1+n rows, QK^T and AV of one query, proj, MLP
+        return ca_depth * (2 * dim ** 2 + 4 * (n + 1) * dim ** 2 + 4 * (n + 1) * dim + 2 * dim ** 2 + 16 * dim ** 2)
+
+    patch_embed = 2 * patches * dim * 3 * patch * patch
+    projector = 2 * (dim * hidden + hidden * hidden + hidden * out)
+    predictor = 2 * (out * hidden + hidden * out)
+    online = masks * (blocks(visible) + class_attention(visible) + projector + predictor)
+    target = patch_embed + blocks(patches) + class_attention(patches) + projector
+    # backward = 2x forward, except the patch embedding, whose input needs no gradient (weight gradient only)
+    return 3 * online + 2 * patch_embed + target
+
+
+def run_bench(capsys, argv):
+    summary = bench.main(argv)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    printed = json.loads(last)
+    assert printed["flops_per_image"] == summary["flops_per_image"]
+    return printed
+
+
+def test_bench_tiny_run_reports_counted_flops(capsys):
+    out = run_bench(capsys, BENCH_TINY + ["--batch-size", "4", "--baseline", "--data", "synthetic"])
+    for key in ("images_per_s", "step_ms", "peak_mem_mb", "tflops", "flops_per_image", "baseline_images_per_s",
+                "speedup", "loader_images_per_s"):
+        assert isinstance(out[key], (int, float)) and math.isfinite(out[key]) and out[key] > 0, key
+    assert "mfu" not in out  # no known peak on CPU without --peak-tflops
+    hand = bench_hand_flops_per_image()
+    assert out["flops_per_image"] == hand  # attention counted too (CPU flash kernel), no recompute
+    assert out["baseline_flops_per_image"] == hand  # same work in the official pattern
+    assert out["bottleneck"] in ("loader", "model")
+
+
+def test_bench_flops_per_image_independent_of_batch():
+    args = bench.get_args(BENCH_TINY)
+    learner = pretrain.build_model(args)
+    optimizer = utils.adamw(utils.param_groups(learner, 0.1), lr=0.0, betas=(0.9, 0.95), device=torch.device("cpu"))
+    scaler = utils.grad_scaler(torch.device("cpu"), "none")
+    for batch in (3, 6):
+        micro_batches = [[torch.randn(batch, 3, 32, 32), torch.randn(batch, 3, 32, 32)]]
+        flops = bench.count_flops(lambda: pretrain.train_step(learner, optimizer, scaler, micro_batches, 1e-4,
+                                                              0.99, "none"))
+        assert flops == batch * bench_hand_flops_per_image()
+
+
+def test_bench_baseline_matches_ours():
+    args = bench.get_args(BENCH_TINY + ["--drop-path", "0"])
+    torch.manual_seed(0)
+    ours = pretrain.build_model(args).train()
+    baseline = bench.BaselineExtreMA(args).load_ours(ours.state_dict()).train()
+    x1, x2 = torch.randn(2, 3, 3, 32, 32).unbind()
+    keep = ours.sample_keep(3)  # (M, B, K)
+    loss_ours, loss_base = ours(x1, x2, keep), baseline(x1, x2, keep)
+    assert torch.allclose(loss_ours, loss_base, atol=1e-5, rtol=0)
+    loss_ours.backward()
+    loss_base.backward()
+    grad = dict(baseline.named_parameters())
+    for name, p in ours.named_parameters():
+        if p.grad is not None and ".attn.kv." not in name:
+            assert torch.allclose(p.grad, grad[name].grad, atol=1e-5, rtol=1e-4), name
+
+    with torch.no_grad():  # move the online weights, then one momentum step each
+        for model in (ours, baseline):
+            model.encoder.blocks[0].mlp.fc1.weight.add_(1.0)
+            model.update_momentum(0.9)
+    assert torch.allclose(ours.momentum_encoder.blocks[0].mlp.fc1.weight,
+                          baseline.momentum_encoder.blocks[0].mlp.fc1.weight)
+
+
+def test_bench_rejects_bad_settings():
+    with pytest.raises(SystemExit, match="--steps and --data-batches must be at least 1"):
+        bench.main(BENCH_TINY + ["--steps", "0"])
+    with pytest.raises(SystemExit, match="do not fit"):
+        bench.main(BENCH_TINY + ["--mask-ratio", "0.5", "--num-masks", "3"])

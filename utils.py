@@ -170,8 +170,8 @@ def layer_decay_groups(model, weight_decay, layer_decay, num_layers):
 
 
 def adamw(groups, lr, betas, device):
-    """AdamW with the fused kernel on CUDA and the foreach one elsewhere."""
-    fused = device.type == "cuda"
+    """AdamW with the fused single-pass kernel where torch has one (CUDA, CPU), else the foreach one."""
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=None if fused else True)
 
 

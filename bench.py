@@ -1,0 +1,399 @@
+"""Benchmark of the ExtreMA pretraining step: the real pretrain.train_step (same model, optimizer, precision and
+momentum update) on random tensors, with FLOPs counted by torch.utils.flop_counter, and optionally the input
+pipeline (--data) and an eager baseline written in the official compute pattern (--baseline).
+
+    python bench.py --arch vit_base --img-size 224 --batch-size 256 --amp bf16 --device cuda --steps 20
+    python bench.py --arch vit_small --batch-size 16 --amp none --device cpu --steps 5 --warmup-steps 1 --baseline
+    python bench.py --data /path/to/imagenet --num-workers 10 ...     # is the loader or the model the bottleneck?
+
+Every flag of pretrain.py is accepted with its meaning and default (--arch, --img-size, --batch-size, --accum-iter,
+--mask-ratio, --num-masks, --no-disjoint, --proj-hidden-dim, --drop-path, --amp, --compile, --num-workers, ...;
+see `python pretrain.py --help`), except that --data defaults to no input-pipeline measurement. The last line
+printed is one JSON object.
+"""
+import argparse
+import json
+import os
+import resource
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils import flop_counter
+
+import models
+import pretrain
+import utils
+
+# Dense bf16/fp16 peak TFLOP/s by device-name fragment, first match wins; other cases need --peak-tflops.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    p.add_argument("--warmup-steps", type=int, default=5,
+                   help="untimed steps before the timed ones (with --compile, compilation happens in them)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also time an eager model in the official compute pattern, same sizes and precision")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak for MFU (default: known for H100/H200/A100 with --amp bf16/fp16)")
+    p.add_argument("--data", default=None,
+                   help="DIR or 'synthetic': also time decode + two-view augmentation through a DataLoader")
+    p.add_argument("--data-batches", type=int, default=10, help="loader batches timed after the first")
+    bench_args, rest = p.parse_known_args(argv)
+    args = pretrain.get_args(rest)  # every pretrain.py flag, same defaults
+    vars(args).update(vars(bench_args))
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def attention_flops(query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return 2 * flop_counter.sdpa_flop_count(query, key, value)
+
+
+# Model FLOPs of attention whatever the kernel: the CPU flash kernel, unknown to FlopCounterMode, would count 0,
+# and the CUDA backward formulas add the kernels' recomputation of QK^T; here the backward is 2x the forward,
+# the work of explicit attention, so ours and the baseline count the same.
+ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_backward: attention_backward_flops,
+    torch.ops.aten._scaled_dot_product_efficient_attention_backward: attention_backward_flops,
+    torch.ops.aten._scaled_dot_product_cudnn_attention_backward: attention_backward_flops}
+
+
+def count_flops(step):
+    """Matmul, convolution and attention FLOPs of one call of step() (forward and backward)."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, device, warmup_steps, steps):
+    """Seconds per step over `steps` calls after `warmup_steps` untimed ones, and peak memory in MB
+    (CUDA: max allocated during the timed steps; CPU: the process's max resident set so far)."""
+    for _ in range(warmup_steps):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / steps
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return seconds, peak_mb
+
+
+def peak_tflops(args, device, amp):
+    if args.peak_tflops is not None:
+        return args.peak_tflops
+    if device.type == "cuda" and amp in ("bf16", "fp16"):
+        name = torch.cuda.get_device_name(device)
+        return next((peak for fragment, peak in PEAK_TFLOPS if fragment in name), None)
+    return None
+
+
+def loader_images_per_s(args, local_batch, device):
+    """Images/s of decode + TwoViews augmentation through the pretraining DataLoader (first batch excluded:
+    it includes the workers' start-up)."""
+    if args.data == "synthetic":  # enough images for the timed batches
+        args.synthetic_size = max(args.synthetic_size, local_batch * (args.data_batches + 1))
+    dataset = pretrain.build_dataset(args, pretrain.TwoViews(args.img_size, args.crop_min, args.color_aug))
+    loader = utils.make_loader(dataset, local_batch, train=True, num_workers=args.num_workers, seed=args.seed,
+                               device=device)
+    batches = min(args.data_batches + 1, len(loader))
+    if batches < 2:
+        utils.fail(f"{len(dataset)} images give fewer than 2 batches of {local_batch}; lower --batch-size")
+    it = iter(loader)
+    next(it)
+    start = time.perf_counter()
+    for _ in range(batches - 1):
+        (x1, x2), _ = next(it)
+        x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+    synchronize(device)
+    return (batches - 1) * local_batch / (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Baseline: the official compute pattern (explicit softmax attention, a loop of per-mask gathers, separate
+# q/k/v linears in class attention, the final norm over all tokens, per-mask loss loop, per-parameter
+# momentum update, for-loop AdamW). Same parameters and state_dict keys as models.ExtreMA, except
+# class attention's attn.kv, here attn.k and attn.v.
+
+
+def official_drop_path(x, p, training):
+    if p == 0.0 or not training:
+        return x
+    keep = (1 - p) + torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
+    return x.div(1 - p) * keep.floor_()
+
+
+class BaselineAttention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)  # (B, H, N, N)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class BaselineBlock(nn.Module):
+    def __init__(self, dim, num_heads, drop_path):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = BaselineAttention(dim, num_heads)
+        self.mlp = models.Mlp(dim, 4 * dim)
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        x = x + official_drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + official_drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class BaselineClassAttention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, u):  # (B, 1+N, D)
+        b, n, d = u.shape
+        q = self.q(u[:, 0]).reshape(b, 1, self.num_heads, d // self.num_heads).permute(0, 2, 1, 3) * self.scale
+        k = self.k(u).reshape(b, n, self.num_heads, d // self.num_heads).permute(0, 2, 1, 3)
+        v = self.v(u).reshape(b, n, self.num_heads, d // self.num_heads).permute(0, 2, 1, 3)
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, 1, 1+N)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, 1, d))
+
+
+class BaselineClassAttentionBlock(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = BaselineClassAttention(dim, num_heads)
+        self.mlp = models.Mlp(dim, 4 * dim)
+        self.gamma_1, self.gamma_2 = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
+
+    def forward(self, cls, tokens):
+        u = torch.cat((cls, tokens), dim=1)
+        cls = cls + self.gamma_1 * self.attn(self.norm1(u))
+        return cls + self.gamma_2 * self.mlp(self.norm2(cls))
+
+
+class BaselineViT(nn.Module):
+    def __init__(self, img_size, patch_size, embed_dim, depth, num_heads, ca_depth, drop_path=0.0):
+        super().__init__()
+        grid = img_size // patch_size
+        self.patch_embed = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.register_buffer("pos_embed", models.sincos_pos_embed(embed_dim, grid, grid)[None])
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        rates = torch.linspace(0, drop_path, depth).tolist()
+        self.blocks = nn.ModuleList(BaselineBlock(embed_dim, num_heads, r) for r in rates)
+        self.ca_blocks = nn.ModuleList(BaselineClassAttentionBlock(embed_dim, num_heads) for _ in range(ca_depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+    def forward(self, x, masks=None):
+        """Normed instance representation (M*B, D), or (B, D) without masks."""
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
+        if masks is not None:
+            x = torch.cat([torch.gather(x, 1, mask[:, :, None].repeat(1, 1, x.shape[2])) for mask in masks])
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        for blk in self.blocks:
+            x = blk(x)
+        for blk in self.ca_blocks:
+            cls = blk(cls, x)
+        return self.norm(torch.cat((cls, x), dim=1))[:, 0]
+
+
+class BaselineExtreMA(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        arch = models.ARCHS[args.arch]
+        vit = dict(img_size=args.img_size, patch_size=args.patch_size, ca_depth=args.ca_depth, **arch)
+        dim, hidden, out = arch["embed_dim"], args.proj_hidden_dim, args.proj_dim
+        self.num_patches = (args.img_size // args.patch_size) ** 2
+        self.mask_ratio, self.num_masks, self.disjoint = args.mask_ratio, args.num_masks, args.disjoint
+        self.encoder = BaselineViT(**vit, drop_path=args.drop_path)
+        self.projector = models.mlp_head(dim, hidden, out, 3)
+        self.predictor = models.mlp_head(out, hidden, out, 2)
+        self.momentum_encoder = BaselineViT(**vit)
+        self.momentum_projector = models.mlp_head(dim, hidden, out, 3)
+        for p in [*self.momentum_encoder.parameters(), *self.momentum_projector.parameters()]:
+            p.requires_grad_(False)
+
+    def load_ours(self, state_dict):
+        """Load a models.ExtreMA state_dict (k|v split back into k and v)."""
+        state = {}
+        for key, value in state_dict.items():
+            if ".attn.kv." in key:
+                state[key.replace(".kv.", ".k.")], state[key.replace(".kv.", ".v.")] = value.chunk(2)
+            else:
+                state[key] = value
+        self.load_state_dict(state)
+        return self
+
+    @torch.no_grad()
+    def update_momentum(self, m):
+        online = [*self.encoder.parameters(), *self.projector.parameters()]
+        target = [*self.momentum_encoder.parameters(), *self.momentum_projector.parameters()]
+        for p_b, p_m in zip(online, target):
+            p_m.data = p_m.data * m + p_b.data * (1.0 - m)
+
+    def generate_masks(self, x):
+        k = models.num_visible(self.num_patches, self.mask_ratio)
+        if self.disjoint:
+            order = torch.rand(x.shape[0], self.num_patches, device=x.device).argsort(dim=1)
+            return [order[:, k * i:k * (i + 1)] for i in range(self.num_masks)]
+        return [torch.rand(x.shape[0], self.num_patches, device=x.device).argsort(dim=1)[:, :k]
+                for _ in range(self.num_masks)]
+
+    def forward(self, x1, x2, keep=None):
+        masks = self.generate_masks(x1) if keep is None else keep
+        q = self.predictor(self.projector(self.encoder(x1, masks)))
+        with torch.no_grad():
+            k = F.normalize(self.momentum_projector(self.momentum_encoder(x2)).float(), dim=1)
+        loss = 0.0
+        for q_mask in torch.chunk(q, len(masks)):
+            loss = loss + ((F.normalize(q_mask.float(), dim=1) - k) ** 2).sum(dim=-1).mean()
+        return loss / len(masks)
+
+
+def baseline_step(model, optimizer, scaler, micro_batches, lr, momentum, amp):
+    """The official update: momentum step, forward/backward per micro-batch, optimizer step."""
+    device = micro_batches[0][0].device
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.update_momentum(momentum)
+    for x1, x2 in micro_batches:
+        with utils.autocast(device, amp):
+            loss = model(x1, x2)
+        scaler.scale(loss / len(micro_batches)).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def measure(name, step, args, device, compile_fn=None):
+    """FLOPs of one eager step (also the first warm-up step), then, after compile_fn, the timed steps."""
+    flops = count_flops(step) / args.batch_size
+    if compile_fn is not None:
+        compile_fn()
+    seconds, peak_mb = time_steps(step, device, args.warmup_steps, args.steps)
+    return {"impl": name, "step_ms": 1000 * seconds, "images_per_s": args.batch_size / seconds,
+            "flops_per_image": flops, "tflops": flops * args.batch_size / seconds / 1e12, "peak_mem_mb": peak_mb}
+
+
+def measure_ours(learner, args, device, amp, micro_batches, lr, momentum):
+    """pretrain.py's optimizer, loss scaler, training step and (with --compile) compilation."""
+    optimizer = utils.adamw(utils.param_groups(learner, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
+                            device=device)
+    scaler = utils.grad_scaler(device, amp)
+
+    def compile_encoders():  # as pretrain.py does
+        learner.encoder.compile()
+        learner.momentum_encoder.compile()
+
+    return measure("ours", lambda: pretrain.train_step(learner, optimizer, scaler, micro_batches, lr, momentum, amp),
+                   args, device, compile_encoders if args.compile else None)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    pretrain.check_args(args)
+    if args.steps < 1 or args.warmup_steps < 0 or args.data_batches < 1:
+        utils.fail("--steps and --data-batches must be at least 1, --warmup-steps at least 0")
+    if args.data not in (None, "synthetic") and not os.path.isdir(args.data):
+        utils.fail(f"data folder {args.data} does not exist")
+    _, _, device = utils.init_distributed(args.device)
+    amp = utils.resolve_amp(args.amp, device)
+    local_batch = utils.local_batch_size(args.batch_size, 1, args.accum_iter)
+    utils.set_seed(args.seed)
+    micro_batches = [[torch.randn(local_batch, 3, args.img_size, args.img_size, device=device) for _ in range(2)]
+                     for _ in range(args.accum_iter)]
+    lr = args.blr * args.batch_size / 256
+    momentum = models.momentum_at(0, args.epochs, args.ema)
+
+    learner = pretrain.build_model(args).to(device)
+    initial_state = {k: v.cpu().clone() for k, v in learner.state_dict().items()} if args.baseline else None
+    results = [measure_ours(learner, args, device, amp, micro_batches, lr, momentum)]
+    del learner
+    if args.baseline:  # same initial weights, eager
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        baseline = BaselineExtreMA(args).load_ours(initial_state).to(device)
+        base_optimizer = torch.optim.AdamW(utils.param_groups(baseline, args.weight_decay), lr=0.0,
+                                           betas=(0.9, 0.95), foreach=False, fused=False)
+        base_scaler = utils.grad_scaler(device, amp)
+        results.append(measure("baseline", lambda: baseline_step(baseline, base_optimizer, base_scaler,
+                                                                 micro_batches, lr, momentum, amp), args, device))
+    peak = peak_tflops(args, device, amp)
+    if peak:
+        for r in results:
+            r["mfu"] = r["tflops"] / peak
+
+    grid = args.img_size // args.patch_size
+    visible = models.num_visible(grid * grid, args.mask_ratio)
+    hardware = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"ExtreMA pretraining step | {args.arch} {args.img_size}/{args.patch_size} | batch {args.batch_size} "
+          f"({local_batch} x {args.accum_iter}) | {args.num_masks} masks x {visible} of {grid * grid} patches | "
+          f"amp {amp} | compile {'on' if args.compile else 'off'} | {device} ({hardware}) | "
+          f"{args.warmup_steps} warm-up + {args.steps} timed steps")
+    mem = "peak MB (CUDA max allocated)" if device.type == "cuda" else "peak MB (process max RSS so far)"
+    print(f"{'impl':<10}{'step ms':>10}{'images/s':>11}{'GFLOP/img':>11}{'TFLOP/s':>9}{'MFU':>7}  {mem}")
+    for r in results:
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        print(f"{r['impl']:<10}{r['step_ms']:>10.1f}{r['images_per_s']:>11.2f}{r['flops_per_image'] / 1e9:>11.2f}"
+              f"{r['tflops']:>9.3f}{mfu:>7}  {r['peak_mem_mb']:.0f}")
+    ours = results[0]
+    summary = {k: ours[k] for k in ("images_per_s", "step_ms", "peak_mem_mb", "tflops", "flops_per_image")}
+    if "mfu" in ours:
+        summary["mfu"] = ours["mfu"]
+    if args.baseline:
+        base = results[1]
+        summary.update(baseline_images_per_s=base["images_per_s"], baseline_step_ms=base["step_ms"],
+                       baseline_flops_per_image=base["flops_per_image"],
+                       speedup=ours["images_per_s"] / base["images_per_s"])
+        print(f"speedup ours/baseline: {summary['speedup']:.2f}x")
+    if args.data is not None:
+        summary["loader_images_per_s"] = loader_images_per_s(args, local_batch, device)
+        bottleneck = "loader" if summary["loader_images_per_s"] < ours["images_per_s"] else "model"
+        summary["bottleneck"] = bottleneck
+        print(f"input pipeline ({args.data}, {args.num_workers} workers): {summary['loader_images_per_s']:.1f} "
+              f"images/s vs model {ours['images_per_s']:.1f} images/s -> the {bottleneck} is the bottleneck")
+    summary.update(arch=args.arch, img_size=args.img_size, batch_size=args.batch_size, amp=amp,
+                   device=f"{device} ({hardware})", compile=args.compile)
+    print(json.dumps({k: float(f"{v:.6g}") if isinstance(v, float) and "flops_per_image" not in k else v
+                      for k, v in summary.items()}))
+    return summary
+
+
+if __name__ == "__main__":
+    utils.run_main(main)
