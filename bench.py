@@ -317,12 +317,8 @@ def measure_ours(learner, args, device, amp, micro_batches, lr, momentum):
                             device=device)
     scaler = utils.grad_scaler(device, amp)
 
-    def compile_encoders():  # as pretrain.py does
-        learner.encoder.compile()
-        learner.momentum_encoder.compile()
-
     return measure("ours", lambda: pretrain.train_step(learner, optimizer, scaler, micro_batches, lr, momentum, amp),
-                   args, device, compile_encoders if args.compile else None)
+                   args, device, (lambda: pretrain.compile_model(learner)) if args.compile else None)
 
 
 def main(argv=None):

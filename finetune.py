@@ -183,28 +183,6 @@ def main(argv=None):
         f"validation images, {num_classes} classes, lr {args.lr:.3e}, layer decay {args.layer_decay}, "
         f"{world_size} process(es) x {local_batch} x {args.accum_iter}")
 
-    start_epoch, best_acc1 = 0, 0.0
-    checkpoint_path = os.path.join(args.output_dir, "checkpoint-last.pth")
-    checkpoint = utils.resume_checkpoint(args.output_dir)
-    if checkpoint is not None:
-        utils.load_resumed(model, checkpoint["model"], checkpoint_path)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, best_acc1 = checkpoint["epoch"] + 1, checkpoint["best_acc1"]
-        log(f"resumed from {checkpoint_path} (epoch {checkpoint['epoch']})")
-
-    if args.eval_only:
-        if checkpoint is None:
-            utils.fail(f"--eval-only needs a fine-tuned model: {checkpoint_path} does not exist")
-        model.eval()
-        acc1, acc5, val_loss = utils.evaluate(model, val_loader, device, args.amp)
-        record = dict(epoch=checkpoint["epoch"], eval_only=True, acc1=acc1, acc5=acc5, val_loss=val_loss)
-        log(f"evaluation of {checkpoint_path}: acc1 {acc1:.2f} acc5 {acc5:.2f} on {len(val_set)} images")
-        utils.log_json(args.output_dir, record)
-        if world_size > 1:
-            torch.distributed.destroy_process_group()
-        return
-
     def loss_fn(images, targets):
         if mixing is not None:
             images, targets = mixing(images, targets)  # targets (B, C), mixed one-hot
@@ -213,22 +191,8 @@ def main(argv=None):
         targets = targets * (1 - args.smoothing) + args.smoothing / num_classes
         return F.cross_entropy(ddp_model(images), targets)
 
-    for epoch in range(start_epoch, args.epochs):
-        utils.set_seed(args.seed + rank + epoch * 1000)
-        train_loader.sampler.set_epoch(epoch)
-        model.train()
-        train_loss, lr = utils.train_one_epoch(loss_fn, ddp_model, train_loader, optimizer, scaler, epoch, args, device, log)
-        model.eval()
-        acc1, acc5, val_loss = utils.evaluate(model, val_loader, device, args.amp)
-        best_acc1 = max(best_acc1, acc1)
-        record = dict(epoch=epoch, train_loss=train_loss, lr=lr, acc1=acc1, acc5=acc5, val_loss=val_loss,
-                      best_acc1=best_acc1, train_images=len(train_set))
-        log(f"epoch {epoch}: train loss {train_loss:.4f} acc1 {acc1:.2f} acc5 {acc5:.2f} (best {best_acc1:.2f})")
-        utils.log_json(args.output_dir, record)
-        if rank == 0:
-            utils.save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                       scaler=scaler.state_dict(), epoch=epoch, best_acc1=best_acc1,
-                                       args=vars(args)), checkpoint_path)
+    utils.fit_classifier(model, ddp_model, loss_fn, train_loader, val_loader, optimizer, scaler, args, device, log,
+                         train_images=len(train_set))
     if world_size > 1:
         torch.distributed.destroy_process_group()
 

@@ -141,50 +141,17 @@ def main(argv=None):
         f"final norm): {len(train_set)} training / {len(val_set)} validation images, {num_classes} classes, "
         f"lr {args.lr:.3e}, {world_size} process(es) x {local_batch} x {args.accum_iter}")
 
-    start_epoch, best_acc1 = 0, 0.0
-    checkpoint_path = os.path.join(args.output_dir, "checkpoint-last.pth")
-    checkpoint = utils.resume_checkpoint(args.output_dir)
-    if checkpoint is not None:
-        utils.load_resumed(probe, checkpoint["model"], checkpoint_path)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, best_acc1 = checkpoint["epoch"] + 1, checkpoint["best_acc1"]
-        log(f"resumed from {checkpoint_path} (epoch {checkpoint['epoch']})")
-
-    if args.eval_only:
-        if checkpoint is None:
-            utils.fail(f"--eval-only needs a trained head: {checkpoint_path} does not exist")
-        probe.eval()
-        acc1, acc5, val_loss = utils.evaluate(probe, val_loader, device, args.amp)
-        record = dict(epoch=checkpoint["epoch"], eval_only=True, acc1=acc1, acc5=acc5, val_loss=val_loss)
-        log(f"evaluation of {checkpoint_path}: acc1 {acc1:.2f} acc5 {acc5:.2f} on {len(val_set)} images")
-        utils.log_json(args.output_dir, record)
-        if world_size > 1:
-            torch.distributed.destroy_process_group()
-        return
-
     def loss_fn(images, targets):
         return F.cross_entropy(head(probe.features(images)), targets)
 
-    for epoch in range(start_epoch, args.epochs):
-        utils.set_seed(args.seed + rank + epoch * 1000)
-        train_loader.sampler.set_epoch(epoch)
-        probe.train()
-        train_loss, lr = utils.train_one_epoch(loss_fn, head, train_loader, optimizer, scaler, epoch, args, device, log)
-        probe.eval()
-        if world_size > 1:  # evaluate everywhere with the BatchNorm statistics that rank 0 saves
+    def share_statistics():  # evaluate everywhere with the BatchNorm statistics that rank 0 saves
+        if world_size > 1:
             for buffer in probe.head.buffers():
                 torch.distributed.broadcast(buffer, 0)
-        acc1, acc5, val_loss = utils.evaluate(probe, val_loader, device, args.amp)
-        best_acc1 = max(best_acc1, acc1)
-        record = dict(epoch=epoch, train_loss=train_loss, lr=lr, acc1=acc1, acc5=acc5, val_loss=val_loss,
-                      best_acc1=best_acc1)
-        log(f"epoch {epoch}: train loss {train_loss:.4f} acc1 {acc1:.2f} acc5 {acc5:.2f} (best {best_acc1:.2f})")
-        utils.log_json(args.output_dir, record)
-        if rank == 0:  # the frozen encoder is saved too, so the checkpoint evaluates on its own
-            utils.save_checkpoint(dict(model=probe.state_dict(), optimizer=optimizer.state_dict(),
-                                       scaler=scaler.state_dict(), epoch=epoch, best_acc1=best_acc1,
-                                       args=vars(args)), checkpoint_path)
+
+    # the frozen encoder is saved with the head, so a checkpoint evaluates on its own
+    utils.fit_classifier(probe, head, loss_fn, train_loader, val_loader, optimizer, scaler, args, device, log,
+                         before_eval=share_statistics)
     if world_size > 1:
         torch.distributed.destroy_process_group()
 

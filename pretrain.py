@@ -46,7 +46,7 @@ def get_args(argv=None):
     p.add_argument("--ema", type=float, default=0.996, help="initial momentum, cosine to 1")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
                    help="default: bf16 on GPUs that support it, else none")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward of the model")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--num-workers", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
@@ -92,6 +92,11 @@ def build_dataset(args, transform):
     return utils.image_folder(train if os.path.isdir(train) else args.data, transform)
 
 
+def compile_model(learner):
+    """torch.compile the whole forward (both branches, masking and loss) in place: state_dict keys stay."""
+    learner.compile()
+
+
 def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, keeps=None):
     """One ExtreMA optimizer step over accum-iter micro-batches [(x1, x2), ...], masks drawn unless `keeps`
     gives one (M, b, K) tensor per micro-batch. Returns the mean loss as a device tensor."""
@@ -122,17 +127,10 @@ def main(argv=None):
     optimizer = utils.adamw(utils.param_groups(learner, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
                             device=device)
     scaler = utils.grad_scaler(device, amp)
-    start_epoch = 0
-    checkpoint = utils.resume_checkpoint(args.output_dir)
-    if checkpoint is not None:
-        utils.load_resumed(learner, checkpoint["model"], os.path.join(args.output_dir, "checkpoint-last.pth"))
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch = checkpoint["epoch"] + 1
-        log(f"resumed from {args.output_dir}/checkpoint-last.pth at epoch {start_epoch}")
+    checkpoint = utils.resume(args.output_dir, learner, optimizer, scaler, log)
+    start_epoch = 0 if checkpoint is None else checkpoint["epoch"] + 1
     if args.compile:
-        learner.encoder.compile()
-        learner.momentum_encoder.compile()
+        compile_model(learner)
     model = DDP(learner, broadcast_buffers=False) if world_size > 1 else learner
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)

@@ -372,15 +372,9 @@ def main(argv=None):
     optimizer = utils.adamw(groups, args.lr, (0.9, 0.999), device)
     scaler = utils.grad_scaler(device, amp)
 
-    start_epoch = 0
-    checkpoint = utils.resume_checkpoint(args.output_dir)
-    if checkpoint is not None:
-        utils.load_resumed(detector, checkpoint["model"], os.path.join(args.output_dir, "checkpoint-last.pth"))
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch = checkpoint["epoch"] + 1
-        log(f"resumed from epoch {checkpoint['epoch']}")
-    elif args.eval_only:
+    checkpoint = utils.resume(args.output_dir, detector, optimizer, scaler, log)
+    start_epoch = 0 if checkpoint is None else checkpoint["epoch"] + 1
+    if checkpoint is None and args.eval_only:
         utils.fail(f"--eval-only needs a trained detector at {args.output_dir}/checkpoint-last.pth")
     if args.eval_only:
         stats = evaluate(detector, val_loader, val_set.coco, val_set.cat_ids, device, amp)

@@ -225,6 +225,19 @@ def load_resumed(module, state_dict, path):
     module.load_state_dict(state_dict)
 
 
+def resume(output_dir, model, optimizer, scaler, log=print):
+    """Continue from <output_dir>/checkpoint-last.pth when it exists: model, optimizer and loss scaler.
+    Returns the checkpoint (its 'epoch' and other entries), or None to start fresh."""
+    checkpoint = resume_checkpoint(output_dir)
+    if checkpoint is not None:
+        path = os.path.join(output_dir, "checkpoint-last.pth")
+        load_resumed(model, checkpoint["model"], path)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        log(f"resumed from {path} (epoch {checkpoint['epoch']} done)")
+    return checkpoint
+
+
 def log_json(output_dir, record):
     """Append one JSON object per line to <output-dir>/log.jsonl (main process only)."""
     if is_main():
@@ -426,3 +439,42 @@ def evaluate(model_fn, loader, device, amp):
         sums[3] += len(targets)
     top1, top5, loss, count = all_reduce_sum(sums).tolist()
     return 100 * top1 / count, 100 * top5 / count, loss / count
+
+
+def fit_classifier(model, trained, loss_fn, train_loader, val_loader, optimizer, scaler, args, device, log=print,
+                   before_eval=None, **record):
+    """The epoch loop of linprobe.py and finetune.py: resume, then --eval-only or, per epoch, train,
+    evaluate, log and save <output-dir>/checkpoint-last.pth.
+
+    model: the whole classifier (evaluated and saved); trained: its DDP-wrapped trained part, which loss_fn
+    calls; before_eval: run before each evaluation; record: extra entries for every log line.
+    """
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    checkpoint = resume(args.output_dir, model, optimizer, scaler, log)
+    start_epoch, best_acc1 = (checkpoint["epoch"] + 1, checkpoint["best_acc1"]) if checkpoint else (0, 0.0)
+    if args.eval_only:
+        if checkpoint is None:
+            fail(f"--eval-only needs a trained model: {path} does not exist")
+        model.eval()
+        acc1, acc5, val_loss = evaluate(model, val_loader, device, args.amp)
+        log(f"evaluation of {path}: acc1 {acc1:.2f} acc5 {acc5:.2f} on {len(val_loader.sampler)} images")
+        log_json(args.output_dir, dict(epoch=checkpoint["epoch"], eval_only=True, acc1=acc1, acc5=acc5,
+                                       val_loss=val_loss))
+        return
+    for epoch in range(start_epoch, args.epochs):
+        set_seed(args.seed + rank + epoch * 1000)  # a resumed run replays the same epoch
+        train_loader.sampler.set_epoch(epoch)
+        model.train()
+        train_loss, lr = train_one_epoch(loss_fn, trained, train_loader, optimizer, scaler, epoch, args, device, log)
+        model.eval()
+        if before_eval is not None:
+            before_eval()
+        acc1, acc5, val_loss = evaluate(model, val_loader, device, args.amp)
+        best_acc1 = max(best_acc1, acc1)
+        log(f"epoch {epoch}: train loss {train_loss:.4f} acc1 {acc1:.2f} acc5 {acc5:.2f} (best {best_acc1:.2f})")
+        log_json(args.output_dir, dict(epoch=epoch, train_loss=train_loss, lr=lr, acc1=acc1, acc5=acc5,
+                                       val_loss=val_loss, best_acc1=best_acc1, **record))
+        if rank == 0:
+            save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                 scaler=scaler.state_dict(), epoch=epoch, best_acc1=best_acc1, args=vars(args)), path)
