@@ -236,7 +236,7 @@ class BaselineExtreMA(nn.Module):
         arch = models.ARCHS[args.arch]
         vit = dict(img_size=args.img_size, patch_size=args.patch_size, ca_depth=args.ca_depth, **arch)
         dim, hidden, out = arch["embed_dim"], args.proj_hidden_dim, args.proj_dim
-        self.num_patches = (args.img_size // args.patch_size) ** 2
+        self.num_patches, self.patch_size = (args.img_size // args.patch_size) ** 2, args.patch_size
         self.mask_ratio, self.num_masks, self.disjoint = args.mask_ratio, args.num_masks, args.disjoint
         self.encoder = BaselineViT(**vit, drop_path=args.drop_path)
         self.projector = models.mlp_head(dim, hidden, out, 3)
@@ -247,11 +247,13 @@ class BaselineExtreMA(nn.Module):
             p.requires_grad_(False)
 
     def load_ours(self, state_dict):
-        """Load a models.ExtreMA state_dict (k|v split back into k and v)."""
+        """Load a models.ExtreMA state_dict (k|v split back into k and v, the patch embedding as a conv)."""
         state = {}
         for key, value in state_dict.items():
             if ".attn.kv." in key:
                 state[key.replace(".kv.", ".k.")], state[key.replace(".kv.", ".v.")] = value.chunk(2)
+            elif key.endswith("patch_embed.weight"):  # a linear over flat patches here, a conv there
+                state[key] = value.reshape(value.shape[0], 3, self.patch_size, self.patch_size)
             else:
                 state[key] = value
         self.load_state_dict(state)

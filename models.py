@@ -207,7 +207,8 @@ class VisionTransformer(nn.Module):
         self.embed_dim = embed_dim
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        # the patch embedding is a conv with kernel = stride = patch, computed as one matmul over flat patches
+        self.patch_embed = nn.Linear(in_chans * patch_size ** 2, embed_dim)
         self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, *self.grid_size)[None])
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
@@ -223,7 +224,8 @@ class VisionTransformer(nn.Module):
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
             raise ValueError(f"input {tuple(x.shape[-2:])} is not divisible by patch size {self.patch_size}")
-        tokens = rearrange(self.patch_embed(x), "b d h w -> b (h w) d")
+        patches = rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=self.patch_size, p2=self.patch_size)
+        tokens = self.patch_embed(patches)  # (B, N, D)
         return tokens + resize_pos_embed(self.pos_embed, self.grid_size, (h, w))
 
     def pool(self, tokens):
@@ -314,7 +316,7 @@ def vit_large(**kwargs):
 
 
 def init_weights(module):
-    """Xavier-uniform Linear and patch-embedding weights, zero biases, unit LayerNorm (as official).
+    """Xavier-uniform Linear weights (the patch embedding's too), zero biases, unit LayerNorm (as official).
 
     A fused k|v weight is initialised as the two separate matrices of the official model.
     """
@@ -324,9 +326,6 @@ def init_weights(module):
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):
-            nn.init.xavier_uniform_(m.weight.data.view(m.weight.shape[0], -1))
             nn.init.zeros_(m.bias)
         if isinstance(m, ClassAttention):
             for half in m.kv.weight.data.chunk(2):
@@ -450,7 +449,7 @@ def convert_official_state_dict(state_dict):
 
     base_encoder -> encoder, base_encoder.head -> projector, momentum_encoder.head -> momentum_projector,
     blocks_token -> ca_blocks with attn.k and attn.v concatenated into attn.kv,
-    patch_embed.proj -> patch_embed.
+    patch_embed.proj -> patch_embed (the conv weight (D, C, p, p) flattened to a linear one (D, C*p*p)).
     """
     out = {}
     for key, value in state_dict.items():
@@ -466,6 +465,8 @@ def convert_official_state_dict(state_dict):
             out[("projector." if online else "momentum_projector.") + rest[5:]] = value
             continue
         rest = rest.replace("blocks_token.", "ca_blocks.").replace("patch_embed.proj.", "patch_embed.")
+        if rest == "patch_embed.weight":
+            value = value.flatten(1)
         out[("encoder." if online else "momentum_encoder.") + rest] = value
     for key in [k for k in out if ".attn.k." in k]:
         out[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([out.pop(key), out.pop(key.replace(".k.", ".v."))])
