@@ -138,7 +138,7 @@ def loader_images_per_s(args, local_batch, device):
 # Baseline: the official compute pattern (explicit softmax attention, a loop of per-mask gathers, separate
 # q/k/v linears in class attention, the final norm over all tokens, per-mask loss loop, per-parameter
 # momentum update, for-loop AdamW). Same parameters and state_dict keys as models.ExtreMA, except
-# class attention's attn.kv, here attn.k and attn.v.
+# class attention's attn.kv, here attn.k and attn.v, and the patch embedding, here a conv.
 
 
 def official_drop_path(x, p, training):
