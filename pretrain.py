@@ -104,7 +104,8 @@ def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, keeps
     utils.set_lr(optimizer, lr)
     learner.update_momentum(momentum)  # as the official code: the EMA step precedes the forward
     batches = [(x1, x2, None if keeps is None else keeps[i]) for i, (x1, x2) in enumerate(micro_batches)]
-    return utils.accumulate_step(model, optimizer, scaler, batches, lambda x1, x2, keep: model(x1, x2, keep=keep), amp)
+    return utils.accumulate_step(model, optimizer, scaler, batches, lambda x1, x2, keep: model(x1, x2, keep=keep),
+                                 micro_batches[0][0].device, amp)
 
 
 def main(argv=None):

@@ -215,6 +215,12 @@ def train_transform(lsj_size):
     return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True)])
 
 
+def to_device(images, targets, device):
+    """A detection batch (lists of images and of target dicts) on the device."""
+    return ([img.to(device, non_blocking=True) for img in images],
+            [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets])
+
+
 def collate_lists(batch):
     """Detection batches are lists: images have different sizes and targets different counts."""
     return tuple(map(list, zip(*batch)))
@@ -387,42 +393,35 @@ def main(argv=None):
     steps_per_epoch = len(train_loader) // args.accum_iter
     log(f"{args.epochs} epochs of {steps_per_epoch} steps, lr {args.lr}, amp {amp}, {world} process(es)")
 
+    parts = {}  # the last micro-batch's loss terms, for progress lines
+
+    def loss_fn(images, targets):
+        parts.update(model(images, targets))  # loss_classifier, loss_box_reg, loss_mask, loss_objectness, ...
+        return sum(parts.values())
+
     stats = {}
     for epoch in range(start_epoch, args.epochs):
         utils.set_seed(args.seed + rank + epoch * 1000)
         train_loader.sampler.set_epoch(epoch)
         model.train()
-        meter, loss_sum, count = utils.Meter(steps_per_epoch), torch.zeros(2, device=device), 0
-        for i, (images, targets) in enumerate(train_loader):
-            if i >= steps_per_epoch * args.accum_iter:
-                break
-            step = epoch * steps_per_epoch + i // args.accum_iter
-            utils.set_lr(optimizer, lr_at(step, epoch, args))
-            images = [img.to(device, non_blocking=True) for img in images]
-            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-            last_micro = (i + 1) % args.accum_iter == 0
-            sync = model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
-            with sync:
-                with utils.autocast(device, amp):
-                    losses = model(images, targets)  # loss_classifier, loss_box_reg, loss_mask, loss_objectness, loss_rpn_box_reg
-                    loss = sum(losses.values())
+        meter, loss_sum = utils.Meter(steps_per_epoch), torch.zeros(2, device=device)  # loss sum, steps
+        batches = iter(train_loader)
+        for step in range(steps_per_epoch):
+            lr = lr_at(epoch * steps_per_epoch + step, epoch, args)
+            utils.set_lr(optimizer, lr)
+            micro_batches = [to_device(*next(batches), device) for _ in range(args.accum_iter)]
+            loss = utils.accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, amp)
+            loss_sum += torch.stack([loss.float(), torch.ones((), device=device)])
+            if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
+                terms = "  ".join(f"{k} {v.item():.4f}" for k, v in parts.items())
                 if not math.isfinite(loss.item()):
-                    utils.fail(f"loss is {loss.item()} at epoch {epoch} step {i} "
-                               f"({', '.join(f'{k} {v.item():.4g}' for k, v in losses.items())}); stopping")
-                scaler.scale(loss / args.accum_iter).backward()
-            if last_micro:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += torch.stack([loss.detach().float(), torch.ones((), device=device)])
-            count += len(images)
-            if utils.is_main() and i % args.print_freq == 0:
-                parts = "  ".join(f"{k} {v.item():.4f}" for k, v in losses.items())
-                log(f"epoch {epoch} [{i // args.accum_iter}/{steps_per_epoch}] loss {loss.item():.4f}  {parts}  "
-                    f"lr {optimizer.param_groups[0]['lr'] / optimizer.param_groups[0]['lr_scale']:.3g}  "
-                    f"{meter.line(i // args.accum_iter + 1, count * world)}")
+                    utils.fail(f"loss is {loss.item()} at epoch {epoch} step {step} ({terms}); stopping")
+                log(f"epoch {epoch} [{step + 1}/{steps_per_epoch}] loss {loss.item():.4f}  {terms}  lr {lr:.3g}  "
+                    f"{meter.line(step + 1, (step + 1) * args.batch_size)}")
         utils.all_reduce_sum(loss_sum)
-        stats = {"epoch": epoch, "train_loss": (loss_sum[0] / loss_sum[1]).item(), "lr": lr_at(step, epoch, args)}
+        stats = {"epoch": epoch, "train_loss": (loss_sum[0] / loss_sum[1]).item(), "lr": lr}
+        if not math.isfinite(stats["train_loss"]):
+            utils.fail(f"training loss is {stats['train_loss']} in epoch {epoch}; stopping")
         stats.update(evaluate(detector, val_loader, val_set.coco, val_set.cat_ids, device, amp))
         if utils.is_main():
             utils.save_checkpoint({"model": detector.state_dict(), "optimizer": optimizer.state_dict(),

@@ -22,7 +22,6 @@ per_class_iou.json (IoU and accuracy of each class in %, null for a class absent
 prediction), checkpoint-last.pth (restarting the same command resumes from it).
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -508,6 +507,10 @@ def main(argv=None):
         f"{len(val_set)} val images; batch {args.batch_size} = {world} x {local_batch} x {args.accum_iter}; "
         f"amp {amp}")
 
+    def loss_fn(imgs, labels):
+        logits, aux_logits = model(imgs)  # (b, classes, c/4, c/4), (b, classes, c/16, c/16)
+        return seg_loss(logits, labels) + AUX_WEIGHT * seg_loss(aux_logits, labels)
+
     it, metrics = start_iter, None
     meter = utils.Meter(args.iters - start_iter)
     while it < args.iters:  # blocks of --eval-every iterations, each reproducible from its start
@@ -520,31 +523,22 @@ def main(argv=None):
         for it in range(it, block_end):
             lr = poly_lr(it, args.iters, args.warmup_iters, args.lr)
             utils.set_lr(optimizer, lr)
-            step_loss = 0.0
-            for micro in range(args.accum_iter):
-                imgs, labels = next(batches)  # (b, 3, c, c), (b, c, c)
-                imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                sync = micro == args.accum_iter - 1 or world == 1
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    with utils.autocast(device, amp):
-                        logits, aux_logits = model(imgs)  # (b, classes, c/4, c/4), (b, classes, c/16, c/16)
-                    loss = seg_loss(logits, labels) + AUX_WEIGHT * seg_loss(aux_logits, labels)
-                    if not math.isfinite(loss.item()):
-                        utils.fail(f"loss is {loss.item()} at iteration {it}, stopping")
-                    scaler.scale(loss / args.accum_iter).backward()
-                step_loss += loss.item() / args.accum_iter
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss)
+            micro_batches = [[t.to(device, non_blocking=True) for t in next(batches)]  # (b, 3, c, c), (b, c, c)
+                             for _ in range(args.accum_iter)]
+            losses.append(utils.accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, amp))
             if (it + 1) % args.print_freq == 0 or it + 1 == block_end:
+                step_loss = losses[-1].item()
+                if not math.isfinite(step_loss):
+                    utils.fail(f"loss is {step_loss} at iteration {it}, stopping")
                 done = it + 1 - start_iter
                 log(f"iter {it + 1}/{args.iters}  loss {step_loss:.4f}  lr {lr:.3e}  "
                     f"{meter.line(done, done * args.batch_size)}")
         it = block_end
         metrics = evaluate(model_without_ddp, val_loader, args, device, amp)
-        train_loss = torch.tensor(sum(losses) / len(losses), device=device)
-        record = {"iter": it, "train_loss": utils.all_reduce_sum(train_loss).item() / world, "lr": lr,
+        train_loss = utils.all_reduce_sum(torch.stack(losses).mean()).item() / world
+        if not math.isfinite(train_loss):
+            utils.fail(f"training loss is {train_loss} before iteration {it}, stopping")
+        record = {"iter": it, "train_loss": train_loss, "lr": lr,
                   **summary(metrics), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         utils.log_json(args.output_dir, record)
         write_per_class(args.output_dir, metrics)

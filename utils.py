@@ -335,14 +335,14 @@ def make_loader(dataset, batch_size, train, num_workers, seed, device, collate_f
 # Training steps and classification evaluation (linear probe, fine-tuning)
 
 
-def accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, amp):
-    """One optimizer step over micro-batches (lists of device tensors): loss_fn(*micro_batch) under autocast.
+def accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, amp):
+    """One optimizer step over micro-batches (lists of arguments on the device): loss_fn(*micro_batch) under
+    autocast.
 
     The same update as one large batch for a loss that is a mean over images: each micro-batch's loss is
     divided by their number, and a DDP model all-reduces gradients only on the last one.
     Returns the mean loss as a device tensor (no host synchronisation).
     """
-    device = micro_batches[0][0].device
     total = 0.0
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
@@ -374,7 +374,7 @@ def train_one_epoch(loss_fn, model, loader, optimizer, scaler, epoch, args, devi
         lr = cosine_schedule(epoch + step / steps, args.epochs, args.warmup_epochs, args.lr)
         set_lr(optimizer, lr)
         micro_batches = [[t.to(device, non_blocking=True) for t in next(batches)] for _ in range(args.accum_iter)]
-        loss = accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, args.amp)
+        loss = accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, args.amp)
         sums += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device)])
         if (step + 1) % args.print_freq == 0:
             value = loss.item()
