@@ -28,21 +28,14 @@ SUBSET_SEED = 0  # --label-fraction draws the same images whatever --seed
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="synthetic", help="ImageNet root (ROOT/train, ROOT/val) or 'synthetic'")
+    utils.add_common_args(p, "ImageNet root (ROOT/train, ROOT/val)", "output/finetune", 224, 1024, 10,
+                          branch="online")
     p.add_argument("--synthetic-size", type=int, default=256, help="training images in the synthetic set")
     p.add_argument("--num-classes", type=int, default=None, help="synthetic: default 10; folders: their classes")
     p.add_argument("--train-subset", default=None,
                    help="file of training image names, one per line (e.g. the 1%% / 10%% ImageNet lists)")
     p.add_argument("--label-fraction", type=float, default=None,
                    help="class-balanced random fraction of the training images (fixed seed)")
-    p.add_argument("--output-dir", default="output/finetune")
-    p.add_argument("--arch", default="vit_base", choices=models.ARCHS)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--pretrained", default=None, help="pretrain.py or official checkpoint (none: random init)")
-    p.add_argument("--branch", choices=["online", "momentum"], default="online", help="encoder to fine-tune")
-    p.add_argument("--batch-size", type=int, default=1024, help="global batch over all processes")
-    p.add_argument("--accum-iter", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--warmup-epochs", type=float, default=5)
     p.add_argument("--blr", type=float, default=5e-4, help="lr = blr * batch-size / 256")
@@ -56,13 +49,6 @@ def get_args(argv=None):
     p.add_argument("--mixup", type=float, default=0.8, help="MixUp alpha; 0: off")
     p.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha; 0: off")
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
-                   help="default: bf16 on GPUs that support it, else none")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--num-workers", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--print-freq", type=int, default=20, help="steps between progress lines and loss checks")
-    p.add_argument("--eval-only", action="store_true", help="evaluate checkpoint-last.pth of --output-dir")
     return p.parse_args(argv)
 
 

@@ -20,31 +20,17 @@ import utils
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="synthetic", help="ImageNet root (ROOT/train, ROOT/val) or 'synthetic'")
+    utils.add_common_args(p, "ImageNet root (ROOT/train, ROOT/val)", "output/linprobe", 224, 4096, 10,
+                          branch="momentum")
     p.add_argument("--synthetic-size", type=int, default=256, help="training images in the synthetic set")
     p.add_argument("--num-classes", type=int, default=None, help="synthetic: default 10; folders: their classes")
-    p.add_argument("--output-dir", default="output/linprobe")
-    p.add_argument("--arch", default="vit_base", choices=models.ARCHS)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--pretrained", default=None, help="pretrain.py or official checkpoint (none: random init)")
-    p.add_argument("--branch", choices=["momentum", "online"], default="momentum", help="encoder to probe")
     p.add_argument("--final-norm", action="store_true",
                    help="probe the class-attention output after the final norm (default: before, as official)")
-    p.add_argument("--batch-size", type=int, default=4096, help="global batch over all processes")
-    p.add_argument("--accum-iter", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--warmup-epochs", type=float, default=10)
     p.add_argument("--blr", type=float, default=0.1, help="lr = blr * batch-size / 256")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--optimizer", choices=["sgd", "lars"], default="sgd", help="momentum 0.9 either way")
-    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
-                   help="default: bf16 on GPUs that support it, else none")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--num-workers", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--print-freq", type=int, default=20, help="steps between progress lines and loss checks")
-    p.add_argument("--eval-only", action="store_true", help="evaluate checkpoint-last.pth of --output-dir")
     return p.parse_args(argv)
 
 

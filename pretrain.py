@@ -18,14 +18,8 @@ import utils
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="synthetic", help="ImageNet root (uses ROOT/train) or 'synthetic'")
+    utils.add_common_args(p, "ImageNet root (uses ROOT/train)", "output/pretrain", 224, 2048, 10)
     p.add_argument("--synthetic-size", type=int, default=256, help="images in the synthetic set")
-    p.add_argument("--output-dir", default="output/pretrain")
-    p.add_argument("--arch", default="vit_base", choices=models.ARCHS)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=2048, help="global batch over all processes")
-    p.add_argument("--accum-iter", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--warmup-epochs", type=float, default=40)
     p.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * batch-size / 256")
@@ -44,14 +38,8 @@ def get_args(argv=None):
     p.add_argument("--loss", choices=["byol", "infonce"], default="byol")
     p.add_argument("--temperature", type=float, default=1.0, help="InfoNCE temperature")
     p.add_argument("--ema", type=float, default=0.996, help="initial momentum, cosine to 1")
-    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
-                   help="default: bf16 on GPUs that support it, else none")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward of the model")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--num-workers", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=50, help="keep checkpoint-<epoch>.pth every N epochs")
-    p.add_argument("--print-freq", type=int, default=20, help="steps between progress lines and loss checks")
     return p.parse_args(argv)
 
 

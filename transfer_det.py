@@ -41,28 +41,18 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "A
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Mask R-CNN + FPN on COCO with a pretrained ExtreMA ViT")
-    p.add_argument("--data", default="synthetic",
-                   help="COCO 2017 root ({train2017,val2017}/, annotations/instances_{train,val}2017.json) "
-                        "or 'synthetic' (a tiny generated set written to <output-dir>/synthetic_coco)")
+    utils.add_common_args(p, "COCO 2017 root ({train2017,val2017}/, annotations/instances_{train,val}2017.json)",
+                          "output/det", 800, 16, 4, branch="online",
+                          img_help="test-time shorter side; training scales (480-800) and the 1333 cap scale with "
+                                   "it; the image side with --data synthetic")
     p.add_argument("--synthetic-images", type=int, default=8, help="images per split with --data synthetic")
-    p.add_argument("--output-dir", default="output_det")
-    p.add_argument("--arch", default="vit_base", choices=list(models.ARCHS))
-    p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--img-size", type=int, default=800,
-                   help="test-time shorter side; training scales (480-800) and the 1333 cap scale with it; "
-                        "the image side with --data synthetic")
     p.add_argument("--lsj", action="store_true",
                    help="large-scale jitter instead of multi-scale resize: scale 0.1-2.0 of a square of side "
                         "round(1024 * img_size / 800), crop/pad to it; test with the longer side at that size")
     p.add_argument("--feature-blocks", type=int, nargs=4, default=None,
                    help="1-based blocks whose tokens make the stride 4, 8, 16, 32 maps "
                         "(default 4 6 8 12 for 12 blocks, scaled to the depth)")
-    p.add_argument("--pretrained", default=None, help="pretrain.py or official ExtreMA checkpoint")
-    p.add_argument("--branch", default="online", choices=["online", "momentum"],
-                   help="encoder to transfer (default online, as fine-tuning)")
     p.add_argument("--drop-path", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=16, help="global batch over all processes")
-    p.add_argument("--accum-iter", type=int, default=1)
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--lr-drop-epochs", type=int, nargs="*", default=[8, 11],
                    help="epochs at whose start the lr is multiplied by 0.1")
@@ -71,12 +61,6 @@ def get_args(argv=None):
                    help="optimizer steps of linear warm-up from 0.001 * lr")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--layer-decay", type=float, default=0.75)
-    p.add_argument("--device", default=None)
-    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"])
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--print-freq", type=int, default=20)
-    p.add_argument("--eval-only", action="store_true", help="evaluate <output-dir>/checkpoint-last.pth")
     return p.parse_args(argv)
 
 

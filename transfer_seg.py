@@ -49,20 +49,13 @@ SYNTHETIC_CLASSES = 8
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default="synthetic", help='ADEChallengeData2016 folder, or "synthetic"')
-    p.add_argument("--output-dir", default="output_seg")
-    p.add_argument("--arch", default="vit_base", choices=list(models.ARCHS))
-    p.add_argument("--img-size", type=int, default=512, help="crop size (and image size of --data synthetic)")
-    p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--pretrained", default=None, help="pretrain.py or official ExtreMA checkpoint")
-    p.add_argument("--branch", default="online", choices=["online", "momentum"], help="encoder to transfer")
+    utils.add_common_args(p, "ADEChallengeData2016 folder", "output/seg", 512, 16, 8, print_freq=50,
+                          branch="online", img_help="crop size (and image size of --data synthetic)")
     p.add_argument("--feature-blocks", type=int, nargs=4, default=None,
                    help="1-based blocks whose tokens feed strides 4, 8, 16, 32 (default: 4 6 8 12 for 12 "
                         "blocks, scaled to the depth)")
     p.add_argument("--decoder-channels", type=int, default=512, help="UperNet channels (FCN aux: half)")
     p.add_argument("--drop-path", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=16, help="global, over all processes")
-    p.add_argument("--accum-iter", type=int, default=1)
     p.add_argument("--iters", type=int, default=160000)
     p.add_argument("--warmup-iters", type=int, default=1500)
     p.add_argument("--eval-every", type=int, default=16000, help="evaluate and save every N iterations")
@@ -70,12 +63,6 @@ def get_args(argv=None):
     p.add_argument("--layer-decay", type=float, default=0.65)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--eval-mode", default="slide", choices=["slide", "whole"])
-    p.add_argument("--device", default=None)
-    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"])
-    p.add_argument("--num-workers", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--print-freq", type=int, default=50)
-    p.add_argument("--eval-only", action="store_true", help="evaluate <output-dir>/checkpoint-last.pth")
     return p.parse_args(argv)
 
 
