@@ -132,8 +132,7 @@ def subset_indices(dataset, train_subset, label_fraction):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.img_size % args.patch_size:
-        utils.fail(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+    utils.check_image_size(args)
     if args.train_subset is not None and args.label_fraction is not None:
         utils.fail("give --train-subset or --label-fraction, not both")
     if args.label_fraction is not None and not 0 < args.label_fraction <= 1:

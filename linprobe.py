@@ -92,8 +92,7 @@ class LARS(torch.optim.Optimizer):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.img_size % args.patch_size:
-        utils.fail(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+    utils.check_image_size(args)
     rank, world_size, device = utils.init_distributed(args.device)
     args.amp = utils.resolve_amp(args.amp, device)
     local_batch = utils.local_batch_size(args.batch_size, world_size, args.accum_iter)

@@ -65,8 +65,7 @@ def build_model(args):
 
 
 def check_args(args):
-    if args.img_size % args.patch_size:
-        utils.fail(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+    utils.check_image_size(args)
     try:
         models.check_masks((args.img_size // args.patch_size) ** 2, args.mask_ratio, args.num_masks, args.disjoint)
     except ValueError as e:

@@ -130,6 +130,12 @@ def grad_scaler(device, amp):
     return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
 
+def check_image_size(args):
+    """One-line error unless --img-size divides into patches of --patch-size."""
+    if args.img_size % args.patch_size:
+        fail(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+
+
 def local_batch_size(batch_size, world_size, accum_iter):
     """Per-process micro-batch of a global --batch-size, or a one-line error when it does not divide."""
     if batch_size < 1 or accum_iter < 1 or batch_size % (world_size * accum_iter):
@@ -488,7 +494,7 @@ def fit_classifier(model, trained, loss_fn, train_loader, val_loader, optimizer,
             fail(f"--eval-only needs a trained model: {path} does not exist")
         model.eval()
         acc1, acc5, val_loss = evaluate(model, val_loader, device, args.amp)
-        log(f"evaluation of {path}: acc1 {acc1:.2f} acc5 {acc5:.2f} on {len(val_loader.sampler)} images")
+        log(f"evaluation of {path}: acc1 {acc1:.2f} acc5 {acc5:.2f} on {len(val_loader.dataset)} images")
         log_json(args.output_dir, dict(epoch=checkpoint["epoch"], eval_only=True, acc1=acc1, acc5=acc5,
                                        val_loss=val_loss))
         return
