@@ -1,6 +1,7 @@
 """Benchmark of the ExtreMA pretraining step: the real pretrain.train_step (same model, optimizer, precision and
 momentum update) on random tensors, with FLOPs counted by torch.utils.flop_counter, and optionally the input
-pipeline (--data) and an eager baseline written in the official compute pattern (--baseline).
+pipeline (--data) and an eager baseline written in the official compute pattern (--baseline). With --baseline
+the two steps are timed in turns, so that a shared machine's slow spells hit both alike.
 
     python bench.py --arch vit_base --img-size 224 --batch-size 256 --amp bf16 --device cuda --steps 20
     python bench.py --arch vit_small --batch-size 16 --amp none --device cpu --steps 5 --warmup-steps 1 --baseline
@@ -35,7 +36,8 @@ def get_args(argv=None):
                                 allow_abbrev=False)
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     p.add_argument("--warmup-steps", type=int, default=5,
-                   help="untimed steps before the timed ones (with --compile, compilation happens in them)")
+                   help="untimed steps before the timed ones, at least 1 (with --compile, compilation happens in "
+                        "the first; the last gives the peak memory)")
     p.add_argument("--baseline", action="store_true",
                    help="also time an eager model in the official compute pattern, same sizes and precision")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -84,24 +86,38 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_steps(step, device, warmup_steps, steps):
-    """Seconds per step over `steps` calls after `warmup_steps` untimed ones, and peak memory in MB
-    (CUDA: max allocated during the timed steps; CPU: the process's max resident set so far)."""
-    for _ in range(warmup_steps):
+def memory_mb(device):
+    """Allocated CUDA memory in MB (0 on CPU)."""
+    return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+
+
+def warm_up(step, device, steps, others_mb):
+    """Untimed steps (with --compile, compilation happens in the first); returns the peak memory in MB of the
+    last one. CUDA: max allocated minus what other models hold (others_mb); CPU: the process's max resident set
+    so far (Linux reports KiB)."""
+    for i in range(steps):
+        if i == steps - 1 and device.type == "cuda":
+            synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
         step()
     synchronize(device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    seconds = (time.perf_counter() - start) / steps
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    return seconds, peak_mb
+        return torch.cuda.max_memory_allocated(device) / 2**20 - others_mb
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_interleaved(steps, device, n):
+    """Seconds of each of n calls of every step function, taken in turns (a, b, a, b, ...), so that a slow
+    spell of a shared machine hits all of them alike."""
+    seconds = [[] for _ in steps]
+    for _ in range(n):
+        for step, times in zip(steps, seconds):
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+    return seconds
 
 
 def peak_tflops(args, device, amp):
@@ -137,8 +153,9 @@ def loader_images_per_s(args, local_batch, device):
 # ----------------------------------------------------------------------------------------------------
 # Baseline: the official compute pattern (explicit softmax attention, a loop of per-mask gathers, separate
 # q/k/v linears in class attention, the final norm over all tokens, per-mask loss loop, per-parameter
-# momentum update, for-loop AdamW). Same parameters and state_dict keys as models.ExtreMA, except
-# class attention's attn.kv, here attn.k and attn.v, and the patch embedding, here a conv.
+# momentum update, for-loop AdamW, loss.item() and the total gradient norm every step). Same parameters and
+# state_dict keys as models.ExtreMA, except class attention's attn.kv, here attn.k and attn.v, and the patch
+# embedding, here a conv.
 
 
 def official_drop_path(x, p, training):
@@ -278,15 +295,17 @@ class BaselineExtreMA(nn.Module):
         masks = self.generate_masks(x1) if keep is None else keep
         q = self.predictor(self.projector(self.encoder(x1, masks)))
         with torch.no_grad():
-            k = F.normalize(self.momentum_projector(self.momentum_encoder(x2)).float(), dim=1)
+            k = self.momentum_projector(self.momentum_encoder(x2))
         loss = 0.0
-        for q_mask in torch.chunk(q, len(masks)):
-            loss = loss + ((F.normalize(q_mask.float(), dim=1) - k) ** 2).sum(dim=-1).mean()
+        for q_mask in torch.chunk(q, len(masks)):  # both normalised per mask, as the official byol_loss
+            loss = loss + ((F.normalize(q_mask.float(), dim=1) - F.normalize(k.float(), dim=1)) ** 2).sum(-1).mean()
         return loss / len(masks)
 
 
 def baseline_step(model, optimizer, scaler, micro_batches, lr, momentum, amp):
-    """The official update: momentum step, forward/backward per micro-batch, optimizer step."""
+    """The official training iteration: lr per group, momentum step, forward and loss.item() (logged every
+    step), backward per micro-batch, then unscale, the total gradient norm (computed every step for the log,
+    no clipping) and the optimizer step."""
     device = micro_batches[0][0].device
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -294,7 +313,11 @@ def baseline_step(model, optimizer, scaler, micro_batches, lr, momentum, amp):
     for x1, x2 in micro_batches:
         with utils.autocast(device, amp):
             loss = model(x1, x2)
+        loss.item()
         scaler.scale(loss / len(micro_batches)).backward()
+    scaler.unscale_(optimizer)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    torch.norm(torch.stack([torch.norm(g.detach(), 2.0) for g in grads]), 2.0)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -303,31 +326,40 @@ def baseline_step(model, optimizer, scaler, micro_batches, lr, momentum, amp):
 # ----------------------------------------------------------------------------------------------------
 
 
-def measure(name, step, args, device, compile_fn=None):
-    """FLOPs of one eager step (also the first warm-up step), then, after compile_fn, the timed steps."""
+def prepare(name, step, args, device, others_mb, compile_fn=None):
+    """FLOPs of one eager step (also the first untimed step), then compile_fn and the warm-up steps."""
     flops = count_flops(step) / args.batch_size
     if compile_fn is not None:
         compile_fn()
-    seconds, peak_mb = time_steps(step, device, args.warmup_steps, args.steps)
-    return {"impl": name, "step_ms": 1000 * seconds, "images_per_s": args.batch_size / seconds,
-            "flops_per_image": flops, "tflops": flops * args.batch_size / seconds / 1e12, "peak_mem_mb": peak_mb}
+    peak_mb = warm_up(step, device, args.warmup_steps, others_mb)
+    return {"impl": name, "step": step, "flops_per_image": flops, "peak_mem_mb": peak_mb}
 
 
-def measure_ours(learner, args, device, amp, micro_batches, lr, momentum):
+def prepare_ours(learner, args, device, amp, micro_batches, lr, momentum):
     """pretrain.py's optimizer, loss scaler, training step and (with --compile) compilation."""
     optimizer = utils.adamw(utils.param_groups(learner, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
                             device=device)
     scaler = utils.grad_scaler(device, amp)
+    return prepare("ours", lambda: pretrain.train_step(learner, optimizer, scaler, micro_batches, lr, momentum, amp),
+                   args, device, 0.0, (lambda: pretrain.compile_model(learner)) if args.compile else None)
 
-    return measure("ours", lambda: pretrain.train_step(learner, optimizer, scaler, micro_batches, lr, momentum, amp),
-                   args, device, (lambda: pretrain.compile_model(learner)) if args.compile else None)
+
+def prepare_baseline(state_dict, args, device, amp, micro_batches, lr, momentum, others_mb):
+    """The official pattern from the same initial weights, eager, with for-loop AdamW (the official code's
+    PyTorch 1.x default); others_mb: CUDA memory held by the other model."""
+    baseline = BaselineExtreMA(args).load_ours(state_dict).to(device)
+    optimizer = torch.optim.AdamW(utils.param_groups(baseline, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
+                                  foreach=False, fused=False)
+    scaler = utils.grad_scaler(device, amp)
+    return prepare("baseline", lambda: baseline_step(baseline, optimizer, scaler, micro_batches, lr, momentum, amp),
+                   args, device, others_mb)
 
 
 def main(argv=None):
     args = get_args(argv)
     pretrain.check_args(args)
-    if args.steps < 1 or args.warmup_steps < 0 or args.data_batches < 1:
-        utils.fail("--steps and --data-batches must be at least 1, --warmup-steps at least 0")
+    if min(args.steps, args.warmup_steps, args.data_batches) < 1:
+        utils.fail("--steps, --warmup-steps and --data-batches must be at least 1")
     if args.data not in (None, "synthetic") and not os.path.isdir(args.data):
         utils.fail(f"data folder {args.data} does not exist")
     _, _, device = utils.init_distributed(args.device)
@@ -339,19 +371,18 @@ def main(argv=None):
     lr = args.blr * args.batch_size / 256
     momentum = models.momentum_at(0, args.epochs, args.ema)
 
+    inputs_mb = memory_mb(device)
     learner = pretrain.build_model(args).to(device)
     initial_state = {k: v.cpu().clone() for k, v in learner.state_dict().items()} if args.baseline else None
-    results = [measure_ours(learner, args, device, amp, micro_batches, lr, momentum)]
-    del learner
-    if args.baseline:  # same initial weights, eager
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        baseline = BaselineExtreMA(args).load_ours(initial_state).to(device)
-        base_optimizer = torch.optim.AdamW(utils.param_groups(baseline, args.weight_decay), lr=0.0,
-                                           betas=(0.9, 0.95), foreach=False, fused=False)
-        base_scaler = utils.grad_scaler(device, amp)
-        results.append(measure("baseline", lambda: baseline_step(baseline, base_optimizer, base_scaler,
-                                                                 micro_batches, lr, momentum, amp), args, device))
+    results = [prepare_ours(learner, args, device, amp, micro_batches, lr, momentum)]
+    if args.baseline:
+        results.append(prepare_baseline(initial_state, args, device, amp, micro_batches, lr, momentum,
+                                        memory_mb(device) - inputs_mb))
+    for r, seconds in zip(results, time_interleaved([r.pop("step") for r in results], device, args.steps)):
+        r.update(step_ms=1000 * sum(seconds) / len(seconds), min_step_ms=1000 * min(seconds),
+                 max_step_ms=1000 * max(seconds))
+        r["images_per_s"] = 1000 * args.batch_size / r["step_ms"]
+        r["tflops"] = r["flops_per_image"] * r["images_per_s"] / 1e12
     peak = peak_tflops(args, device, amp)
     if peak:
         for r in results:
@@ -365,13 +396,16 @@ def main(argv=None):
           f"amp {amp} | compile {'on' if args.compile else 'off'} | {device} ({hardware}) | "
           f"{args.warmup_steps} warm-up + {args.steps} timed steps")
     mem = "peak MB (CUDA max allocated)" if device.type == "cuda" else "peak MB (process max RSS so far)"
-    print(f"{'impl':<10}{'step ms':>10}{'images/s':>11}{'GFLOP/img':>11}{'TFLOP/s':>9}{'MFU':>7}  {mem}")
+    print(f"{'impl':<10}{'step ms':>10}{'(min-max)':>16}{'images/s':>11}{'GFLOP/img':>11}{'TFLOP/s':>9}{'MFU':>7}"
+          f"  {mem}")
     for r in results:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-        print(f"{r['impl']:<10}{r['step_ms']:>10.1f}{r['images_per_s']:>11.2f}{r['flops_per_image'] / 1e9:>11.2f}"
-              f"{r['tflops']:>9.3f}{mfu:>7}  {r['peak_mem_mb']:.0f}")
+        spread = f"({r['min_step_ms']:.1f}-{r['max_step_ms']:.1f})"
+        print(f"{r['impl']:<10}{r['step_ms']:>10.1f}{spread:>16}{r['images_per_s']:>11.2f}"
+              f"{r['flops_per_image'] / 1e9:>11.2f}{r['tflops']:>9.3f}{mfu:>7}  {r['peak_mem_mb']:.0f}")
     ours = results[0]
-    summary = {k: ours[k] for k in ("images_per_s", "step_ms", "peak_mem_mb", "tflops", "flops_per_image")}
+    summary = {k: ours[k] for k in ("images_per_s", "step_ms", "min_step_ms", "max_step_ms", "peak_mem_mb", "tflops",
+                                    "flops_per_image")}
     if "mfu" in ours:
         summary["mfu"] = ours["mfu"]
     if args.baseline:

@@ -1010,6 +1010,15 @@ def test_bench_tiny_run_reports_counted_flops(capsys):
     assert out["flops_per_image"] == hand  # attention counted too (CPU flash kernel), no recompute
     assert out["baseline_flops_per_image"] == hand  # same work in the official pattern
     assert out["bottleneck"] in ("loader", "model")
+    assert out["min_step_ms"] <= out["step_ms"] <= out["max_step_ms"]
+
+
+def test_bench_times_steps_in_turns():
+    calls = []
+    seconds = bench.time_interleaved([lambda: calls.append("ours"), lambda: calls.append("baseline")],
+                                     torch.device("cpu"), 3)
+    assert calls == ["ours", "baseline"] * 3
+    assert [len(s) for s in seconds] == [3, 3] and all(t >= 0 for s in seconds for t in s)
 
 
 def test_bench_flops_per_image_independent_of_batch():
@@ -1049,7 +1058,9 @@ def test_bench_baseline_matches_ours():
 
 
 def test_bench_rejects_bad_settings():
-    with pytest.raises(SystemExit, match="--steps and --data-batches must be at least 1"):
+    with pytest.raises(SystemExit, match="--steps, --warmup-steps and --data-batches must be at least 1"):
         bench.main(BENCH_TINY + ["--steps", "0"])
+    with pytest.raises(SystemExit, match="--warmup-steps and --data-batches must be at least 1"):
+        bench.main(BENCH_TINY + ["--warmup-steps", "0"])
     with pytest.raises(SystemExit, match="do not fit"):
         bench.main(BENCH_TINY + ["--mask-ratio", "0.5", "--num-masks", "3"])
