@@ -378,7 +378,8 @@ def main(argv=None):
     if args.baseline:
         results.append(prepare_baseline(initial_state, args, device, amp, micro_batches, lr, momentum,
                                         memory_mb(device) - inputs_mb))
-    for r, seconds in zip(results, time_interleaved([r.pop("step") for r in results], device, args.steps)):
+    steps = [r.pop("step") for r in results]
+    for r, seconds in zip(results, time_interleaved(steps, device, args.steps)):
         r.update(step_ms=1000 * sum(seconds) / len(seconds), min_step_ms=1000 * min(seconds),
                  max_step_ms=1000 * max(seconds))
         r["images_per_s"] = 1000 * args.batch_size / r["step_ms"]
