@@ -1,16 +1,16 @@
 """End-to-end fine-tuning of a pretrained ExtreMA encoder for classification (the distributed
 representation): mean of the patch tokens -> LayerNorm -> Linear, BEiT-style recipe with layer-wise lr decay,
-RandAugment, random erasing, MixUp/CutMix and label smoothing. --train-subset / --label-fraction run the
-semi-supervised (1% / 10% labels) evaluation.
+timm's RandAugment "rand-m9-mstd0.5-inc1", random erasing, MixUp/CutMix and label smoothing.
+--train-subset / --label-fraction run the semi-supervised (1% / 10% labels) evaluation.
 
     python finetune.py --data synthetic --device cpu ...                                   # one process
     torchrun --nproc_per_node 8 finetune.py --data /path/to/imagenet --pretrained CKPT    # official recipe
 
-Deviations: torchvision's RandAugment has no magnitude noise, so the official "rand-m9-mstd0.5" becomes a
-fixed magnitude 9. The recipe names colour jitter 0.4, but the official timm pipeline skips colour jitter when
-RandAugment is on, so --color-jitter defaults to 0 (what the official runs did).
+The recipe names colour jitter 0.4, but the official timm pipeline skips colour jitter when RandAugment is on,
+so --color-jitter defaults to 0 (what the official runs did).
 """
 import argparse
+import math
 import os
 from collections import defaultdict
 
@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 import models
 import utils
@@ -39,6 +40,7 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--warmup-epochs", type=float, default=5)
     p.add_argument("--blr", type=float, default=5e-4, help="lr = blr * batch-size / 256")
+    p.add_argument("--min-lr", type=float, default=1e-6, help="floor of the cosine schedule (not scaled by batch)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--layer-decay", type=float, default=0.65, help="lr scale per block below the head")
     p.add_argument("--drop-path", type=float, default=0.2)
@@ -75,11 +77,89 @@ class MeanPoolClassifier(nn.Module):
         return self.head(self.fc_norm(tokens.mean(dim=1)))  # (B, C)
 
 
+class RandAugment:
+    """timm's RandAugment "rand-m9-mstd0.5-inc1" (the official fine-tuning's --aa), on PIL images through
+    torchvision.transforms.v2.functional, whose PIL kernels make the PIL calls that timm makes.
+
+    Each image gets `num_ops` ops drawn uniformly, with replacement, from timm's "increasing" set. Each is
+    applied with probability `prob`, at a magnitude drawn for that application from N(magnitude,
+    magnitude_std) and clipped to timm's scale [0, 10]; level() maps it to the op's argument as timm does,
+    and the signed ops (rotate, shear, translate, the enhancements) take a random sign. Geometric ops resample
+    bicubically (the official --train_interpolation) and fill with the ImageNet mean pixel, as timm.
+    """
+
+    OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+           "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
+           "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+    ENHANCE = ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing")
+    UNSIGNED = ("AutoContrast", "Equalize", "Invert", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd")
+    MAX_MAGNITUDE = 10.0  # timm's _LEVEL_DENOM
+    MEAN_PIXEL = tuple(round(255 * m) for m in utils.IMAGENET_MEAN)  # (124, 116, 104)
+
+    def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5):
+        self.num_ops, self.magnitude, self.magnitude_std, self.prob = num_ops, magnitude, magnitude_std, prob
+
+    @classmethod
+    def level(cls, name, magnitude):
+        """timm's argument of op `name` at `magnitude` (0..10), before the random sign; None for the ops
+        without one. The enhancements return their distance from the identity factor 1."""
+        f = magnitude / cls.MAX_MAGNITUDE
+        levels = {"Rotate": 30 * f, "PosterizeIncreasing": 4 - int(4 * f),  # bits kept
+                  "SolarizeIncreasing": 256 - min(256, int(256 * f)),  # threshold
+                  "SolarizeAdd": min(128, int(110 * f)), "ShearX": 0.3 * f, "ShearY": 0.3 * f,
+                  "TranslateXRel": 0.45 * f, "TranslateYRel": 0.45 * f}
+        return 0.9 * f if name in cls.ENHANCE else levels.get(name)
+
+    def sample(self):
+        """The ops one image gets, as a list of (name, magnitude): num_ops draws, each kept with prob."""
+        ops = []
+        for index in torch.randint(len(self.OPS), (self.num_ops,)).tolist():
+            if torch.rand(()).item() < self.prob:
+                magnitude = self.magnitude + self.magnitude_std * torch.randn(()).item()
+                ops.append((self.OPS[index], min(max(magnitude, 0.0), self.MAX_MAGNITUDE)))
+        return ops
+
+    def apply(self, image, name, magnitude):
+        """Op `name` at `magnitude` on a PIL image (signed ops take a random sign)."""
+        v = self.level(name, magnitude)
+        if name not in self.UNSIGNED and torch.rand(()).item() < 0.5:
+            v = -v
+        width, height = image.size
+        geometric = dict(interpolation=v2.InterpolationMode.BICUBIC, fill=list(self.MEAN_PIXEL))
+        # PIL's affine maps output (x, y) to input (x + v * y, y) for ShearX, as timm: a shear of atan(v)
+        # about the top-left corner; TranslateXRel reads input (x + v * width, y), a shift of -v * width
+        ops = {
+            "AutoContrast": lambda: TF.autocontrast(image),
+            "Equalize": lambda: TF.equalize(image),
+            "Invert": lambda: TF.invert(image),
+            "Rotate": lambda: TF.rotate(image, v, **geometric),
+            # 0 bits (magnitude 10) keeps nothing: black, as the PIL of the official runs (current PIL refuses 0)
+            "PosterizeIncreasing": lambda: TF.posterize(image, v) if v > 0 else image.point(lambda i: 0),
+            "SolarizeIncreasing": lambda: TF.solarize(image, v),
+            "SolarizeAdd": lambda: image.point(lambda i: min(255, i + v) if i < 128 else i),
+            "ColorIncreasing": lambda: TF.adjust_saturation(image, max(0.1, 1 + v)),
+            "ContrastIncreasing": lambda: TF.adjust_contrast(image, max(0.1, 1 + v)),
+            "BrightnessIncreasing": lambda: TF.adjust_brightness(image, max(0.1, 1 + v)),
+            "SharpnessIncreasing": lambda: TF.adjust_sharpness(image, max(0.1, 1 + v)),
+            "ShearX": lambda: TF.affine(image, 0.0, [0.0, 0.0], 1.0, [math.degrees(math.atan(v)), 0.0],
+                                       center=[0.0, 0.0], **geometric),
+            "ShearY": lambda: TF.affine(image, 0.0, [0.0, 0.0], 1.0, [0.0, math.degrees(math.atan(v))],
+                                       center=[0.0, 0.0], **geometric),
+            "TranslateXRel": lambda: TF.affine(image, 0.0, [-v * width, 0.0], 1.0, [0.0, 0.0], **geometric),
+            "TranslateYRel": lambda: TF.affine(image, 0.0, [0.0, -v * height], 1.0, [0.0, 0.0], **geometric),
+        }
+        return ops[name]()
+
+    def __call__(self, image):
+        for name, magnitude in self.sample():
+            image = self.apply(image, name, magnitude)
+        return image
+
+
 def train_transform(args):
-    """RandomResizedCrop (bicubic), flip, RandAugment(2, 9), colour jitter, normalise, random erasing."""
-    bicubic = v2.InterpolationMode.BICUBIC
-    steps = [v2.RandomResizedCrop(args.img_size, interpolation=bicubic), v2.RandomHorizontalFlip(),
-             v2.RandAugment(num_ops=2, magnitude=9, interpolation=bicubic)]
+    """RandomResizedCrop (bicubic), flip, RandAugment, colour jitter, normalise, random erasing."""
+    steps = [v2.RandomResizedCrop(args.img_size, interpolation=v2.InterpolationMode.BICUBIC),
+             v2.RandomHorizontalFlip(), RandAugment()]
     if args.color_jitter > 0:
         steps.append(v2.ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter))
     return v2.Compose(steps + [utils.normalize(), v2.RandomErasing(p=args.reprob, value="random")])

@@ -35,13 +35,14 @@ def get_args(argv=None):
 
 
 class LinearProbe(nn.Module):
-    """Frozen encoder (always in eval mode, no gradients) -> BatchNorm1d(affine=False) -> Linear."""
+    """Frozen encoder (always in eval mode, no gradients) -> BatchNorm1d(affine=False, eps 1e-5) -> Linear,
+    as the official probe."""
 
     def __init__(self, encoder, num_classes, final_norm=False):
         super().__init__()
         self.encoder = encoder.requires_grad_(False).eval()
         self.final_norm = final_norm
-        self.head = nn.Sequential(nn.BatchNorm1d(encoder.embed_dim, affine=False, eps=1e-6),
+        self.head = nn.Sequential(nn.BatchNorm1d(encoder.embed_dim, affine=False),
                                   nn.Linear(encoder.embed_dim, num_classes))
         nn.init.normal_(self.head[1].weight, std=0.01)
         nn.init.zeros_(self.head[1].bias)
@@ -101,10 +102,11 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     utils.set_seed(args.seed + rank)
 
+    # torchvision's default bilinear resizing for training and evaluation, as the official probe
     train_transform = v2.Compose([v2.RandomResizedCrop(args.img_size), v2.RandomHorizontalFlip(), utils.normalize()])
+    val_transform = utils.eval_transform(args.img_size, v2.InterpolationMode.BILINEAR)
     train_set, val_set, num_classes = utils.classification_datasets(
-        args.data, args.img_size, train_transform, utils.eval_transform(args.img_size), args.num_classes,
-        args.synthetic_size)
+        args.data, args.img_size, train_transform, val_transform, args.num_classes, args.synthetic_size)
     train_loader = utils.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device)
     val_loader = utils.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device)
 

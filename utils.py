@@ -341,9 +341,10 @@ def normalize():
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def eval_transform(img_size):
-    """Resize(256/224 of the crop, bicubic) + CenterCrop, the ImageNet evaluation protocol."""
-    return v2.Compose([v2.Resize(int(img_size * 256 / 224), interpolation=v2.InterpolationMode.BICUBIC),
+def eval_transform(img_size, interpolation=v2.InterpolationMode.BICUBIC):
+    """Resize(256/224 of the crop) + CenterCrop, the ImageNet evaluation protocol: bicubic as timm's fine-tuning
+    pipeline, bilinear (torchvision's default) for the official linear probe."""
+    return v2.Compose([v2.Resize(int(img_size * 256 / 224), interpolation=interpolation),
                        v2.CenterCrop(img_size), normalize()])
 
 
@@ -397,8 +398,9 @@ def train_one_epoch(loss_fn, model, loader, optimizer, scaler, epoch, args, devi
     """One epoch of optimizer steps of args.accum_iter micro-batches each; returns (mean loss, last lr).
 
     loss_fn(images, targets) -> scalar loss through `model` (DDP-wrapped or not). The lr follows the
-    per-iteration warm-up + cosine schedule of args.lr over args.epochs, scaled by each group's lr_scale.
-    Uses args.accum_iter, epochs, warmup_epochs, lr, amp, print_freq, batch_size.
+    per-iteration warm-up + cosine schedule from args.lr to args.min_lr (0 where a stage has no --min-lr) over
+    args.epochs, scaled by each group's lr_scale.
+    Uses args.accum_iter, epochs, warmup_epochs, lr, min_lr, amp, print_freq, batch_size.
     """
     steps = len(loader) // args.accum_iter
     if steps == 0:
@@ -407,7 +409,8 @@ def train_one_epoch(loss_fn, model, loader, optimizer, scaler, epoch, args, devi
     meter, sums = Meter(steps), torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, steps
     batches = iter(loader)
     for step in range(steps):
-        lr = cosine_schedule(epoch + step / steps, args.epochs, args.warmup_epochs, args.lr)
+        lr = cosine_schedule(epoch + step / steps, args.epochs, args.warmup_epochs, args.lr,
+                             getattr(args, "min_lr", 0.0))
         set_lr(optimizer, lr)
         micro_batches = [[t.to(device, non_blocking=True) for t in next(batches)] for _ in range(args.accum_iter)]
         loss = accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, args.amp)
