@@ -218,6 +218,9 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         init_weights(self)
         nn.init.normal_(self.cls_token, std=0.02)
+        # the official conv keeps PyTorch's default bias, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = C*p*p
+        bound = self.patch_embed.in_features ** -0.5
+        nn.init.uniform_(self.patch_embed.bias, -bound, bound)
 
     def embed(self, x):
         """(B, C, H, W) -> (B, N, D) patch tokens plus position embedding."""
@@ -316,7 +319,8 @@ def vit_large(**kwargs):
 
 
 def init_weights(module):
-    """Xavier-uniform Linear weights (the patch embedding's too), zero biases, unit LayerNorm (as official).
+    """Xavier-uniform Linear weights (the patch embedding's too), zero biases, unit LayerNorm (as official;
+    VisionTransformer then gives the patch embedding's bias PyTorch's default conv initialisation, as official).
 
     A fused k|v weight is initialised as the two separate matrices of the official model.
     """
