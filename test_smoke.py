@@ -1,8 +1,10 @@
 """Smoke tests: numerics against the official implementation, masking, and every stage end to end on tiny
 synthetic data. Run with `pytest test_smoke.py` (a few minutes on a 2-core CPU)."""
+import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +16,7 @@ from einops import rearrange
 from PIL import Image
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.transforms import v2
 
 import bench
 import finetune
@@ -607,6 +610,151 @@ def test_finetune_image_folder_subset_list(tmp_path):
     assert eval_check_log(tmp_path / "out", 1)[0]["train_images"] == 4
     with pytest.raises(SystemExit, match="--num-classes 4 but .* holds 2 classes"):
         finetune.main(args + ["--num-classes", "4"])
+
+# ----------------------------------------------------------------------------------------------------
+# Fidelity (issue 10): fine-tuning and linear probe
+
+
+def test_randaugment_applies_timm_levels_at_m9():
+    """At magnitude 9 each op makes timm's PIL call with timm's argument: rotate 27 degrees, shear 0.27,
+    translate 0.405 of the side, keep 1 bit, enhance by 1 +- 0.81, solarize above 26, add 99 below 128;
+    geometric ops resample bicubically and fill with the mean pixel (124, 116, 104)."""
+    ra, fill = finetune.RandAugment(), (124, 116, 104)
+    assert ra.MEAN_PIXEL == fill
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    pixels = lambda img: np.asarray(img).astype(int)
+
+    def one_of(op, expected):  # the op's output equals one of the candidates (the sign is random)
+        for seed in range(4):
+            torch.manual_seed(seed)
+            out = pixels(ra.apply(image, op, 9.0))
+            assert any(np.array_equal(out, pixels(e)) for e in expected), op
+
+    bicubic = Image.Resampling.BICUBIC
+    affine = lambda *m: image.transform(image.size, Image.Transform.AFFINE, m, bicubic, fillcolor=fill)
+    one_of("Rotate", [image.rotate(a, bicubic, fillcolor=fill) for a in (27.0, -27.0)])
+    one_of("ShearX", [affine(1, s, 0, 0, 1, 0) for s in (0.27, -0.27)])
+    one_of("ShearY", [affine(1, 0, 0, s, 1, 0) for s in (0.27, -0.27)])
+    one_of("TranslateXRel", [affine(1, 0, t * 32, 0, 1, 0) for t in (0.405, -0.405)])
+    one_of("TranslateYRel", [affine(1, 0, 0, 0, 1, t * 24) for t in (0.405, -0.405)])
+    torch.manual_seed(0)
+    rotated = pixels(ra.apply(Image.new("RGB", (32, 32), (255, 255, 255)), "Rotate", 9.0))
+    assert tuple(rotated[0, 0]) == fill and tuple(rotated[16, 16]) == (255, 255, 255)
+
+    grey = Image.new("RGB", (8, 8), (100, 100, 100))
+    assert set(np.unique(pixels(ra.apply(image, "PosterizeIncreasing", 9.0)))) <= {0, 128}  # 1 bit kept
+    assert len(np.unique(pixels(ra.apply(image, "PosterizeIncreasing", 7.0)) % 64)) == 1  # 2 bits kept
+    assert np.unique(pixels(ra.apply(grey, "SolarizeAdd", 9.0))).tolist() == [199]
+    assert np.unique(pixels(ra.apply(Image.new("RGB", (8, 8), (200,) * 3), "SolarizeAdd", 9.0))).tolist() == [200]
+    assert np.unique(pixels(ra.apply(Image.new("RGB", (8, 8), (26,) * 3), "SolarizeIncreasing", 9.0))).tolist() == [229]
+    assert np.unique(pixels(ra.apply(Image.new("RGB", (8, 8), (25,) * 3), "SolarizeIncreasing", 9.0))).tolist() == [25]
+    seen = {np.unique(pixels(ra.apply(grey, "BrightnessIncreasing", 9.0))).item() for _ in range(20)}
+    assert seen == {181, 19}  # 100 * (1 +- 0.81)
+    assert ra.level("ColorIncreasing", 9.0) == pytest.approx(0.81) and ra.level("Invert", 9.0) is None
+    assert np.unique(pixels(ra.apply(image, "PosterizeIncreasing", 10.0))).tolist() == [0]  # 0 bits: black
+
+
+def test_randaugment_skips_and_magnitude_noise():
+    """Two uniform draws with replacement, each kept with p 0.5 (both skipped with p 0.25), magnitude
+    N(9, 0.5) drawn per application and clipped to 10."""
+    ra = finetune.RandAugment()
+    torch.manual_seed(0)
+    plans = [ra.sample() for _ in range(20000)]
+    lengths = np.bincount([len(p) for p in plans], minlength=3) / len(plans)
+    assert lengths == pytest.approx([0.25, 0.5, 0.25], abs=0.012)
+    names = [name for plan in plans for name, _ in plan]
+    counts = np.array([names.count(op) for op in ra.OPS]) / len(names)
+    assert len(ra.OPS) == 15 and counts == pytest.approx(np.full(15, 1 / 15), abs=0.006)
+    assert sum(len(p) == 2 and p[0][0] == p[1][0] for p in plans) > 200  # with replacement
+    magnitudes = np.array([m for plan in plans for _, m in plan])
+    assert magnitudes.max() == 10.0 and (magnitudes == 10.0).mean() == pytest.approx(0.0228, abs=0.004)
+    assert magnitudes.mean() == pytest.approx(9.0, abs=0.01)
+    assert magnitudes.std() == pytest.approx(0.5 * 0.98, abs=0.01)  # std of N(0, 1) clipped at +2 is 0.98
+    assert {m for plan in (finetune.RandAugment(magnitude_std=0).sample() for _ in range(50)) for _, m in plan} == {9.0}
+    image = Image.new("RGB", (8, 8), (10, 20, 30))
+    assert finetune.RandAugment(prob=0.0)(image) is image
+
+
+def test_patch_embedding_bias_is_pytorch_conv_default():
+    """The official conv keeps PyTorch's default bias: U(+-1/sqrt(C*p*p)), not zero."""
+    torch.manual_seed(0)
+    bias = models.VisionTransformer(img_size=32, patch_size=8, **models.ARCHS["vit_tiny"]).patch_embed.bias.detach()
+    bound = (3 * 8 * 8) ** -0.5
+    assert bias.abs().max() <= bound and bias.std() == pytest.approx(bound / 3 ** 0.5, rel=0.2)
+
+
+def test_eval_transforms_and_probe_head(monkeypatch):
+    """Linear probe: bilinear Resize(256/224) + CenterCrop and BatchNorm eps 1e-5; fine-tuning: bicubic
+    evaluation and the timm RandAugment in training."""
+    seen = {}
+
+    def capture(data, img_size, train_transform, val_transform, *rest):
+        seen["train"], seen["val"] = train_transform, val_transform
+        raise EvalInterrupted
+
+    monkeypatch.setattr(utils, "classification_datasets", capture)
+    for script, mode in ((linprobe, "BILINEAR"), (finetune, "BICUBIC")):
+        with pytest.raises(EvalInterrupted):
+            script.main(eval_args("unused"))
+        resize = seen["val"].transforms[0]
+        assert resize.size == [36] and resize.interpolation == getattr(v2.InterpolationMode, mode)
+    assert any(isinstance(t, finetune.RandAugment) for t in seen["train"].transforms)
+    head = linprobe.LinearProbe(models.VisionTransformer(img_size=32, patch_size=8, **models.ARCHS["vit_fixture"]),
+                                4).head
+    assert head[0].eps == 1e-5 and not head[0].affine
+
+
+def test_min_lr_floor():
+    """finetune's cosine ends at --min-lr (1e-6); linprobe's at 0, as the official code."""
+    assert finetune.get_args([]).min_lr == 1e-6 and not hasattr(linprobe.get_args([]), "min_lr")
+    assert utils.cosine_schedule(100, 100, 5, 2e-3, final=1e-6) == pytest.approx(1e-6)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2), torch.randn(4, 1)),
+                                         batch_size=1)
+    loss_fn = lambda x, y: F.mse_loss(model(x), y)
+    for min_lr in (0.25, None):
+        args = argparse.Namespace(accum_iter=1, epochs=2, warmup_epochs=0, lr=1.0, amp="none", print_freq=100,
+                                  batch_size=1, **({} if min_lr is None else {"min_lr": min_lr}))
+        _, lr = utils.train_one_epoch(loss_fn, model, loader, optimizer, utils.grad_scaler(torch.device("cpu"), "none"),
+                                      1, args, torch.device("cpu"), log=lambda *a: None)
+        floor = min_lr or 0.0
+        assert lr == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+        assert optimizer.param_groups[0]["lr"] == lr
+
+
+FIDELITY_STAGES = {"pretraining": pretrain, "linear probe": linprobe, "fine-tuning": finetune,
+                   "1% / 10% labels": finetune}
+
+
+def test_fidelity_table_matches_defaults():
+    """Every `--flag value` in the "ours" column of the README's fidelity table is that stage's default (a
+    `--flag` alone: True; `--flag PLACEHOLDER`: no default), and the table has a row for each stage."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("\n## Fidelity")[1].split("\n## ")[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| stage |")]
+    assert {"pretraining", "linear probe", "fine-tuning", "1% / 10% labels", "ADE20K", "COCO"} <= {r[0] for r in rows}
+    checked = set()
+    for stage, setting, ours, *_ in rows:
+        if stage not in FIDELITY_STAGES:
+            continue
+        defaults = vars(FIDELITY_STAGES[stage].get_args([]))
+        for flag, value in re.findall(r"`(--[a-z][a-z-]*)(?: ([^`]+))?`", ours):
+            default = defaults[flag[2:].replace("-", "_")]
+            if value.isupper():  # a placeholder such as FILE: the flag has no default
+                assert default is None, (stage, flag, default)
+            else:
+                assert default == (type(default)(value) if value else True), (stage, flag, value, default)
+            checked.add((stage, flag))
+    assert {("pretraining", f) for f in ("--blr", "--batch-size", "--weight-decay", "--warmup-epochs", "--epochs",
+                                         "--mask-ratio", "--num-masks", "--ema", "--drop-path", "--layer-scale")} <= checked
+    assert {("linear probe", f) for f in ("--blr", "--batch-size", "--warmup-epochs", "--epochs", "--branch")} <= checked
+    assert {("fine-tuning", f) for f in ("--blr", "--min-lr", "--batch-size", "--layer-decay", "--weight-decay",
+                                         "--warmup-epochs", "--epochs", "--drop-path", "--reprob", "--mixup",
+                                         "--cutmix", "--smoothing", "--color-jitter", "--branch")} <= checked
+
 
 # ====================================================================================================
 # ADE20K segmentation
