@@ -45,6 +45,16 @@ def sincos_pos_embed(dim, grid_h, grid_w):
     return torch.cat([encode(cols), encode(rows)], dim=1).float()
 
 
+def relative_position_index(grid_h, grid_w):
+    """(N, N) int64, N = grid_h * grid_w: the row of a ((2h-1)(2w-1), heads) table holding the bias from
+    query patch i to key patch j, by their row and column offsets (BEiT's layout without its 3 cls rows)."""
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()  # (N,)
+    d_row = rows[:, None] - rows[None, :] + grid_h - 1  # (N, N) in 0..2h-2
+    d_col = cols[:, None] - cols[None, :] + grid_w - 1
+    return d_row * (2 * grid_w - 1) + d_col
+
+
 def resize_pos_embed(pos_embed, old_grid, new_grid):
     """Bicubic resize of a (1, h*w, D) table from grid old_grid=(h, w) to new_grid."""
     if tuple(old_grid) == tuple(new_grid):
@@ -123,33 +133,61 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through SDPA (flash / memory-efficient kernels where available)."""
+    """Multi-head self-attention through SDPA (flash / memory-efficient kernels where available).
 
-    def __init__(self, dim, num_heads):
+    rel_pos_grid=(h, w) adds BEiT's relative position bias, used for dense transfer (off for pretraining):
+    a learned ((2h-1)(2w-1), heads) table, zero at initialisation, gives each head an additive logit for
+    every row and column offset between two patches. An input grid other than (h, w) gets the table
+    resized bicubically to its offsets, as the position embedding is.
+    """
+
+    def __init__(self, dim, num_heads, rel_pos_grid=None):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.rel_pos_grid = tuple(rel_pos_grid) if rel_pos_grid else None
+        if self.rel_pos_grid:
+            h, w = self.rel_pos_grid
+            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * h - 1) * (2 * w - 1), num_heads))
+            self.register_buffer("relative_position_index", relative_position_index(h, w), persistent=False)
 
-    def forward(self, x):
+    def relative_position_bias(self, grid):
+        """Additive attention bias (heads, N, N) for tokens on grid (h, w)."""
+        table, index = self.relative_position_bias_table, self.relative_position_index
+        if tuple(grid) != self.rel_pos_grid:
+            (h, w), (new_h, new_w) = self.rel_pos_grid, grid
+            table = rearrange(table, "(r c) n -> 1 n r c", r=2 * h - 1)
+            table = F.interpolate(table, size=(2 * new_h - 1, 2 * new_w - 1), mode="bicubic", align_corners=True)
+            table = rearrange(table, "1 n r c -> (r c) n")
+            index = relative_position_index(new_h, new_w).to(table.device)
+        return rearrange(table[index], "i j n -> n i j")
+
+    def forward(self, x, grid=None):  # x (B, N, D); grid (h, w) of the N tokens, needed with rel_pos_grid
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        x = F.scaled_dot_product_attention(q, k, v)
+        bias = None
+        if self.rel_pos_grid:
+            if grid is None or grid[0] * grid[1] != x.shape[1]:
+                raise ValueError(f"the relative position bias needs the token grid of the {x.shape[1]} "
+                                 f"tokens (a full image, no masking), got {grid}")
+            bias = self.relative_position_bias(grid).to(q.dtype)  # (H, N, N)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(rearrange(x, "b h n d -> b n (h d)"))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, dim, num_heads, mlp_ratio, drop_path):
+    def __init__(self, dim, num_heads, mlp_ratio, drop_path, rel_pos_grid=None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, rel_pos_grid)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
-    def forward(self, x):
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+    def forward(self, x, grid=None):
+        x = x + drop_path(self.attn(self.norm1(x), grid), self.drop_path, self.training)
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
@@ -196,10 +234,12 @@ class VisionTransformer(nn.Module):
     forward(x, keep) -> (tokens, instance) after the final norm: (B, N, D) and (B, D) for full images,
     (M*B, K, D) and (M*B, D) when keep (M, B, K) selects visible patches.
     Any input whose sides divide by the patch size works: the position table is resized on the fly.
+    rel_pos_bias=True gives every block a relative position bias for the img_size grid (see Attention;
+    full images only), as BEiT's and CAE's segmentation backbones have; pretraining has none.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, ca_depth=2, layer_scale=0.1, drop_path=0.0):
+                 mlp_ratio=4.0, ca_depth=2, layer_scale=0.1, drop_path=0.0, rel_pos_bias=False):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
@@ -212,7 +252,8 @@ class VisionTransformer(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, *self.grid_size)[None])
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
+        rel_pos_grid = self.grid_size if rel_pos_bias else None
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r, rel_pos_grid) for r in rates)
         self.ca_blocks = nn.ModuleList(ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, layer_scale)
                                        for _ in range(ca_depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -222,14 +263,18 @@ class VisionTransformer(nn.Module):
         bound = self.patch_embed.in_features ** -0.5
         nn.init.uniform_(self.patch_embed.bias, -bound, bound)
 
-    def embed(self, x):
-        """(B, C, H, W) -> (B, N, D) patch tokens plus position embedding."""
-        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+    def token_grid(self, x):
+        """(h, w) patches of an input (B, C, H, W)."""
         if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
             raise ValueError(f"input {tuple(x.shape[-2:])} is not divisible by patch size {self.patch_size}")
+        return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+
+    def embed(self, x):
+        """(B, C, H, W) -> (B, N, D) patch tokens plus position embedding."""
+        grid = self.token_grid(x)
         patches = rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=self.patch_size, p2=self.patch_size)
         tokens = self.patch_embed(patches)  # (B, N, D)
-        return tokens + resize_pos_embed(self.pos_embed, self.grid_size, (h, w))
+        return tokens + resize_pos_embed(self.pos_embed, self.grid_size, grid)
 
     def pool(self, tokens):
         """Class-attention output (M*B, D) for tokens (M*B, N, D), before the final norm."""
@@ -240,11 +285,11 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x, keep=None):
         """Tokens and class-attention output before the final norm."""
-        tokens = self.embed(x)
+        tokens, grid = self.embed(x), self.token_grid(x)
         if keep is not None:
-            tokens = gather_visible(tokens, keep)  # (M*B, K, D)
+            tokens, grid = gather_visible(tokens, keep), None  # (M*B, K, D): no longer a grid
         for blk in self.blocks:
-            tokens = blk(tokens)
+            tokens = blk(tokens, grid)
         return tokens, self.pool(tokens)
 
     def forward(self, x, keep=None):
@@ -253,9 +298,9 @@ class VisionTransformer(nn.Module):
 
     def intermediate_tokens(self, x, layers):
         """Tokens (B, N, D) after each block in `layers` (1-based, e.g. 4, 6, 8, 12), no final norm."""
-        tokens, out = self.embed(x), []
+        tokens, grid, out = self.embed(x), self.token_grid(x), []
         for i, blk in enumerate(self.blocks[:max(layers)], start=1):
-            tokens = blk(tokens)
+            tokens = blk(tokens, grid)
             if i in layers:
                 out.append(tokens)
         return out
@@ -506,8 +551,12 @@ def check_state_dict(module, state_dict, what="checkpoint"):
 
 
 def load_encoder(encoder, checkpoint, branch="momentum"):
-    """Load one branch of a checkpoint into a VisionTransformer, resizing the position table to its grid."""
+    """Load one branch of a checkpoint into a VisionTransformer, resizing the position table to its grid.
+    Relative position bias tables the checkpoint lacks (pretraining has none) start at zero."""
     sd = encoder_state_dict(checkpoint, branch)
+    for key, value in encoder.state_dict().items():
+        if key.endswith(".relative_position_bias_table"):
+            sd.setdefault(key, torch.zeros_like(value))
     if "pos_embed" in sd and sd["pos_embed"].shape != encoder.pos_embed.shape:
         n = sd["pos_embed"].shape[1]
         side = math.isqrt(n)

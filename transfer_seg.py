@@ -1,14 +1,21 @@
 """ADE20K semantic segmentation transfer: the pretrained ViT's patch tokens under UperNet.
 
-The protocol of the BEiT/CAE/MAE mmsegmentation configs, in one file on torch and torchvision:
-tokens after four blocks (4, 6, 8, 12 of a 12-block ViT) are brought to strides 4, 8, 16, 32 (two 2x
+The protocol of CAE's ViT-B UperNet config (lxtGH/CAE downstream_tasks/semantic_segmentation/configs_local/
+cae/upernet/upernet_cae_base_12_512_slide_160k_ade20k_pt_3e-4.py, itself BEiT's), in one file on torch and
+torchvision: a relative position bias in every block (zero-initialised, trained; --no-rel-pos-bias drops
+it); tokens after four blocks (4, 6, 8, 12 of a 12-block ViT) brought to strides 4, 8, 16, 32 (two 2x
 transposed convs with BN + GELU between, one transposed conv, identity, 2x max-pool), fused by a UperNet
-head (pyramid pooling on the coarsest map + FPN), plus an auxiliary FCN head on the stride-16 map (loss
-weight 0.4). 512x512 crops, 160k iterations at batch 16, AdamW (0.9, 0.999) with lr 1e-4 and layer-wise
-decay 0.65, weight decay 0.05, 1500 linear warm-up iterations then poly decay (power 1) to 0, drop path
-0.1. Single-scale sliding-window (or whole-image) mIoU over the 150 classes.
+head of 768 channels (pyramid pooling on the coarsest map + FPN), plus an auxiliary FCN head of 256
+channels on the stride-16 map (loss weight 0.4). 512x512 crops, 160k iterations at batch 16, AdamW (0.9,
+0.999) with lr 3e-4 and layer-wise decay 0.65, weight decay 0.05 (the bias tables included, as there),
+1500 linear warm-up iterations then poly decay (power 1) to 0, drop path 0.1. Single-scale
+sliding-window (or whole-image) mIoU over the 150 classes.
 
 --lr is absolute (for the global --batch-size), as those configs state it; it is not scaled with the batch.
+The default 3e-4 is the CAE README's choice for its 300-epoch ViT-B (1e-4 is for its 1600-epoch one, 2e-4
+for 800 epochs); ExtreMA's released checkpoints are 300-epoch ones.
+The bias tables are built for the crop's grid; a sliding window smaller than the crop (an image whose
+short side ends below --img-size) or --eval-mode whole sees them resized bicubically to its grid.
 
 Data: --data is the ADEChallengeData2016 folder (images/{training,validation}/*.jpg,
 annotations/{training,validation}/*.png; 0 = unlabelled and ignored, 1..150 -> classes 0..149), or
@@ -44,6 +51,7 @@ NUM_CLASSES = 150
 IGNORE_INDEX = 255
 STRIDES = (4, 8, 16, 32)  # of the four feature maps, relative to the input
 AUX_WEIGHT = 0.4
+AUX_CHANNELS = 256  # the FCN auxiliary head's width in the configs, whatever the UperNet width
 SYNTHETIC_CLASSES = 8
 
 
@@ -54,12 +62,15 @@ def get_args(argv=None):
     p.add_argument("--feature-blocks", type=int, nargs=4, default=None,
                    help="1-based blocks whose tokens feed strides 4, 8, 16, 32 (default: 4 6 8 12 for 12 "
                         "blocks, scaled to the depth)")
-    p.add_argument("--decoder-channels", type=int, default=512, help="UperNet channels (FCN aux: half)")
+    p.add_argument("--decoder-channels", type=int, default=768, help="UperNet channels")
+    p.add_argument("--no-rel-pos-bias", dest="rel_pos_bias", action="store_false",
+                   help="no relative position bias in the encoder's blocks")
     p.add_argument("--drop-path", type=float, default=0.1)
     p.add_argument("--iters", type=int, default=160000)
     p.add_argument("--warmup-iters", type=int, default=1500)
     p.add_argument("--eval-every", type=int, default=16000, help="evaluate and save every N iterations")
-    p.add_argument("--lr", type=float, default=1e-4, help="absolute peak lr for the global batch")
+    p.add_argument("--lr", type=float, default=3e-4,
+                   help="absolute peak lr for the global batch (CAE: 3e-4 for 300-epoch checkpoints)")
     p.add_argument("--layer-decay", type=float, default=0.65)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--eval-mode", default="slide", choices=["slide", "whole"])
@@ -308,7 +319,7 @@ class Segmenter(nn.Module):
         dim, self.num_classes = encoder.embed_dim, num_classes
         self.backbone = models.FeatureMaps(encoder, feature_blocks, STRIDES)
         self.decode_head = UperNetHead(dim, channels, num_classes)
-        self.aux_head = nn.Sequential(conv_bn_relu(dim, channels // 2, 3), classifier(channels // 2, num_classes))
+        self.aux_head = nn.Sequential(conv_bn_relu(dim, AUX_CHANNELS, 3), classifier(AUX_CHANNELS, num_classes))
 
     def forward(self, x):
         features = self.backbone(x)
@@ -321,10 +332,11 @@ class Segmenter(nn.Module):
 
 def build_model(args, log=print, load_pretrained=True):
     """The pretrained encoder inside the segmenter. Segmentation reads the patch tokens of the blocks up
-    to the last feature block: later blocks, class-attention blocks, cls token and final norm are dropped."""
+    to the last feature block: later blocks, class-attention blocks, cls token and final norm are dropped.
+    The relative position bias tables (for the crop's grid) start at zero."""
     encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size,
                                        **models.ARCHS[args.arch], drop_path=args.drop_path, ca_depth=2,
-                                       layer_scale=0.1)
+                                       layer_scale=0.1, rel_pos_bias=args.rel_pos_bias)
     if load_pretrained:
         utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log=log)
     return Segmenter(encoder, args.feature_blocks, args.decoder_channels, NUM_CLASSES)
@@ -341,7 +353,7 @@ def check_args(args):
     args.feature_blocks = args.feature_blocks or models.default_feature_blocks(depth)
     if not all(1 <= block <= depth for block in args.feature_blocks):
         utils.fail(f"--feature-blocks {args.feature_blocks} must be blocks 1..{depth} of {args.arch}")
-    for flag, least in (("iters", 1), ("eval_every", 1), ("decoder_channels", 2)):
+    for flag, least in (("iters", 1), ("eval_every", 1), ("decoder_channels", 1)):
         if getattr(args, flag) < least:
             utils.fail(f"--{flag.replace('_', '-')} must be at least {least}")
 
@@ -490,7 +502,8 @@ def main(argv=None):
     model_without_ddp = model
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    log(f"{args.arch} blocks {args.feature_blocks} -> UperNet({args.decoder_channels}); {len(train_set)} train / "
+    rel_pos = " with relative position bias" if args.rel_pos_bias else ""
+    log(f"{args.arch}{rel_pos} blocks {args.feature_blocks} -> UperNet({args.decoder_channels}); {len(train_set)} train / "
         f"{len(val_set)} val images; batch {args.batch_size} = {world} x {local_batch} x {args.accum_iter}; "
         f"amp {amp}")
 
