@@ -503,9 +503,9 @@ def main(argv=None):
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     rel_pos = " with relative position bias" if args.rel_pos_bias else ""
-    log(f"{args.arch}{rel_pos} blocks {args.feature_blocks} -> UperNet({args.decoder_channels}); {len(train_set)} train / "
-        f"{len(val_set)} val images; batch {args.batch_size} = {world} x {local_batch} x {args.accum_iter}; "
-        f"amp {amp}")
+    log(f"{args.arch}{rel_pos} blocks {args.feature_blocks} -> UperNet({args.decoder_channels}); "
+        f"{len(train_set)} train / {len(val_set)} val images; batch {args.batch_size} = {world} x {local_batch} x "
+        f"{args.accum_iter}; amp {amp}")
 
     def loss_fn(imgs, labels):
         logits, aux_logits = model(imgs)  # (b, classes, c/4, c/4), (b, classes, c/16, c/16)
