@@ -11,11 +11,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
+from torchvision import tv_tensors
+from torchvision.ops import generalized_box_iou
 from torchvision.transforms import v2
 
 import bench
@@ -725,7 +726,7 @@ def test_min_lr_floor():
 
 
 FIDELITY_STAGES = {"pretraining": pretrain, "linear probe": linprobe, "fine-tuning": finetune,
-                   "1% / 10% labels": finetune}
+                   "1% / 10% labels": finetune, "ADE20K": transfer_seg, "COCO": transfer_det}
 
 
 def test_fidelity_table_matches_defaults():
@@ -745,8 +746,9 @@ def test_fidelity_table_matches_defaults():
             default = defaults[flag[2:].replace("-", "_")]
             if value.isupper():  # a placeholder such as FILE: the flag has no default
                 assert default is None, (stage, flag, default)
-            else:
-                assert default == (type(default)(value) if value else True), (stage, flag, value, default)
+            else:  # the value as the stage's own parser reads it (lists, floats); a flag alone is True
+                given = vars(FIDELITY_STAGES[stage].get_args([flag, *value.split()]))[flag[2:].replace("-", "_")]
+                assert default == given, (stage, flag, value, default)
             checked.add((stage, flag))
     assert {("pretraining", f) for f in ("--blr", "--batch-size", "--weight-decay", "--warmup-epochs", "--epochs",
                                          "--mask-ratio", "--num-masks", "--ema", "--drop-path", "--layer-scale")} <= checked
@@ -754,6 +756,10 @@ def test_fidelity_table_matches_defaults():
     assert {("fine-tuning", f) for f in ("--blr", "--min-lr", "--batch-size", "--layer-decay", "--weight-decay",
                                          "--warmup-epochs", "--epochs", "--drop-path", "--reprob", "--mixup",
                                          "--cutmix", "--smoothing", "--color-jitter", "--branch")} <= checked
+    assert {("ADE20K", f) for f in ("--lr", "--decoder-channels", "--drop-path", "--iters", "--warmup-iters",
+                                    "--layer-decay", "--weight-decay", "--batch-size", "--img-size")} <= checked
+    assert {("COCO", f) for f in ("--lr", "--drop-path", "--lr-drop-epochs", "--warmup-iters", "--layer-decay",
+                                  "--weight-decay", "--epochs", "--batch-size", "--img-size")} <= checked
 
 
 # ====================================================================================================
@@ -976,21 +982,15 @@ DET_FLAGS = ["--arch", "vit_fixture", "--img-size", "64", "--patch-size", "8", "
              "--warmup-iters", "2", "--lr", "1e-3"]
 
 
-def det_small_maskrcnn(backbone, num_classes, **kwargs):
-    """torchvision's Mask R-CNN with fewer proposals/samples and narrow box and mask heads (tests only)."""
-    model = MaskRCNN(backbone, num_classes=num_classes, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
-                     rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50, box_batch_size_per_image=32,
-                     box_detections_per_img=10, **kwargs)
-    model.roi_heads.box_head = TwoMLPHead(256 * 7 * 7, 32)
-    model.roi_heads.box_predictor = FastRCNNPredictor(32, num_classes)
-    model.roi_heads.mask_head = MaskRCNNHeads(256, (16, 16), 1)
-    model.roi_heads.mask_predictor = MaskRCNNPredictor(16, 16, num_classes)
-    return model
-
-
 @pytest.fixture
 def det_small_heads(monkeypatch):
-    monkeypatch.setattr(transfer_det, "MaskRCNN", det_small_maskrcnn)
+    """The reference Mask R-CNN with fewer proposals and samples and narrow box and mask heads (tests only)."""
+    monkeypatch.setattr(transfer_det, "RPN_SETTINGS", {**transfer_det.RPN_SETTINGS,
+                                                       "pre_nms_top_n": dict(training=200, testing=100),
+                                                       "post_nms_top_n": dict(training=100, testing=50)})
+    monkeypatch.setattr(transfer_det, "ROI_SETTINGS", {**transfer_det.ROI_SETTINGS, "batch_size_per_image": 32,
+                                                       "detections_per_img": 10})
+    monkeypatch.setattr(transfer_det, "HEAD_CHANNELS", dict(box_conv=8, box_fc=32, mask=16))
 
 
 @pytest.fixture(scope="module")
@@ -1019,11 +1019,13 @@ def test_det_pyramid_shapes_non_square(patch):
 def test_det_training_step_has_finite_losses_with_mask(det_coco, det_small_heads):
     torch.manual_seed(0)
     args = transfer_det.get_args(DET_FLAGS)
-    dataset = transfer_det.CocoInstances(det_coco, "train", True, transfer_det.train_transform(None))
-    assert len(dataset) == 3  # the image without objects is skipped
+    plain = transfer_det.CocoInstances(det_coco, "train", True, v2.ToDtype(torch.float32, scale=True))
+    assert len(plain) == 3  # the image without objects is skipped
+    _, target = plain[1]
+    crowd_free = [a for a in plain.coco.imgToAnns[plain.ids[1]] if not a["iscrowd"]]
+    assert len(target["boxes"]) == len(crowd_free) and target["masks"].shape[1:] == (64, 64)
+    dataset = transfer_det.CocoInstances(det_coco, "train", True, transfer_det.train_transform(None, 64))
     images, targets = transfer_det.collate_lists([dataset[0], dataset[1]])
-    crowd_free = [a for a in dataset.coco.imgToAnns[dataset.ids[1]] if not a["iscrowd"]]
-    assert len(targets[1]["boxes"]) == len(crowd_free) and targets[1]["masks"].shape[1:] == (64, 64)
     assert set(targets[0]["labels"].tolist()) <= {1, 2, 3}
     detector = transfer_det.build_detector(args, len(dataset.cat_ids), log=lambda *a: None).train()
     losses = detector(images, targets)
@@ -1111,6 +1113,113 @@ def test_det_loads_official_checkpoint_branch(official_file):
         encoder = transfer_det.build_detector(args, num_classes=3, log=lambda *a: None).backbone.maps.encoder
         torch.testing.assert_close(encoder.blocks[1].mlp.fc2.weight, state[prefix + "blocks.1.mlp.fc2.weight"])
         assert not any(name.startswith(("ca_blocks", "cls_token")) for name, _ in encoder.named_parameters())
+
+
+# ====================================================================================================
+# Fidelity (issue 10): segmentation and detection
+
+
+def test_rel_pos_bias_starts_neutral_and_loads_without_tables():
+    assert models.relative_position_index(2, 2).tolist() == [[4, 3, 1, 0], [5, 4, 2, 1], [7, 6, 4, 3], [8, 7, 5, 4]]
+    torch.manual_seed(0)
+    plain = models.vit_tiny(img_size=32, patch_size=8).eval()
+    biased = models.vit_tiny(img_size=32, patch_size=8, rel_pos_bias=True).eval()
+    table = biased.blocks[0].attn.relative_position_bias_table
+    assert table.shape == (7 * 7, 3) and not table.any()
+    assert "blocks.0.attn.relative_position_index" not in biased.state_dict()  # rebuilt, not stored
+    models.load_encoder(biased, {"model": {f"encoder.{k}": v for k, v in plain.state_dict().items()}}, "online")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(biased(x)[0], plain(x)[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(biased.intermediate_tokens(x, [3])[0], plain.intermediate_tokens(x, [3])[0],
+                                   atol=1e-5, rtol=0)
+        for block in biased.blocks:
+            block.attn.relative_position_bias_table.normal_()
+        assert not torch.allclose(biased(x)[0], plain(x)[0], atol=1e-2)
+        assert biased(torch.randn(1, 3, 48, 24))[0].shape == (1, 18, 192)  # table resized to the 6x3 grid
+        bias = biased.blocks[0].attn.relative_position_bias((4, 4))  # (heads, N, N)
+        assert bias.shape == (3, 16, 16) and torch.equal(bias[:, 5, 5], table[24])  # zero offset: the centre row
+    with pytest.raises(ValueError, match="relative position bias needs the token grid"):
+        biased(x, keep=models.sample_keep(2, 16, 0.5, 1))
+    # the tables are decayed like every other matrix, as in the reference's LayerDecayOptimizerConstructor
+    groups = utils.layer_decay_groups(biased, 0.05, 0.65, 12)
+    group = next(g for g in groups if any(p is table for p in g["params"]))
+    assert group["weight_decay"] == 0.05 and group["layer_id"] == 1
+
+
+def test_seg_rel_pos_bias_heads_and_defaults():
+    args = transfer_seg.get_args([])
+    assert args.rel_pos_bias and args.decoder_channels == 768 and args.lr == 3e-4
+    assert not transfer_seg.get_args(["--no-rel-pos-bias"]).rel_pos_bias
+    args = transfer_seg.get_args(["--arch", "vit_fixture", "--img-size", "32", "--patch-size", "8",
+                                  "--decoder-channels", "24"])
+    transfer_seg.check_args(args)
+    model = transfer_seg.build_model(args, log=lambda *a: None)
+    attn = model.backbone.encoder.blocks[0].attn
+    assert attn.rel_pos_grid == (4, 4) and not attn.relative_position_bias_table.any()
+    assert model.decode_head.fpn_bottleneck[0].out_channels == 24
+    assert model.aux_head[0][0].out_channels == transfer_seg.AUX_CHANNELS == 256  # whatever the UperNet width
+    logits, aux = model(torch.randn(2, 3, 32, 32))
+    (logits.mean() + aux.mean()).backward()
+    assert attn.relative_position_bias_table.grad.abs().sum() > 0  # trained
+
+
+def test_det_reference_heads_and_losses(det_small_heads):
+    assert transfer_det.get_args([]).lr == pytest.approx(1.5e-4)
+    assert transfer_det.get_args(["--batch-size", "32"]).lr == pytest.approx(3e-4)
+    torch.manual_seed(0)
+    backbone = nn.Identity()
+    backbone.out_channels = 8
+    detector = transfer_det.mask_rcnn(backbone, 4, transform=None)
+    heads = detector.roi_heads
+    assert heads.box_roi_pool.sampling_ratio == heads.mask_roi_pool.sampling_ratio == 0
+    convs = [m for m in heads.box_head.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 4 and sum(isinstance(m, nn.BatchNorm2d) for m in heads.box_head.modules()) == 4
+    assert [m.out_features for m in heads.box_head.modules() if isinstance(m, nn.Linear)] == [32]
+
+    # RPN: L1 over the positive anchors, divided by all sampled ones (labels -1 are ignored)
+    labels = [torch.tensor([1.0, 1.0, 0.0, -1.0, 0.0])]
+    pred, target = torch.randn(5, 4), [torch.randn(5, 4)]
+    _, rpn_box = detector.rpn.compute_loss(torch.randn(5), pred, labels, target)
+    assert rpn_box.item() == pytest.approx((pred[:2] - target[0][:2]).abs().sum().item() / 4, rel=1e-6)
+
+    # RoI heads with zero deltas: the decoded boxes are the proposals, so the box loss is
+    # 10 * sum over positives of (1 - GIoU(proposal, its ground truth)) / sampled RoIs
+    nn.init.zeros_(heads.box_predictor.bbox_pred.weight)
+    nn.init.zeros_(heads.box_predictor.bbox_pred.bias)
+    gt = torch.tensor([[4.0, 4.0, 28.0, 28.0], [30.0, 8.0, 60.0, 40.0]])
+    proposals = torch.cat([gt + 2, gt + torch.tensor([0.0, 0.0, 6.0, 0.0]), torch.tensor([[40.0, 44.0, 60.0, 62.0]])])
+    features = {str(i): torch.randn(1, 8, 64 // 2 ** (i + 2), 64 // 2 ** (i + 2)) for i in range(4)}
+    targets = [{"boxes": gt, "labels": torch.tensor([1, 3]), "masks": torch.zeros(2, 64, 64, dtype=torch.uint8)}]
+    heads.train()
+    _, losses = heads(features, [proposals], [(64, 64)], targets)
+    expected = sum(1 - generalized_box_iou(proposals[i:i + 1], gt[i % 2:i % 2 + 1]).item() for i in range(4))
+    assert losses["loss_box_reg"].item() == pytest.approx(10 * expected / 7, rel=1e-5)  # 2 gt copies, 5 proposals
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert heads.box_predictor.bbox_pred.weight.grad.abs().sum() > 0
+
+
+def test_det_detr_branch_crops_and_resizes():
+    crop = transfer_det.RandomSizeCrop(384, 600)
+    image = tv_tensors.Image(torch.zeros(3, 500, 700, dtype=torch.uint8))
+    target = {"boxes": tv_tensors.BoundingBoxes([[0, 0, 700, 500]], format="XYXY", canvas_size=(500, 700))}
+    for _ in range(5):
+        out, out_target = crop(image, target)
+        h, w = out.shape[-2:]
+        assert 384 <= h <= 500 and 384 <= w <= 600
+        assert out_target["boxes"].tolist() == [[0, 0, w, h]]  # clipped to the crop
+    torch.manual_seed(0)
+    transform = transfer_det.train_transform(None, 800)
+    sizes = set()
+    small = {"boxes": tv_tensors.BoundingBoxes([[10, 10, 110, 90]], format="XYXY", canvas_size=(100, 120)),
+             "labels": torch.tensor([1]), "masks": tv_tensors.Mask(torch.ones(1, 100, 120, dtype=torch.uint8))}
+    for _ in range(20):
+        out, out_target = transform(tv_tensors.Image(torch.zeros(3, 100, 120, dtype=torch.uint8)), dict(small))
+        sizes.add(tuple(out.shape[-2:]))
+        assert out.dtype == torch.float32 and out_target["masks"].shape[1:] == out.shape[1:]
+        assert len(out_target["boxes"]) == len(out_target["labels"]) == len(out_target["masks"])
+    assert (100, 120) in sizes and len(sizes) > 1  # the branch is taken sometimes, not always
 
 
 # ====================================================================================================

@@ -1,10 +1,20 @@
 """COCO object detection and instance segmentation with Mask R-CNN + FPN on a pretrained ExtreMA ViT.
 
-The protocol of the paper (after the CAE code base): features of four ViT blocks (4, 6, 8, 12 of 12) are
-brought to strides 4, 8, 16, 32 (two 2x transposed convs; one; identity; 2x max-pool), fed to an FPN with an
-extra pooled level, and trained in torchvision's Mask R-CNN for the 1x schedule (12 epochs, lr x0.1 at
-epochs 8 and 11) with AdamW, layer-wise lr decay, batch 16, multi-scale training (shorter side 480-800,
-longer side at most 1333) and flips; evaluated at 800/1333 with the COCO API (box AP and mask AP).
+The protocol of the paper, which follows CAE's Mask R-CNN config (lxtGH/CAE downstream_tasks/detection/
+evaluation/object_detection/configs/mask_rcnn/vit_base_giou_4conv1f_coco_maskrcnn_1x_cae_sincos_init0.1_lr00003.py
+on its _base_/models/mask_rcnn_vit_fpn.py and _base_/schedules/schedule_1x.py), built from torchvision's
+detection parts: features of four ViT blocks (4, 6, 8, 12 of 12) brought to strides 4, 8, 16, 32 (two 2x
+transposed convs; one; identity; 2x max-pool), an FPN of 256 channels with an extra pooled level, an RPN
+with an L1 box loss, RoIAlign with adaptive sampling (ratio 0), a box head of 4 convs (BatchNorm, SyncBN
+under DDP on GPUs) + 1 fully connected layer of 1024 whose boxes are decoded and trained with a GIoU loss
+(weight 10), torchvision's mask head. 1x schedule: 12 epochs, lr x0.1 at epochs 9 and 11, 500 linear
+warm-up iterations; AdamW (0.9, 0.999), lr 3e-4 at batch 32 (the config's 16 GPUs x 2) scaled linearly to
+--batch-size (1.5e-4 at the default 16, the paper's batch), layer decay 0.75, weight decay 0.05, drop
+path 0.2. Training: flip, then with probability 0.5 DETR's branch (shorter side to 400, 500 or 600, a random
+crop of 384-600 on each side) before the multi-scale resize (shorter side 480-800, longer side at most 1333)
+that every image gets. Evaluated at 800/1333 with the COCO API (box AP and mask AP).
+Known differences: torchvision's RoIAlign is not pixel-aligned (mmcv's is: aligned=True); the RoI box
+head predicts boxes for the background class too (never trained or used).
 
     python transfer_det.py --data /data/coco --pretrained checkpoint.pth --output-dir out/det
     torchrun --nproc_per_node 8 transfer_det.py --data /data/coco --pretrained extrema_mask08x5_color_1k_300ep.pth
@@ -22,13 +32,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision import tv_tensors
-from torchvision.models.detection import MaskRCNN
-from torchvision.ops import FeaturePyramidNetwork
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, generalized_box_iou_loss
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.transforms import v2
 
@@ -37,6 +54,14 @@ import utils
 
 STRIDES = (4, 8, 16, 32)  # of the four maps fed to the FPN; it adds a fifth, pooled level at 64
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")  # COCOeval.stats
+# The reference config's train_cfg / test_cfg, in torchvision's terms (proposal counts per level before NMS)
+RPN_SETTINGS = dict(fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256, positive_fraction=0.5,
+                    pre_nms_top_n=dict(training=2000, testing=1000), post_nms_top_n=dict(training=2000, testing=1000),
+                    nms_thresh=0.7)
+ROI_SETTINGS = dict(fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=512, positive_fraction=0.25,
+                    bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5, detections_per_img=100)
+HEAD_CHANNELS = dict(box_conv=256, box_fc=1024, mask=256)  # 4conv1fc box head; mask head of 4 convs + deconv
+GIOU_WEIGHT = 10.0
 
 
 def get_args(argv=None):
@@ -52,16 +77,20 @@ def get_args(argv=None):
     p.add_argument("--feature-blocks", type=int, nargs=4, default=None,
                    help="1-based blocks whose tokens make the stride 4, 8, 16, 32 maps "
                         "(default 4 6 8 12 for 12 blocks, scaled to the depth)")
-    p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--drop-path", type=float, default=0.2)
     p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--lr-drop-epochs", type=int, nargs="*", default=[8, 11],
-                   help="epochs at whose start the lr is multiplied by 0.1")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW lr for the global batch (not rescaled)")
-    p.add_argument("--warmup-iters", type=int, default=1000,
+    p.add_argument("--lr-drop-epochs", type=int, nargs="*", default=[9, 11],
+                   help="0-based epochs at whose start the lr is multiplied by 0.1")
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW lr for the global batch (default 3e-4 x batch-size / 32: 1.5e-4 at batch 16)")
+    p.add_argument("--warmup-iters", type=int, default=500,
                    help="optimizer steps of linear warm-up from 0.001 * lr")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--layer-decay", type=float, default=0.75)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = 3e-4 * args.batch_size / 32
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,13 +218,32 @@ class CocoInstances(torch.utils.data.Dataset):
         return image.as_subclass(torch.Tensor), {k: v.as_subclass(torch.Tensor) if torch.is_tensor(v) else v for k, v in target.items()}
 
 
-def train_transform(lsj_size):
-    """Horizontal flip (multi-scale resize happens in Mask R-CNN's transform) or, with lsj_size, large-scale
-    jitter: flip, resize by 0.1-2.0 of the square, crop/pad to it, drop boxes cropped away."""
+class RandomSizeCrop:
+    """mmdetection's RandomCrop(crop_type='absolute_range', allow_negative_crop=True): a crop whose height and
+    width are drawn from low..high (each at most the image's), at a random place; boxes are clipped to it."""
+
+    def __init__(self, low, high):
+        self.low, self.high = low, high
+
+    def __call__(self, image, target):
+        size = [torch.randint(min(side, self.low), min(side, self.high) + 1, ()).item() for side in image.shape[-2:]]
+        return v2.RandomCrop(size)(image, target)
+
+
+def train_transform(lsj_size, img_size=800):
+    """Horizontal flip, then with probability 0.5 DETR's branch: shorter side to 400, 500 or 600 (longer side
+    at most 1333), a random crop of 384-600 on each side, objects cropped away dropped (an image may end up
+    without any). All sizes scale with img_size / 800; the multi-scale resize is Mask R-CNN's transform.
+    With lsj_size, large-scale jitter instead: flip, resize by 0.1-2.0 of the square, crop/pad to it."""
     steps = [v2.RandomHorizontalFlip()]
     if lsj_size:
         steps += [v2.ScaleJitter((lsj_size, lsj_size), scale_range=(0.1, 2.0)),
                   v2.RandomCrop(lsj_size, pad_if_needed=True), v2.SanitizeBoundingBoxes(min_size=1)]
+    else:
+        def scaled(*sizes):
+            return [round(s * img_size / 800) for s in sizes]
+        steps.append(v2.RandomApply([v2.RandomShortestSize(scaled(400, 500, 600), *scaled(1333), antialias=False),
+                                     RandomSizeCrop(*scaled(384, 600)), v2.SanitizeBoundingBoxes(min_size=1)], p=0.5))
     return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True)])
 
 
@@ -235,8 +283,79 @@ def scales(img_size):
     return tuple(sorted({round(s * img_size / 800) for s in range(480, 801, 32)})), round(1333 * img_size / 800)
 
 
+class L1RegionProposalNetwork(RegionProposalNetwork):
+    """torchvision's RPN with the reference's L1 box loss (mmdetection L1Loss) instead of smooth-L1 (beta 1/9);
+    both are summed over the positive anchors and divided by the sampled anchors."""
+
+    def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
+        sampled_pos, sampled_neg = (torch.where(torch.cat(s))[0] for s in self.fg_bg_sampler(labels))
+        sampled = torch.cat([sampled_pos, sampled_neg])
+        labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
+        box_loss = F.l1_loss(pred_bbox_deltas[sampled_pos], regression_targets[sampled_pos], reduction="sum")
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled])
+        return objectness_loss, box_loss / sampled.numel()
+
+
+class GIoURoIHeads(RoIHeads):
+    """torchvision's RoIHeads trained as the reference config's bbox head (reg_decoded_bbox=True, GIoULoss
+    weight 10): the predicted deltas of each positive RoI are decoded into a box, and 1 - GIoU with its
+    ground-truth box, summed and divided by the sampled RoIs, is the box loss. Evaluation is torchvision's."""
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training:
+            return super().forward(features, proposals, image_shapes)
+        proposals, matched_idxs, labels, _ = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)  # (R, classes), (R, classes * 4)
+        positive = [torch.where(lab > 0)[0] for lab in labels]
+        pos_proposals = [p[i] for p, i in zip(proposals, positive)]
+        pos_matched = [m[i] for m, i in zip(matched_idxs, positive)]
+        gt_boxes = torch.cat([t["boxes"][m] for t, m in zip(targets, pos_matched)])  # (P, 4)
+        labels = torch.cat(labels)
+        pos = torch.where(labels > 0)[0]  # the same RoIs, in the concatenated order
+        deltas = box_regression.reshape(len(labels), -1, 4)[pos, labels[pos]].float()  # (P, 4)
+        boxes = self.box_coder.decode_single(deltas, torch.cat(pos_proposals))
+        box_loss = generalized_box_iou_loss(boxes, gt_boxes, reduction="sum")  # 0, still in the graph, for P = 0
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, pos_proposals, image_shapes)))
+        mask_loss = maskrcnn_loss(mask_logits, pos_proposals, [t["masks"] for t in targets],
+                                  [t["labels"] for t in targets], pos_matched)
+        return [], {"loss_classifier": F.cross_entropy(class_logits, labels),
+                    "loss_box_reg": GIOU_WEIGHT * box_loss / len(labels), "loss_mask": mask_loss}
+
+
+def box_predictor(in_channels, num_classes):
+    """Class scores and per-class box deltas, initialised as mmdetection's BBoxHead (normal std 0.01 and 0.001)."""
+    predictor = FastRCNNPredictor(in_channels, num_classes)
+    for layer, std in ((predictor.cls_score, 0.01), (predictor.bbox_pred, 0.001)):
+        nn.init.normal_(layer.weight, std=std)
+        nn.init.zeros_(layer.bias)
+    return predictor
+
+
+def mask_rcnn(backbone, num_classes, transform):
+    """Mask R-CNN of the reference config on backbone (its FPN levels '0'..'3', 'pool'); classes with background.
+    Anchors 32..512 (one size per level) x ratios 0.5, 1, 2; RoIAlign 7 (boxes) and 14 (masks) with adaptive
+    sampling; box head 4 x (3x3 conv, BatchNorm, ReLU) + fc 1024 (its fc Xavier-initialised as mmdetection)."""
+    channels, levels = backbone.out_channels, ["0", "1", "2", "3"]
+    anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    rpn = L1RegionProposalNetwork(anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]), **RPN_SETTINGS)
+    box_head = FastRCNNConvFCHead((channels, 7, 7), [HEAD_CHANNELS["box_conv"]] * 4, [HEAD_CHANNELS["box_fc"]],
+                                  norm_layer=nn.BatchNorm2d)
+    for layer in box_head.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    mask = HEAD_CHANNELS["mask"]
+    roi_heads = GIoURoIHeads(MultiScaleRoIAlign(levels, 7, sampling_ratio=0), box_head,
+                             box_predictor(HEAD_CHANNELS["box_fc"], num_classes), **ROI_SETTINGS,
+                             mask_roi_pool=MultiScaleRoIAlign(levels, 14, sampling_ratio=0),
+                             mask_head=MaskRCNNHeads(channels, [mask] * 4, 1),
+                             mask_predictor=MaskRCNNPredictor(mask, mask, num_classes))
+    return GeneralizedRCNN(backbone, rpn, roi_heads, transform)
+
+
 def build_detector(args, num_classes, log=print):
-    """Mask R-CNN (torchvision, standard FPN heads) on the pretrained ViT; num_classes without background."""
+    """Mask R-CNN of the reference config on the pretrained ViT; num_classes without background."""
     patch = args.patch_size
     if patch < 1 or patch & (patch - 1):
         utils.fail(f"--patch-size {patch} must be a power of two to give maps at strides {STRIDES}")
@@ -253,9 +372,9 @@ def build_detector(args, num_classes, log=print):
         min_size, max_size = side, side
     else:
         min_size, max_size = scales(args.img_size)  # a random one per image in training, the last at test
-    return MaskRCNN(ViTPyramid(encoder, blocks), num_classes=num_classes + 1, min_size=min_size,
-                    max_size=max_size, image_mean=utils.IMAGENET_MEAN, image_std=utils.IMAGENET_STD,
-                    size_divisible=max(32, patch))
+    transform = GeneralizedRCNNTransform(min_size, max_size, utils.IMAGENET_MEAN, utils.IMAGENET_STD,
+                                         size_divisible=max(32, patch))
+    return mask_rcnn(ViTPyramid(encoder, blocks), num_classes + 1, transform)
 
 
 def lr_at(step, epoch, args):
@@ -346,7 +465,8 @@ def main(argv=None):
     val_loader = utils.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device, collate_lists)
     log(f"{len(val_set)} validation images, {len(val_set.cat_ids)} categories")
     if not args.eval_only:
-        train_set = CocoInstances(root, "train", True, train_transform(lsj_size), cat_ids=val_set.cat_ids)
+        train_set = CocoInstances(root, "train", True, train_transform(lsj_size, args.img_size),
+                                 cat_ids=val_set.cat_ids)
         train_loader = utils.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device,
                                          collate_lists)
         log(f"{len(train_set)} training images")
