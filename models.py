@@ -1,5 +1,5 @@
-"""ExtreMA models: a plain ViT with class-attention pooling, token masking, the siamese learner and
-official-checkpoint conversion.
+"""ExtreMA models: a plain ViT with class-attention pooling (and an optional relative position bias for dense
+transfer), token masking, the siamese learner and official-checkpoint conversion.
 
 Self-contained (torch and einops only): copy this file into your project.
 
