@@ -6,6 +6,7 @@ the two steps are timed in turns, so that a shared machine's slow spells hit bot
     python bench.py --arch vit_base --img-size 224 --batch-size 256 --amp bf16 --device cuda --steps 20
     python bench.py --arch vit_small --batch-size 16 --amp none --device cpu --steps 5 --warmup-steps 1 --baseline
     python bench.py --data /path/to/imagenet --num-workers 10 ...     # is the loader or the model the bottleneck?
+    python bench.py --make-jpegs output/jpegs --count 2000            # ImageNet-sized JPEGs to time the loader on
 
 Every flag of pretrain.py is accepted with its meaning and default (--arch, --img-size, --batch-size, --accum-iter,
 --mask-ratio, --num-masks, --no-disjoint, --proj-hidden-dim, --drop-path, --amp, --compile, --num-workers, ...;
@@ -14,13 +15,16 @@ printed is one JSON object.
 """
 import argparse
 import json
+import math
 import os
 import resource
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils import flop_counter
 
 import models
@@ -45,6 +49,9 @@ def get_args(argv=None):
     p.add_argument("--data", default=None,
                    help="DIR or 'synthetic': also time decode + two-view augmentation through a DataLoader")
     p.add_argument("--data-batches", type=int, default=10, help="loader batches timed after the first")
+    p.add_argument("--make-jpegs", default=None, metavar="DIR",
+                   help="only write --count JPEGs of 500x375 (quality 90) as DIR/train/<class>/<image>.JPEG")
+    p.add_argument("--count", type=int, default=2000, help="images for --make-jpegs")
     bench_args, rest = p.parse_known_args(argv)
     args = pretrain.get_args(rest)  # every pretrain.py flag, same defaults
     vars(args).update(vars(bench_args))
@@ -129,25 +136,65 @@ def peak_tflops(args, device, amp):
     return None
 
 
-def loader_images_per_s(args, local_batch, device):
-    """Images/s of decode + TwoViews augmentation through the pretraining DataLoader (first batch excluded:
-    it includes the workers' start-up)."""
+class TimedItems(torch.utils.data.Dataset):
+    """A dataset whose items come with the CPU seconds (time.process_time, in the loading process) they took."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        start = time.process_time()
+        item = self.dataset[index]
+        return item, time.process_time() - start
+
+
+def timed_collate(items):
+    """Collate TimedItems into (batch, CPU seconds of its items and of collating them)."""
+    start = time.process_time()
+    batch = torch.utils.data.default_collate([item for item, _ in items])
+    return batch, sum(seconds for _, seconds in items) + time.process_time() - start
+
+
+def time_loader(args, local_batch, device):
+    """The pretraining input pipeline (decode + augmentation) through a DataLoader of --num-workers workers:
+    wall-clock images/s of batches 2.. (the first includes the workers' start-up) and the CPU milliseconds
+    per image that the loading processes spent on loading and collating (all batches)."""
     if args.data == "synthetic":  # enough images for the timed batches
         args.synthetic_size = max(args.synthetic_size, local_batch * (args.data_batches + 1))
-    dataset = pretrain.build_dataset(args, pretrain.TwoViews(args.img_size, args.crop_min, args.color_aug))
+    dataset = TimedItems(pretrain.build_dataset(args, pretrain.TwoViews(args.img_size, args.crop_min, args.color_aug)))
     loader = utils.make_loader(dataset, local_batch, train=True, num_workers=args.num_workers, seed=args.seed,
-                               device=device)
+                               device=device, collate_fn=timed_collate)
     batches = min(args.data_batches + 1, len(loader))
     if batches < 2:
         utils.fail(f"{len(dataset)} images give fewer than 2 batches of {local_batch}; lower --batch-size")
     it = iter(loader)
-    next(it)
+    _, cpu_seconds = next(it)
     start = time.perf_counter()
     for _ in range(batches - 1):
-        (x1, x2), _ = next(it)
+        ((x1, x2), _), seconds = next(it)
         x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+        cpu_seconds += seconds
     synchronize(device)
-    return (batches - 1) * local_batch / (time.perf_counter() - start)
+    return (batches - 1) * local_batch / (time.perf_counter() - start), 1000 * cpu_seconds / (batches * local_batch)
+
+
+def make_jpegs(root, count, classes=10, seed=0):
+    """count ImageNet-sized photos-alike (smooth random shapes plus grain, 500x375, JPEG quality 90) in
+    root/train/class_<k>/, about the file size of an ImageNet training image."""
+    if count < 1:
+        utils.fail(f"--count must be positive, got {count}")
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        folder = os.path.join(root, "train", f"class_{i % classes}")
+        os.makedirs(folder, exist_ok=True)
+        coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
+        grain = rng.normal(0, 20, (375, 500, 3))
+        img = Image.fromarray(np.clip(np.asarray(coarse) + grain, 0, 255).astype(np.uint8))
+        img.save(os.path.join(folder, f"img_{i:06d}.JPEG"), quality=90)
+    print(f"wrote {count} JPEGs of 500x375 to {root}/train")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -357,6 +404,8 @@ def prepare_baseline(state_dict, args, device, amp, micro_batches, lr, momentum,
 
 def main(argv=None):
     args = get_args(argv)
+    if args.make_jpegs is not None:
+        return make_jpegs(args.make_jpegs, args.count)
     pretrain.check_args(args)
     if min(args.steps, args.warmup_steps, args.data_batches) < 1:
         utils.fail("--steps, --warmup-steps and --data-batches must be at least 1")
@@ -416,11 +465,15 @@ def main(argv=None):
                        speedup=ours["images_per_s"] / base["images_per_s"])
         print(f"speedup ours/baseline: {summary['speedup']:.2f}x")
     if args.data is not None:
-        summary["loader_images_per_s"] = loader_images_per_s(args, local_batch, device)
-        bottleneck = "loader" if summary["loader_images_per_s"] < ours["images_per_s"] else "model"
-        summary["bottleneck"] = bottleneck
-        print(f"input pipeline ({args.data}, {args.num_workers} workers): {summary['loader_images_per_s']:.1f} "
-              f"images/s vs model {ours['images_per_s']:.1f} images/s -> the {bottleneck} is the bottleneck")
+        loader_rate, cpu_ms = time_loader(args, local_batch, device)
+        bottleneck = "loader" if loader_rate < ours["images_per_s"] else "step"
+        summary.update(loader_images_per_s=loader_rate, loader_cpu_ms_per_image=cpu_ms,
+                       loader_images_per_s_per_worker=1000 / cpu_ms,
+                       workers_needed=math.ceil(ours["images_per_s"] * cpu_ms / 1000), bottleneck=bottleneck)
+        print(f"input pipeline ({args.data}, {args.num_workers} workers): {loader_rate:.1f} images/s vs step "
+              f"{ours['images_per_s']:.1f} images/s -> the {bottleneck} is the bottleneck; {cpu_ms:.2f} CPU ms per "
+              f"image, i.e. {1000 / cpu_ms:.0f} images/s per busy worker: the step needs about "
+              f"{summary['workers_needed']} workers per process")
     summary.update(arch=args.arch, img_size=args.img_size, batch_size=args.batch_size, amp=amp,
                    device=f"{device} ({hardware})", compile=args.compile)
     print(json.dumps({k: float(f"{v:.6g}") if isinstance(v, float) and "flops_per_image" not in k else v
