@@ -1,5 +1,5 @@
 """Benchmark of the ExtreMA pretraining step: the real pretrain.train_step (same model, optimizer, precision and
-momentum update) on random tensors, with FLOPs counted by torch.utils.flop_counter, and optionally the input
+momentum update, the two colourings of each crop on the device included) on random uint8 crops, with FLOPs counted by torch.utils.flop_counter, and optionally the input
 pipeline (--data) and an eager baseline written in the official compute pattern (--baseline). With --baseline
 the two steps are timed in turns, so that a shared machine's slow spells hit both alike.
 
@@ -159,12 +159,13 @@ def timed_collate(items):
 
 
 def time_loader(args, local_batch, device):
-    """The pretraining input pipeline (decode + augmentation) through a DataLoader of --num-workers workers:
+    """The pretraining input pipeline (decode + shared crop as uint8; the colouring is part of the step) through
+    a DataLoader of --num-workers workers:
     wall-clock images/s of batches 2.. (the first includes the workers' start-up) and the CPU milliseconds
     per image that the loading processes spent on loading and collating (all batches)."""
     if args.data == "synthetic":  # enough images for the timed batches
         args.synthetic_size = max(args.synthetic_size, local_batch * (args.data_batches + 1))
-    dataset = TimedItems(pretrain.build_dataset(args, pretrain.TwoViews(args.img_size, args.crop_min, args.color_aug)))
+    dataset = TimedItems(pretrain.build_dataset(args, pretrain.crop_transform(args.img_size, args.crop_min)))
     loader = utils.make_loader(dataset, local_batch, train=True, num_workers=args.num_workers, seed=args.seed,
                                device=device, collate_fn=timed_collate)
     batches = min(args.data_batches + 1, len(loader))
@@ -174,8 +175,8 @@ def time_loader(args, local_batch, device):
     _, cpu_seconds = next(it)
     start = time.perf_counter()
     for _ in range(batches - 1):
-        ((x1, x2), _), seconds = next(it)
-        x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+        (images, _), seconds = next(it)
+        images.to(device, non_blocking=True)
         cpu_seconds += seconds
     synchronize(device)
     return (batches - 1) * local_batch / (time.perf_counter() - start), 1000 * cpu_seconds / (batches * local_batch)
@@ -349,15 +350,17 @@ class BaselineExtreMA(nn.Module):
         return loss / len(masks)
 
 
-def baseline_step(model, optimizer, scaler, micro_batches, lr, momentum, amp):
+def baseline_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, color_aug):
     """The official training iteration: lr per group, momentum step, forward and loss.item() (logged every
     step), backward per micro-batch, then unscale, the total gradient norm (computed every step for the log,
-    no clipping) and the optimizer step."""
-    device = micro_batches[0][0].device
+    no clipping) and the optimizer step. Its views come from the same device colouring as ours (the official
+    code coloured on the CPU), so that the two steps differ by the model only."""
+    device = micro_batches[0].device
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.update_momentum(momentum)
-    for x1, x2 in micro_batches:
+    for images in micro_batches:
+        x1, x2 = pretrain.two_views(images, color_aug)
         with utils.autocast(device, amp):
             loss = model(x1, x2)
         loss.item()
@@ -387,7 +390,8 @@ def prepare_ours(learner, args, device, amp, micro_batches, lr, momentum):
     optimizer = utils.adamw(utils.param_groups(learner, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
                             device=device)
     scaler = utils.grad_scaler(device, amp)
-    return prepare("ours", lambda: pretrain.train_step(learner, optimizer, scaler, micro_batches, lr, momentum, amp),
+    return prepare("ours", lambda: pretrain.train_step(learner, optimizer, scaler, micro_batches, lr, momentum, amp,
+                                                       args.color_aug),
                    args, device, 0.0, (lambda: pretrain.compile_model(learner)) if args.compile else None)
 
 
@@ -398,7 +402,8 @@ def prepare_baseline(state_dict, args, device, amp, micro_batches, lr, momentum,
     optimizer = torch.optim.AdamW(utils.param_groups(baseline, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
                                   foreach=False, fused=False)
     scaler = utils.grad_scaler(device, amp)
-    return prepare("baseline", lambda: baseline_step(baseline, optimizer, scaler, micro_batches, lr, momentum, amp),
+    return prepare("baseline", lambda: baseline_step(baseline, optimizer, scaler, micro_batches, lr, momentum, amp,
+                                                     args.color_aug),
                    args, device, others_mb)
 
 
@@ -415,8 +420,8 @@ def main(argv=None):
     amp = utils.resolve_amp(args.amp, device)
     local_batch = utils.local_batch_size(args.batch_size, 1, args.accum_iter)
     utils.set_seed(args.seed)
-    micro_batches = [[torch.randn(local_batch, 3, args.img_size, args.img_size, device=device) for _ in range(2)]
-                     for _ in range(args.accum_iter)]
+    micro_batches = [torch.randint(0, 256, (local_batch, 3, args.img_size, args.img_size), dtype=torch.uint8,
+                                   device=device) for _ in range(args.accum_iter)]  # crops, as the loader's
     lr = args.blr * args.batch_size / 256
     momentum = models.momentum_at(0, args.epochs, args.ema)
 

@@ -157,12 +157,34 @@ class RandAugment:
 
 
 def train_transform(args):
-    """RandomResizedCrop (bicubic), flip, RandAugment, colour jitter, normalise, random erasing."""
+    """RandomResizedCrop (bicubic), flip, RandAugment, colour jitter, as uint8 (3, H, W): normalisation, random
+    erasing and MixUp/CutMix follow on the device (utils.to_device, loss_fn)."""
     steps = [v2.RandomResizedCrop(args.img_size, interpolation=v2.InterpolationMode.BICUBIC),
              v2.RandomHorizontalFlip(), RandAugment()]
     if args.color_jitter > 0:
         steps.append(v2.ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter))
-    return v2.Compose(steps + [utils.normalize(), v2.RandomErasing(p=args.reprob, value="random")])
+    return v2.Compose(steps + [v2.PILToTensor()])
+
+
+def random_erasing(images, p, scale=(0.02, 0.33), ratio=(0.3, 3.3), attempts=10):
+    """torchvision's RandomErasing(p, value="random") per image of a normalised batch (B, C, H, W), on its device:
+    with probability p, a rectangle of scale x H*W pixels and aspect ratio h/w in ratio (log-uniform), the first
+    of 10 draws that fits (none if none fits), is filled with normal noise."""
+    b, _, height, width = images.shape
+    area = height * width * torch.empty(b, attempts, device=images.device).uniform_(*scale)  # (B, attempts)
+    aspect = torch.empty(b, attempts, device=images.device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    h, w = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+    fits = (h < height) & (w < width)
+    first = fits.int().argmax(1, keepdim=True)  # (B, 1): the first draw that fits
+    h, w = h.gather(1, first), w.gather(1, first)
+    erase = (torch.rand(b, 1, device=images.device) < p) & fits.any(1, keepdim=True)  # (B, 1)
+    top = (torch.rand(b, 1, device=images.device) * (height - h + 1)).floor()
+    left = (torch.rand(b, 1, device=images.device) * (width - w + 1)).floor()
+    rows, cols = torch.arange(height, device=images.device), torch.arange(width, device=images.device)
+    in_rows = (rows >= top) & (rows < top + h) & erase  # (B, H)
+    in_cols = (cols >= left) & (cols < left + w)  # (B, W)
+    inside = in_rows[:, None, :, None] & in_cols[:, None, None, :]  # (B, 1, H, W)
+    return torch.where(inside, torch.randn_like(images), images)
 
 
 def batch_mixing(args, num_classes):
@@ -248,7 +270,8 @@ def main(argv=None):
         f"validation images, {num_classes} classes, lr {args.lr:.3e}, layer decay {args.layer_decay}, "
         f"{world_size} process(es) x {local_batch} x {args.accum_iter}")
 
-    def loss_fn(images, targets):
+    def loss_fn(images, targets):  # timm's order: random erasing per image, then MixUp/CutMix per batch
+        images = random_erasing(images, args.reprob)
         if mixing is not None:
             images, targets = mixing(images, targets)  # targets (B, C), mixed one-hot
         else:

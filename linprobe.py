@@ -103,7 +103,7 @@ def main(argv=None):
     utils.set_seed(args.seed + rank)
 
     # torchvision's default bilinear resizing for training and evaluation, as the official probe
-    train_transform = v2.Compose([v2.RandomResizedCrop(args.img_size), v2.RandomHorizontalFlip(), utils.normalize()])
+    train_transform = v2.Compose([v2.RandomResizedCrop(args.img_size), v2.RandomHorizontalFlip(), v2.PILToTensor()])
     val_transform = utils.eval_transform(args.img_size, v2.InterpolationMode.BILINEAR)
     train_set, val_set, num_classes = utils.classification_datasets(
         args.data, args.img_size, train_transform, val_transform, args.num_classes, args.synthetic_size)

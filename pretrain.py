@@ -43,17 +43,79 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-class TwoViews:
-    """One shared RandomResizedCrop + flip, then each view its own colour augmentation."""
+def crop_transform(img_size, crop_min):
+    """The CPU part of the augmentation: one RandomResizedCrop + flip of a PIL image or uint8 tensor, shared by
+    both views, as uint8 (3, H, W). The two colourings, float conversion and normalisation follow on the device
+    for the whole batch (two_views)."""
+    return v2.Compose([v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0)), v2.RandomHorizontalFlip(),
+                       v2.PILToTensor()])
 
-    def __init__(self, img_size, crop_min, color_aug):
-        self.crop = v2.Compose([v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0)), v2.RandomHorizontalFlip()])
-        colour = [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), v2.RandomGrayscale(0.2)]
-        self.colour = v2.Compose((colour if color_aug else []) + [utils.normalize()])
 
-    def __call__(self, img):
-        img = self.crop(img)
-        return self.colour(img), self.colour(img)
+def grayscale(x):
+    """(B, 3, H, W) -> (B, 1, H, W) with torchvision's weights (rgb_to_grayscale)."""
+    return x[:, 0:1] * 0.2989 + x[:, 1:2] * 0.587 + x[:, 2:3] * 0.114
+
+
+def blend(x, factors, op, active):
+    """Brightness (op 0), contrast (1) or saturation (2) with the factor factors[:, op] of each image where
+    active, as torchvision's adjust_*: clamp(f * x + (1 - f) * y, 0, 1), y = 0, the mean grey level or the grey
+    image. x (B, 3, H, W) in [0, 1]; factors (B, 4); op, active (B,)."""
+    f = torch.where(active, factors.gather(1, op.clamp(max=2)[:, None])[:, 0], 1.0)[:, None, None, None]
+    grey = grayscale(x)  # (B, 1, H, W)
+    contrast, saturation = ((op == k)[:, None, None, None].float() for k in (1, 2))
+    target = grey * saturation + grey.mean((1, 2, 3), keepdim=True) * contrast  # (B, 1, H, W)
+    return torch.lerp(target, x, f).clamp_(0, 1)
+
+
+def shift_hue(x, shift):
+    """torchvision's adjust_hue per image: x (B, 3, H, W) in [0, 1] to HSV, hue + shift (B,), back to RGB."""
+    v, m = x.max(1).values, x.min(1).values  # (B, H, W)
+    c = v - m
+    s = c / torch.where(c == 0, 1.0, v)
+    rc, gc, bc = ((v[:, None] - x) / torch.where(c == 0, 1.0, c)[:, None]).unbind(1)
+    r, g, _ = x.unbind(1)
+    h = torch.where(v == r, bc - gc, torch.where(v == g, 2 + rc - bc, 4 + gc - rc))  # in sixths of the circle
+    h = (h / 6 + 1 + shift[:, None, None]) % 1
+    k = (torch.arange(5, 0, -2, device=x.device)[None, :, None, None] + 6 * h[:, None]) % 6  # (B, 3, H, W)
+    return v[:, None] - (v * s)[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)  # HSV -> RGB, closed form
+
+
+def jitter(x, factors, order):
+    """torchvision's ColorJitter with each image's own factors and order. x (B, 3, H, W) in [0, 1]; factors
+    (B, 4): brightness, contrast, saturation (1: unchanged), hue shift (0: unchanged); order (B, 4): a
+    permutation of the ops 0..3 (brightness, contrast, saturation, hue). The blends before an image's hue
+    shift run in three slots, then one hue pass for all, then three slots for the blends after it."""
+    hue_at = order.argmax(1)  # (B,): the position of op 3
+    for p in range(3):
+        x = blend(x, factors, order[:, p], p < hue_at)
+    shift = factors[:, 3]
+    x = torch.where((shift != 0)[:, None, None, None], shift_hue(x, shift), x)
+    for p in range(1, 4):
+        x = blend(x, factors, order[:, p], p > hue_at)
+    return x
+
+
+def colour(images, jitter_p=0.8, grayscale_p=0.2, strength=(0.4, 0.4, 0.2, 0.1)):
+    """One random colouring per image of a uint8 batch (B, 3, H, W), on its device with torch's generator:
+    with probability jitter_p ColorJitter(*strength) (factors and order drawn per image), then with
+    probability grayscale_p grayscale. Returns normalised float32 (B, 3, H, W)."""
+    b, device = images.shape[0], images.device
+    x = images.float() / 255
+    u = (2 * torch.rand(b, 4, device=device) - 1) * (torch.rand(b, 1, device=device) < jitter_p)  # 0: no jitter
+    factors = torch.stack([1 + strength[0] * u[:, 0], 1 + strength[1] * u[:, 1], 1 + strength[2] * u[:, 2],
+                           strength[3] * u[:, 3]], dim=1)  # (B, 4)
+    x = jitter(x, factors, torch.rand(b, 4, device=device).argsort(1))
+    x = torch.where((torch.rand(b, device=device) < grayscale_p)[:, None, None, None], grayscale(x), x)
+    return utils.normalize(x.mul_(255))
+
+
+def two_views(images, color_aug):
+    """uint8 crops (B, 3, H, W) on the device -> two views, normalised float32, each with its own colouring
+    (without color_aug both are the crop itself)."""
+    if not color_aug:
+        x = utils.normalize(images)
+        return x, x
+    return colour(images), colour(images)
 
 
 def build_model(args):
@@ -76,7 +138,7 @@ def build_dataset(args, transform):
     if args.data == "synthetic":
         return utils.SyntheticImages(args.synthetic_size, args.img_size, transform=transform, seed=args.seed)
     train = os.path.join(args.data, "train")
-    return utils.image_folder(train if os.path.isdir(train) else args.data, transform)
+    return utils.image_folder(train if os.path.isdir(train) else args.data, transform, utils.decode_rgb)
 
 
 def compile_model(learner):
@@ -84,15 +146,17 @@ def compile_model(learner):
     learner.compile()
 
 
-def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, keeps=None):
-    """One ExtreMA optimizer step over accum-iter micro-batches [(x1, x2), ...], masks drawn unless `keeps`
-    gives one (M, b, K) tensor per micro-batch. Returns the mean loss as a device tensor."""
+def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, color_aug=True, keeps=None):
+    """One ExtreMA optimizer step over accum-iter micro-batches of uint8 crops (b, 3, H, W) on the device, each
+    coloured into its two views here (two_views); masks drawn unless `keeps` gives one (M, b, K) tensor per
+    micro-batch. Returns the mean loss as a device tensor."""
     learner = model.module if isinstance(model, DDP) else model
     utils.set_lr(optimizer, lr)
     learner.update_momentum(momentum)  # as the official code: the EMA step precedes the forward
-    batches = [(x1, x2, None if keeps is None else keeps[i]) for i, (x1, x2) in enumerate(micro_batches)]
-    return utils.accumulate_step(model, optimizer, scaler, batches, lambda x1, x2, keep: model(x1, x2, keep=keep),
-                                 micro_batches[0][0].device, amp)
+    batches = [(images, None if keeps is None else keeps[i]) for i, images in enumerate(micro_batches)]
+    return utils.accumulate_step(model, optimizer, scaler, batches,
+                                 lambda images, keep: model(*two_views(images, color_aug), keep=keep),
+                                 micro_batches[0].device, amp)
 
 
 def main(argv=None):
@@ -104,7 +168,7 @@ def main(argv=None):
     utils.set_seed(args.seed + rank)
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    dataset = build_dataset(args, TwoViews(args.img_size, args.crop_min, args.color_aug))
+    dataset = build_dataset(args, crop_transform(args.img_size, args.crop_min))
     loader = utils.make_loader(dataset, local_batch, train=True, num_workers=args.num_workers, seed=args.seed,
                                device=device)
     steps_per_epoch = len(loader) // args.accum_iter
@@ -139,11 +203,10 @@ def main(argv=None):
         meter = utils.Meter(steps_per_epoch)
         for step in range(steps_per_epoch):
             it = epoch * steps_per_epoch + step
-            micro_batches = [[x.to(device, non_blocking=True) for x in next(batches)[0]]
-                             for _ in range(args.accum_iter)]
+            micro_batches = [next(batches)[0].to(device, non_blocking=True) for _ in range(args.accum_iter)]
             lr = utils.cosine_schedule(it, total_steps, warmup_steps, base_lr)
             momentum = models.momentum_at(it / steps_per_epoch, args.epochs, args.ema)
-            loss = train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp)
+            loss = train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, args.color_aug)
             loss_sum += loss
             if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
                 value = loss.item()

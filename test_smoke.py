@@ -265,18 +265,120 @@ def test_gradient_accumulation_matches_full_batch():
     args = pretrain.get_args(TINY + ["--drop-path", "0"])
     full, accum = pretrain.build_model(args), pretrain.build_model(args)
     accum.load_state_dict(full.state_dict())
-    x1, x2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)  # colour off: no random draws
     keep = full.sample_keep(8)  # (M, 8, K)
-    for model, batches, keeps in ((full, [(x1, x2)], [keep]),
-                                  (accum, [(x1[:4], x2[:4]), (x1[4:], x2[4:])], [keep[:, :4], keep[:, 4:]])):
+    for model, batches, keeps in ((full, [images], [keep]), (accum, [images[:4], images[4:]], [keep[:, :4], keep[:, 4:]])):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the update is lr * gradient: comparable
         scaler = utils.grad_scaler(torch.device("cpu"), "none")
         for _ in range(2):
-            loss = pretrain.train_step(model, optimizer, scaler, batches, 1.0, 0.99, "none", keeps)
+            loss = pretrain.train_step(model, optimizer, scaler, batches, 1.0, 0.99, "none", False, keeps)
         assert torch.isfinite(loss)
     for (name, a), b in zip(full.state_dict().items(), accum.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
     assert not torch.equal(full.predictor[0].weight, pretrain.build_model(args).predictor[0].weight)
+
+
+def colour_batch(n, size=4, seed=0):
+    """n colourful uint8 images (n, 3, size, size), no channel equal to another and none saturated."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 3, size, size, generator=g) * 150 + 50).round().to(torch.uint8)
+
+
+def unnormalize(x):
+    return x * torch.tensor(utils.IMAGENET_STD)[:, None, None] + torch.tensor(utils.IMAGENET_MEAN)[:, None, None]
+
+
+def test_device_colouring_matches_torchvision_ops():
+    """Each op with fixed factors, grayscale, and all four in random orders, against torchvision's functional ops
+    on the same uint8-valued images (the issue asks for 1/255; float32 gives about 1e-6)."""
+    from torchvision.transforms.v2 import functional as TF
+    images = colour_batch(6, 9)
+    images[0], images[1, :, :3] = 128, 255  # a grey image, saturated pixels
+    images[2, 1] = images[2, 0]  # ties of the largest channel
+    x = images.float() / 255
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    values = [[0.6, 1.4, 0.9, 1.2, 0.7, 1.0], [0.6, 1.4, 0.9, 1.2, 0.7, 1.0], [0.8, 1.2, 0.9, 1.1, 0.85, 1.0],
+              [-0.1, 0.1, 0.05, -0.03, 0.5, -0.5]]
+    in_order = torch.arange(4).expand(6, 4)
+    for k, (op, vals) in enumerate(zip(ops, values)):
+        factors = torch.tensor([1.0, 1.0, 1.0, 0.0]).repeat(6, 1)
+        factors[:, k] = torch.tensor(vals)
+        expected = torch.stack([op(img, v) for img, v in zip(x, vals)])
+        torch.testing.assert_close(pretrain.jitter(x, factors, in_order), expected, atol=1e-5, rtol=0, msg=op.__name__)
+    torch.testing.assert_close(pretrain.grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
+    factors = torch.tensor([[1.3, 0.7, 1.15, 0.07]]).repeat(6, 1)
+    orders = torch.stack([torch.randperm(4, generator=torch.Generator().manual_seed(i)) for i in range(6)])
+    assert len({tuple(o) for o in orders.tolist()}) > 3
+    expected = []
+    for img, f, order in zip(x, factors, orders):
+        for k in order.tolist():
+            img = ops[k](img, f[k].item())
+        expected.append(img)
+    torch.testing.assert_close(pretrain.jitter(x, factors, orders), torch.stack(expected), atol=1e-5, rtol=0)
+
+
+def test_device_colouring_probabilities_and_independent_views():
+    images = colour_batch(4000)
+    torch.testing.assert_close(pretrain.colour(images, jitter_p=0, grayscale_p=0), utils.normalize(images))
+    torch.manual_seed(0)
+    x1, x2 = (unnormalize(x) for x in pretrain.two_views(images, True))
+    original = images.float() / 255
+    for x in (x1, x2):
+        grey = (x.amax(1) - x.amin(1)).amax((1, 2)) < 1e-5  # (B,)
+        jittered = (x - original).abs().amax((1, 2, 3)) > 1e-5
+        assert abs(grey.float().mean() - 0.2) < 0.03  # 4.7 standard errors
+        assert abs(jittered[~grey].float().mean() - 0.8) < 0.035
+    grey1, grey2 = ((x.amax(1) - x.amin(1)).amax((1, 2)) < 1e-5 for x in (x1, x2))
+    assert abs((grey1 & grey2).float().mean() - 0.04) < 0.015  # independent draws per view, not 0.2
+    assert not torch.allclose(x1, x2)
+    x1, x2 = pretrain.two_views(images, False)
+    assert torch.equal(x1, x2) and torch.equal(x1, utils.normalize(images))
+
+
+def test_pretrain_views_share_one_crop(tmp_path, monkeypatch):
+    """The loader ships one uint8 crop per image; the two views differ only by their colouring."""
+    args = pretrain.get_args(TINY)
+    crop = pretrain.build_dataset(args, pretrain.crop_transform(32, 0.2))[0][0]
+    assert crop.dtype == torch.uint8 and crop.shape == (3, 32, 32)
+    seen, forward = [], models.ExtreMA.forward
+    monkeypatch.setattr(models.ExtreMA, "forward", lambda self, x1, x2, keep=None: seen.append((x1, x2)) or
+                        forward(self, x1, x2, keep=keep))
+    for name, extra in (("off", ["--no-color-aug"]), ("grey", [])):
+        if name == "grey":  # colour on, but every view grayscale and no jitter: the views must be equal
+            monkeypatch.setattr(pretrain, "colour", lambda images, c=pretrain.colour: c(images, 0.0, 1.0))
+        seen.clear()
+        pretrain.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path / name)] + extra)
+        assert len(seen) == 2 and seen[0][0].dtype == torch.float32
+        assert all(torch.equal(x1, x2) for x1, x2 in seen), name
+    x = unnormalize(seen[0][0])
+    assert (x.amax(1) - x.amin(1)).abs().max() < 1e-5  # grey
+
+
+def test_random_erasing_per_image():
+    images = torch.randn(400, 3, 16, 16)
+    assert torch.equal(finetune.random_erasing(images, 0.0), images)
+    torch.manual_seed(0)
+    erased = finetune.random_erasing(images, 0.5) != images  # (B, 3, H, W)
+    hit = erased.flatten(1).any(1)
+    assert abs(hit.float().mean() - 0.5) < 0.1
+    for mask in erased[hit]:
+        rows, cols = mask.any(0).any(1), mask.any(0).any(0)
+        assert torch.equal(mask, (rows[:, None] & cols[None, :]).expand(3, -1, -1))  # one rectangle, all channels
+        assert 0.01 < mask[0].float().mean() < 0.4  # scale (0.02, 0.33) of the area, up to rounding
+    tops = [m[0].any(1).float().argmax().item() for m in erased[hit]]
+    assert len(set(tops)) > 5  # each image its own rectangle
+
+
+def test_jpeg_folder_end_to_end(tmp_path):
+    """Pretraining and the linear probe on an ImageFolder of ImageNet-sized JPEGs from bench.py --make-jpegs."""
+    bench.main(["--make-jpegs", str(tmp_path / "data"), "--count", "16"])
+    with Image.open(tmp_path / "data" / "train" / "class_0" / "img_000000.JPEG") as img:
+        assert img.size == (500, 375) and img.format == "JPEG"
+    pretrain.main(TINY + ["--epochs", "1", "--data", str(tmp_path / "data"), "--output-dir", str(tmp_path / "pre")])
+    assert read_log(tmp_path / "pre")[0]["epoch"] == 0
+    os.symlink(tmp_path / "data" / "train", tmp_path / "data" / "val")
+    linprobe.main(eval_args(tmp_path / "probe", "--data", str(tmp_path / "data"), "--num-classes", "10"))
+    assert eval_check_log(tmp_path / "probe", 1)[0]["acc5"] >= 0
 
 
 def test_torchrun_two_processes(tmp_path):
@@ -1285,7 +1387,7 @@ def test_bench_flops_per_image_independent_of_batch():
     optimizer = utils.adamw(utils.param_groups(learner, 0.1), lr=0.0, betas=(0.9, 0.95), device=torch.device("cpu"))
     scaler = utils.grad_scaler(torch.device("cpu"), "none")
     for batch in (3, 6):
-        micro_batches = [[torch.randn(batch, 3, 32, 32), torch.randn(batch, 3, 32, 32)]]
+        micro_batches = [torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)]  # colouring adds no FLOPs
         flops = bench.count_flops(lambda: pretrain.train_step(learner, optimizer, scaler, micro_batches, 1e-4,
                                                               0.99, "none"))
         assert flops == batch * bench_hand_flops_per_image()

@@ -127,11 +127,6 @@ def photometric_distortion(img):
     return img
 
 
-def normalize(img):
-    """Float image in [0, 255] -> ImageNet-normalised (mmseg's mean/std in 0..255 units)."""
-    return TF.normalize(img / 255, utils.IMAGENET_MEAN, utils.IMAGENET_STD)
-
-
 class TrainTransform:
     """mmseg's ADE20K training pipeline: random keep-ratio resize of the (4c, c) scale by 0.5-2.0, random
     c x c crop where one class covers < 75% of the labelled pixels (up to 10 tries), flip, photometric
@@ -164,7 +159,7 @@ class TrainTransform:
                      for t in (img, mask))
         if torch.rand(()) < 0.5:
             img, mask = img.flip(-1), mask.flip(-1)
-        img = normalize(photometric_distortion(img.float()))  # (3, h, w), h and w <= c
+        img = utils.normalize(photometric_distortion(img.float()))  # (3, h, w), h and w <= c
         pad = (0, self.crop - mask.shape[1], 0, self.crop - mask.shape[0])  # right and bottom
         return F.pad(img, pad, value=0.0), F.pad(mask, pad, value=IGNORE_INDEX)  # (3, c, c), (c, c)
 
@@ -180,7 +175,7 @@ class EvalTransform:
         img = TF.pil_to_tensor(img)
         size = keep_ratio_size(*img.shape[-2:], 4 * self.crop, self.crop)
         img = TF.resize(img, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
-        return normalize(img.float()), labels
+        return utils.normalize(img), labels
 
 
 def load_annotation(path):
