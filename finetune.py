@@ -28,7 +28,7 @@ SUBSET_SEED = 0  # --label-fraction draws the same images whatever --seed
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     utils.add_common_args(p, "ImageNet root (ROOT/train, ROOT/val)", "output/finetune", 224, 1024, 10,
                           branch="online")
     p.add_argument("--synthetic-size", type=int, default=256, help="training images in the synthetic set")
@@ -51,7 +51,7 @@ def get_args(argv=None):
     p.add_argument("--mixup", type=float, default=0.8, help="MixUp alpha; 0: off")
     p.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha; 0: off")
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    return p.parse_args(argv)
+    return utils.parse_args(p, argv)
 
 
 class MeanPoolClassifier(nn.Module):
@@ -244,7 +244,7 @@ def main(argv=None):
     local_batch = utils.local_batch_size(args.batch_size, world_size, args.accum_iter)
     args.lr = args.blr * args.batch_size / 256
     log = print if rank == 0 else (lambda *a: None)
-    os.makedirs(args.output_dir, exist_ok=True)
+    utils.make_output_dir(args.output_dir)
     utils.set_seed(args.seed + rank)
 
     train_set, val_set, num_classes = utils.classification_datasets(
@@ -260,7 +260,7 @@ def main(argv=None):
 
     encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch],
                                        ca_depth=2, layer_scale=0.1, drop_path=args.drop_path)
-    utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log)
+    utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir)
     model = MeanPoolClassifier(encoder, num_classes).to(device)
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
     groups = utils.layer_decay_groups(model, args.weight_decay, args.layer_decay, len(encoder.blocks))

@@ -19,7 +19,7 @@ import utils
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     utils.add_common_args(p, "ImageNet root (ROOT/train, ROOT/val)", "output/linprobe", 224, 4096, 10,
                           branch="momentum")
     p.add_argument("--synthetic-size", type=int, default=256, help="training images in the synthetic set")
@@ -31,7 +31,7 @@ def get_args(argv=None):
     p.add_argument("--blr", type=float, default=0.1, help="lr = blr * batch-size / 256")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--optimizer", choices=["sgd", "lars"], default="sgd", help="momentum 0.9 either way")
-    return p.parse_args(argv)
+    return utils.parse_args(p, argv)
 
 
 class LinearProbe(nn.Module):
@@ -99,7 +99,7 @@ def main(argv=None):
     local_batch = utils.local_batch_size(args.batch_size, world_size, args.accum_iter)
     args.lr = args.blr * args.batch_size / 256
     log = print if rank == 0 else (lambda *a: None)
-    os.makedirs(args.output_dir, exist_ok=True)
+    utils.make_output_dir(args.output_dir)
     utils.set_seed(args.seed + rank)
 
     # torchvision's default bilinear resizing for training and evaluation, as the official probe
@@ -112,7 +112,7 @@ def main(argv=None):
 
     encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch],
                                        ca_depth=2, layer_scale=0.1)
-    utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log)
+    utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir)
     probe = LinearProbe(encoder, num_classes, args.final_norm).to(device)
     head = probe.head  # the only trained (and DDP-wrapped) part
     if world_size > 1:

@@ -17,7 +17,7 @@ import utils
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     utils.add_common_args(p, "ImageNet root (uses ROOT/train)", "output/pretrain", 224, 2048, 10)
     p.add_argument("--synthetic-size", type=int, default=256, help="images in the synthetic set")
     p.add_argument("--epochs", type=int, default=300)
@@ -39,8 +39,10 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="InfoNCE temperature")
     p.add_argument("--ema", type=float, default=0.996, help="initial momentum, cosine to 1")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward of the model")
-    p.add_argument("--save-every", type=int, default=50, help="keep checkpoint-<epoch>.pth every N epochs")
-    return p.parse_args(argv)
+    p.add_argument("--save-every", type=int, default=50,
+                   help="also keep checkpoint-<epoch>.pth (a hard link to checkpoint-last.pth) every N epochs "
+                        "and at the last")
+    return utils.parse_args(p, argv)
 
 
 def crop_transform(img_size, crop_min):
@@ -163,6 +165,7 @@ def main(argv=None):
     args = get_args(argv)
     check_args(args)
     rank, world_size, device = utils.init_distributed(args.device)
+    utils.make_output_dir(args.output_dir)
     amp = utils.resolve_amp(args.amp, device)
     local_batch = utils.local_batch_size(args.batch_size, world_size, args.accum_iter)
     utils.set_seed(args.seed + rank)
@@ -184,8 +187,6 @@ def main(argv=None):
     if args.compile:
         compile_model(learner)
     model = DDP(learner, broadcast_buffers=False) if world_size > 1 else learner
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
 
     base_lr = args.blr * args.batch_size / 256
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
@@ -223,9 +224,10 @@ def main(argv=None):
         if rank == 0:
             state = {"model": learner.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "epoch": epoch, "args": vars(args)}
-            utils.save_checkpoint(state, os.path.join(args.output_dir, "checkpoint-last.pth"))
+            last = os.path.join(args.output_dir, "checkpoint-last.pth")
+            utils.save_checkpoint(state, last)
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-                utils.save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+                utils.keep_copy(last, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
         utils.log_json(args.output_dir, {
             "epoch": epoch, "train_loss": epoch_loss, "lr": lr, "momentum": momentum, "time_s": round(elapsed, 2),
             "images_per_s": round(steps_per_epoch * args.batch_size / elapsed, 1)})

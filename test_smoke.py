@@ -224,6 +224,8 @@ def test_pretrain_end_to_end(tmp_path):
     assert log[0]["momentum"] < log[2]["momentum"] <= 1
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-1.pth", "checkpoint-2.pth", "checkpoint-last.pth",
                                             "log.jsonl"]
+    assert os.path.samefile(tmp_path / "checkpoint-2.pth", tmp_path / "checkpoint-last.pth")  # no second copy
+    assert torch.load(tmp_path / "checkpoint-1.pth", weights_only=False)["epoch"] == 1  # kept as it was
     ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
     assert ckpt["epoch"] == 2 and ckpt["args"]["arch"] == "vit_tiny"
     assert {"model", "optimizer", "scaler"} <= set(ckpt)
@@ -422,6 +424,57 @@ def test_pretrain_bad_arguments(tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
         pretrain.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path)] + extra)
     assert not os.path.exists(tmp_path / "checkpoint-last.pth")
+
+
+STAGES = {"pretrain": pretrain, "linprobe": linprobe, "finetune": finetune, "transfer_seg": transfer_seg,
+          "transfer_det": transfer_det}
+DEVICE_ERROR = ("error: --device must be cuda or cpu, got 'tpu' (choose GPUs with CUDA_VISIBLE_DEVICES; under "
+                "torchrun each process takes GPU LOCAL_RANK)")
+
+
+def stage_error(script, argv):
+    """The message of a stage's SystemExit for argv, run as `python script.py` runs it."""
+    with pytest.raises(SystemExit) as error:
+        utils.run_main(lambda: STAGES[script].main(argv))
+    return str(error.value)
+
+
+@pytest.mark.parametrize("script", list(STAGES))
+def test_bad_common_flags_fail_in_one_line(tmp_path, script):
+    """Values no run can use stop every stage with one line, before a model or data set is built."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    tiny = ["--data", "synthetic", "--arch", "vit_fixture", "--img-size", "32", "--patch-size", "8", "--device", "cpu",
+            "--num-workers", "0", "--output-dir", str(tmp_path / "out")]
+    cases = [(["--print-freq", "0"], "error: --print-freq must be at least 1, got 0"),
+             (["--patch-size", "0"], "error: --patch-size must be at least 1, got 0"),
+             (["--img-size", "-32"], "error: --img-size must be at least 1, got -32"),
+             (["--batch-size", "0"], "error: --batch-size must be at least 1, got 0"),
+             (["--num-workers", "-1"], "error: --num-workers must be at least 0, got -1"),
+             (["--device", "tpu"], DEVICE_ERROR),
+             (["--output-dir", str(a_file)], f"error: --output-dir {a_file} is a file, not a folder"),
+             (["--output-dir", str(a_file / "out")], f"error: cannot create --output-dir {a_file / 'out'}: Not a directory")]
+    length = "--iters" if script == "transfer_seg" else "--epochs"
+    cases += [([length, "0"], f"error: {length} must be at least 1, got 0"),
+              ([length, "-3"], f"error: {length} must be at least 1, got -3")]
+    for extra, message in cases:
+        assert stage_error(script, tiny + extra) == message
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_bad_flag_from_the_command_line_is_one_line(tmp_path):
+    result = run_script("transfer_det.py", "--device", "tpu", "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 1 and result.stderr == DEVICE_ERROR + "\n"
+
+
+@pytest.mark.parametrize("script", list(STAGES))
+def test_help_shows_defaults_and_docstring(capsys, script):
+    with pytest.raises(SystemExit, match="0"):
+        STAGES[script].get_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert " ".join(STAGES[script].__doc__.strip().splitlines()[-1].split()) in text  # the docstring's last line
+    assert "--seed SEED (default: 0)" in text and "(default: synthetic)" in text
+    assert ("--iters ITERS (default: 160000)" if script == "transfer_seg" else "--epochs EPOCHS (default: ") in text
 
 
 def test_empty_data_folder(tmp_path):
@@ -677,6 +730,9 @@ def test_random_init_is_logged(tmp_path, capsys):
     linprobe.main(eval_args(tmp_path))
     assert "random initialisation" in capsys.readouterr().out
     eval_check_log(tmp_path, 1)
+    linprobe.main(eval_args(tmp_path, "--eval-only"))  # the encoder comes from the checkpoint, not at random
+    out = capsys.readouterr().out
+    assert "random initialisation" not in out and f"weights will come from {tmp_path / 'checkpoint-last.pth'}" in out
 
 
 @pytest.mark.parametrize("script", ["linprobe"])  # finetune passes too (add it; +20 s on 2 cores)
@@ -1058,6 +1114,23 @@ def test_seg_bad_input(tmp_path):
     assert "power of two" in message
 
 
+def test_seg_upper_case_jpg_and_missing_annotation(tmp_path):
+    """Images found as NAME.JPG are loaded from that path; an image without annotation stops the run before
+    training, naming it."""
+    root = str(tmp_path / "ade")
+    seg_write_ade(root, "training", [(40, 40), (40, 40)])
+    seg_write_ade(root, "validation", [(40, 40)])
+    images = os.path.join(root, "images", "training")
+    for name in os.listdir(images):
+        os.rename(os.path.join(images, name), os.path.join(images, name[:-4] + ".JPG"))
+    img, labels = transfer_seg.ADE20K(root, "training", transfer_seg.EvalTransform(32))[1]
+    assert img.shape == (3, 32, 32) and labels.shape == (40, 40)
+    os.remove(os.path.join(root, "annotations", "training", "ADE_training_00000001.png"))
+    argv = SEG_TINY + ["--data", root, "--batch-size", "2", "--iters", "1", "--output-dir", str(tmp_path / "out")]
+    assert seg_run_error(argv) == (f"error: 1 image(s) without an annotation in {root}/annotations/training, "
+                                   f"e.g. {images}/ADE_training_00000001.JPG")
+
+
 def test_seg_torchrun_evaluation_matches_one_process(tmp_path):
     """Two CPU processes split the evaluation set; the reduced confusion gives the one-process metrics."""
     out = str(tmp_path / "out")
@@ -1191,7 +1264,7 @@ def test_det_bad_inputs(tmp_path, det_coco):
     dataset = json.load(open(os.path.join(det_coco, "annotations", "instances_train2017.json")))
     dataset["annotations"][1]["category_id"] = 99
     json.dump(dataset, open(broken / "annotations" / "instances_train2017.json", "w"))
-    with pytest.raises(SystemExit, match=r"annotation 2 .*category id 99.*not in the file's category list"):
+    with pytest.raises(SystemExit, match=r"annotation 2 \(image \d+\): category_id: 99 is not in the file's category list"):
         transfer_det.main(DET_FLAGS + ["--data", str(broken), "--output-dir", str(tmp_path / "out2")])
 
     unreadable = tmp_path / "unreadable"
@@ -1199,11 +1272,77 @@ def test_det_bad_inputs(tmp_path, det_coco):
     os.makedirs(unreadable / "train2017")
     dataset["annotations"][1]["category_id"] = 1
     json.dump(dataset, open(unreadable / "annotations" / "instances_train2017.json", "w"))
+    for image in dataset["images"][1:]:
+        os.symlink(os.path.join(det_coco, "train2017", image["file_name"]), unreadable / "train2017" / image["file_name"])
     bad_image = unreadable / "train2017" / dataset["images"][0]["file_name"]
     bad_image.write_bytes(b"not a jpeg")
     train = transfer_det.CocoInstances(str(unreadable), "train", True, transfer_det.train_transform(None))
     with pytest.raises(utils.DataError, match=f"cannot read image {bad_image}"):
         train[0]
+
+
+def det_copy_with(det_coco, root, change):
+    """A copy of the synthetic COCO set whose training annotations went through change(dataset)."""
+    os.makedirs(root / "annotations")
+    for split in ("train", "val"):
+        os.symlink(os.path.join(det_coco, f"{split}2017"), root / f"{split}2017")
+    os.symlink(os.path.join(det_coco, "annotations", "instances_val2017.json"), root / "annotations" / "instances_val2017.json")
+    with open(os.path.join(det_coco, "annotations", "instances_train2017.json")) as f:
+        dataset = json.load(f)
+    change(dataset)
+    with open(root / "annotations" / "instances_train2017.json", "w") as f:
+        json.dump(dataset, f)
+    return str(root), dataset
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("bbox", None, "bbox: None is not [x, y, width, height] with a width and height of at least 0"),
+    ("bbox", "1, 2, 3, 4", "bbox: '1, 2, 3, 4' is not [x, y, width, height] with a width and height of at least 0"),
+    ("bbox", [1, 2, 3], "bbox: [1, 2, 3] is not [x, y, width, height] with a width and height of at least 0"),
+    ("bbox", [1, 2, -3, 4], "bbox: [1, 2, -3, 4] is not [x, y, width, height] with a width and height of at least 0"),
+    ("segmentation", [[1.0, 2.0, 3.0]], "segmentation: polygon [1.0, 2.0, 3.0] is not x, y pairs of at least 3 points"),
+    ("segmentation", [[1, 2, 3, 4, 5, 6, 7]],
+     "segmentation: polygon [1, 2, 3, 4, 5, 6, 7] is not x, y pairs of at least 3 points"),
+    ("segmentation", {"size": [32, 32], "counts": "abc"},
+     "segmentation: an RLE needs counts and size [height, width] = [64, 64] of its image, got size [32, 32]"),
+])
+def test_det_malformed_annotation_is_named_before_training(tmp_path, det_coco, field, value, problem):
+    def change(dataset):
+        ann = dataset["annotations"][1]
+        ann.pop(field) if value is None else ann.update({field: value})
+    root, dataset = det_copy_with(det_coco, tmp_path / "coco", change)
+    with pytest.raises(SystemExit) as error:
+        transfer_det.CocoInstances(root, "train", True, transfer_det.train_transform(None))
+    ann_file = os.path.join(root, "annotations", "instances_train2017.json")
+    assert str(error.value) == f"error: {ann_file}: annotation 2 (image {dataset['annotations'][1]['image_id']}): {problem}"
+
+
+@pytest.mark.parametrize("empty", [None, []])
+def test_det_annotation_without_segmentation_is_left_out(tmp_path, det_coco, empty):
+    def change(dataset):
+        ann = dataset["annotations"][0]
+        ann.pop("segmentation") if empty is None else ann.update(segmentation=empty)
+    root, dataset = det_copy_with(det_coco, tmp_path / "coco", change)
+    lines = []
+    train = transfer_det.CocoInstances(root, "train", True, transfer_det.train_transform(None), log=lines.append)
+    assert lines == [f"{os.path.join(root, 'annotations', 'instances_train2017.json')}: 1 annotation(s) without "
+                     f"segmentation left out"]
+    image_id = dataset["annotations"][0]["image_id"]
+    others = [a for a in dataset["annotations"][1:] if a["image_id"] == image_id and not a["iscrowd"]]
+    assert 1 not in train.coco.anns and len(train.coco.imgToAnns[image_id]) == len(others)
+    if others:
+        _, target = train[train.ids.index(image_id)]
+        assert len(target["boxes"]) == len(target["masks"]) == len(others)
+
+
+def test_det_missing_image_file_is_found_before_training(tmp_path, det_coco):
+    def change(dataset):
+        dataset["images"][1]["file_name"] = "missing.jpg"
+    root, _ = det_copy_with(det_coco, tmp_path / "coco", change)
+    with pytest.raises(SystemExit) as error:
+        transfer_det.CocoInstances(root, "train", True, transfer_det.train_transform(None))
+    assert str(error.value) == (f"error: 1 image(s) of {root}/annotations/instances_train2017.json are not in "
+                                f"{root}/train2017, e.g. missing.jpg")
 
 
 def test_det_loads_official_checkpoint_branch(official_file):

@@ -65,7 +65,7 @@ GIOU_WEIGHT = 10.0
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Mask R-CNN + FPN on COCO with a pretrained ExtreMA ViT")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     utils.add_common_args(p, "COCO 2017 root ({train2017,val2017}/, annotations/instances_{train,val}2017.json)",
                           "output/det", 800, 16, 4, branch="online",
                           img_help="test-time shorter side; training scales (480-800) and the 1333 cap scale with "
@@ -87,7 +87,7 @@ def get_args(argv=None):
                    help="optimizer steps of linear warm-up from 0.001 * lr")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--layer-decay", type=float, default=0.75)
-    args = p.parse_args(argv)
+    args = utils.parse_args(p, argv)
     if args.lr is None:
         args.lr = 3e-4 * args.batch_size / 32
     return args
@@ -148,8 +148,44 @@ def write_synthetic_coco(root, img_size, num_images, seed=0):
     return root
 
 
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def annotation_problem(ann, image, known_categories):
+    """What is wrong with one COCO instance annotation, as 'field: problem', or None. A missing or empty
+    segmentation is not a problem here (see load_coco)."""
+    if image is None:
+        return f"image_id: {ann.get('image_id')!r} is not in the file's image list"
+    if ann.get("category_id") not in known_categories:
+        return f"category_id: {ann.get('category_id')!r} is not in the file's category list {sorted(known_categories)}"
+    box = ann.get("bbox")
+    if not (isinstance(box, list) and len(box) == 4 and all(map(is_number, box)) and min(box[2:]) >= 0):
+        return f"bbox: {box!r} is not [x, y, width, height] with a width and height of at least 0"
+    if not is_number(ann.get("area", 0)):
+        return f"area: {ann['area']!r} is not a number"
+    segmentation = ann.get("segmentation")
+    if isinstance(segmentation, dict):
+        if segmentation.get("size") != [image["height"], image["width"]] or "counts" not in segmentation:
+            return (f"segmentation: an RLE needs counts and size [height, width] = "
+                    f"[{image['height']}, {image['width']}] of its image, got size {segmentation.get('size')!r}")
+    elif isinstance(segmentation, list):
+        for polygon in segmentation:
+            if not (isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0
+                    and all(map(is_number, polygon))):
+                return f"segmentation: polygon {str(polygon)[:60]} is not x, y pairs of at least 3 points"
+    elif segmentation is not None:
+        return f"segmentation: {str(segmentation)[:60]} is neither a list of polygons nor an RLE"
+    return None
+
+
 def load_coco(ann_file):
-    """pycocotools COCO with one-line errors for a missing or malformed file and unknown category ids."""
+    """pycocotools COCO with one-line errors for a missing or malformed file: a bad image entry, or an
+    annotation with an unknown image or category, a bbox that is not [x, y, w, h] (w, h >= 0), a polygon of
+    fewer than 3 points or an RLE of another size than its image.
+
+    An annotation without segmentation (missing or empty) gives Mask R-CNN no mask to learn or to score: it is
+    left out of the index, for training and evaluation alike, and counted. Returns (COCO, that count)."""
     if not os.path.isfile(ann_file):
         utils.fail(f"annotation file {ann_file} does not exist")
     try:
@@ -157,12 +193,24 @@ def load_coco(ann_file):
             coco = COCO(ann_file)
     except Exception as e:
         utils.fail(f"cannot read annotation file {ann_file}: {type(e).__name__}: {e}")
-    known = set(coco.getCatIds())
+    for image in coco.imgs.values():
+        if not (isinstance(image.get("file_name"), str) and all(
+                isinstance(image.get(k), int) and image[k] > 0 for k in ("height", "width"))):
+            utils.fail(f"{ann_file}: image {image.get('id')!r} needs a file_name and positive integer height "
+                       f"and width, got {str(image)[:100]}")
+    known, kept = set(coco.getCatIds()), []
     for ann in coco.dataset.get("annotations", []):
-        if ann["category_id"] not in known:
-            utils.fail(f"{ann_file}: annotation {ann['id']} (image {ann['image_id']}) has category id "
-                       f"{ann['category_id']}, which is not in the file's category list {sorted(known)}")
-    return coco
+        problem = annotation_problem(ann, coco.imgs.get(ann.get("image_id")), known)
+        if problem:
+            utils.fail(f"{ann_file}: annotation {ann.get('id')!r} (image {ann.get('image_id')!r}): {problem}")
+        if ann.get("segmentation"):
+            kept.append(ann)
+    without_mask = len(coco.dataset.get("annotations", [])) - len(kept)
+    if without_mask:
+        coco.dataset["annotations"] = kept
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+    return coco, without_mask
 
 
 def usable(ann):
@@ -174,12 +222,15 @@ class CocoInstances(torch.utils.data.Dataset):
     """COCO instances of one split. Items: (image, target) with image a tv_tensors.Image (3, H, W) and, in
     training, target {boxes (N, 4) xyxy, labels (N,) in 1..C, masks (N, H, W) uint8, image_id}; in
     evaluation target is {image_id} (COCOeval reads the ground truth itself).
-    Training skips images without usable annotations; crowd regions are never targets."""
+    Training skips images without usable annotations; crowd regions are never targets. The annotations and
+    the presence of every image file are checked here, before any training."""
 
-    def __init__(self, root, split, train, transform, cat_ids=None):
+    def __init__(self, root, split, train, transform, cat_ids=None, log=print):
         self.ann_file = os.path.join(root, "annotations", f"instances_{split}2017.json")
         self.img_dir = os.path.join(root, f"{split}2017")
-        self.coco = load_coco(self.ann_file)
+        self.coco, without_mask = load_coco(self.ann_file)
+        if without_mask:
+            log(f"{self.ann_file}: {without_mask} annotation(s) without segmentation left out")
         if not os.path.isdir(self.img_dir):
             utils.fail(f"image folder {self.img_dir} does not exist")
         self.cat_ids = sorted(self.coco.getCatIds())
@@ -191,6 +242,11 @@ class CocoInstances(torch.utils.data.Dataset):
             self.ids = [i for i in self.ids if any(usable(a) for a in self.coco.imgToAnns[i])]
         if not self.ids:
             utils.fail(f"{self.ann_file} has no {'annotated ' if train else ''}images")
+        files = set(os.listdir(self.img_dir))
+        missing = [self.coco.imgs[i]["file_name"] for i in self.ids if self.coco.imgs[i]["file_name"] not in files
+                   and not os.path.isfile(os.path.join(self.img_dir, self.coco.imgs[i]["file_name"]))]
+        if missing:
+            utils.fail(f"{len(missing)} image(s) of {self.ann_file} are not in {self.img_dir}, e.g. {missing[0]}")
         self.train, self.transform = train, transform
 
     def __len__(self):
@@ -357,7 +413,7 @@ def mask_rcnn(backbone, num_classes, transform):
 def build_detector(args, num_classes, log=print):
     """Mask R-CNN of the reference config on the pretrained ViT; num_classes without background."""
     patch = args.patch_size
-    if patch < 1 or patch & (patch - 1):
+    if patch & (patch - 1):
         utils.fail(f"--patch-size {patch} must be a power of two to give maps at strides {STRIDES}")
     depth = models.ARCHS[args.arch]["depth"]
     blocks = args.feature_blocks or models.default_feature_blocks(depth)
@@ -366,7 +422,7 @@ def build_detector(args, num_classes, log=print):
     pretrain_size = 224 // patch * patch  # the grid the position table is stored at; resized per batch
     encoder = models.VisionTransformer(img_size=pretrain_size, patch_size=patch, **models.ARCHS[args.arch],
                                        drop_path=args.drop_path, ca_depth=2, layer_scale=0.1)
-    utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log)
+    utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir)
     if args.lsj:
         side = round(1024 * args.img_size / 800)
         min_size, max_size = side, side
@@ -449,7 +505,7 @@ def main(argv=None):
     amp = utils.resolve_amp(args.amp, device)
     local_batch = utils.local_batch_size(args.batch_size, world, args.accum_iter)
     log = print if utils.is_main() else (lambda *a, **k: None)
-    os.makedirs(args.output_dir, exist_ok=True)
+    utils.make_output_dir(args.output_dir)
 
     root = args.data
     if root == "synthetic":
@@ -461,12 +517,12 @@ def main(argv=None):
     elif not os.path.isdir(root):
         utils.fail(f"data folder {root} does not exist")
     lsj_size = round(1024 * args.img_size / 800) if args.lsj else None
-    val_set = CocoInstances(root, "val", False, v2.ToDtype(torch.float32, scale=True))
+    val_set = CocoInstances(root, "val", False, v2.ToDtype(torch.float32, scale=True), log=log)
     val_loader = utils.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device, collate_lists)
     log(f"{len(val_set)} validation images, {len(val_set.cat_ids)} categories")
     if not args.eval_only:
-        train_set = CocoInstances(root, "train", True, train_transform(lsj_size, args.img_size),
-                                 cat_ids=val_set.cat_ids)
+        train_set = CocoInstances(root, "train", True, train_transform(lsj_size, args.img_size), val_set.cat_ids,
+                                 log)
         train_loader = utils.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device,
                                          collate_lists)
         log(f"{len(train_set)} training images")

@@ -56,7 +56,7 @@ SYNTHETIC_CLASSES = 8
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     utils.add_common_args(p, "ADEChallengeData2016 folder", "output/seg", 512, 16, 8, print_freq=50,
                           branch="online", img_help="crop size (and image size of --data synthetic)")
     p.add_argument("--feature-blocks", type=int, nargs=4, default=None,
@@ -74,7 +74,7 @@ def get_args(argv=None):
     p.add_argument("--layer-decay", type=float, default=0.65)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--eval-mode", default="slide", choices=["slide", "whole"])
-    return p.parse_args(argv)
+    return utils.parse_args(p, argv)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,33 +190,37 @@ def load_annotation(path):
     return annotation
 
 
+def files_by_stem(folder, extension):
+    """{name without extension: path} of the files in folder whose extension is `extension`, in any case."""
+    return {os.path.splitext(f)[0]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            if os.path.splitext(f)[1].lower() == extension and os.path.isfile(os.path.join(folder, f))}
+
+
 class ADE20K(torch.utils.data.Dataset):
-    """ADEChallengeData2016/{images,annotations}/<split>/: NAME.jpg with NAME.png."""
+    """ADEChallengeData2016/{images,annotations}/<split>/: NAME.jpg with NAME.png (extensions in any case).
+    The pairs are found once, when the set is built: every image must have its annotation."""
 
     def __init__(self, root, split, transform):
-        self.image_dir = os.path.join(root, "images", split)
-        self.annotation_dir = os.path.join(root, "annotations", split)
-        for folder in (self.image_dir, self.annotation_dir):
+        image_dir = os.path.join(root, "images", split)
+        annotation_dir = os.path.join(root, "annotations", split)
+        for folder in (image_dir, annotation_dir):
             if not os.path.isdir(folder):
                 utils.fail(f"data folder {folder} does not exist (expected the ADEChallengeData2016 layout: "
                            f"images/{{training,validation}}/*.jpg, annotations/{{training,validation}}/*.png)")
-        self.names = sorted(f[:-4] for f in os.listdir(self.image_dir) if f.lower().endswith(".jpg"))
-        if not self.names:
-            utils.fail(f"no .jpg images in {self.image_dir}")
-        missing = [n for n in self.names if not os.path.isfile(self.annotation_path(n))]
+        images, annotations = files_by_stem(image_dir, ".jpg"), files_by_stem(annotation_dir, ".png")
+        if not images:
+            utils.fail(f"no .jpg images in {image_dir}")
+        missing = [name for name in images if name not in annotations]
         if missing:
-            utils.fail(f"{len(missing)} image(s) without annotation, e.g. {self.annotation_path(missing[0])}")
+            utils.fail(f"{len(missing)} image(s) without an annotation in {annotation_dir}, e.g. {images[missing[0]]}")
+        self.samples = [(images[name], annotations[name]) for name in sorted(images)]  # (image, annotation)
         self.transform = transform
 
-    def annotation_path(self, name):
-        return os.path.join(self.annotation_dir, name + ".png")
-
     def __len__(self):
-        return len(self.names)
+        return len(self.samples)
 
     def __getitem__(self, index):
-        image_path = os.path.join(self.image_dir, self.names[index] + ".jpg")
-        path = self.annotation_path(self.names[index])
+        image_path, path = self.samples[index]
         img, annotation = utils.load_rgb(image_path), load_annotation(path)
         if annotation.shape != (img.height, img.width):
             raise utils.DataError(f"annotation {path} is {annotation.shape[1]}x{annotation.shape[0]} but its "
@@ -340,7 +344,7 @@ def build_model(args, log=print, load_pretrained=True):
 def check_args(args):
     depth = models.ARCHS[args.arch]["depth"]
     p = args.patch_size
-    if p < 1 or p & (p - 1):
+    if p & (p - 1):
         utils.fail(f"--patch-size {p} must be a power of two (the maps at strides 4..32 are 2x rescales)")
     args.size_divisor = max(32, p)
     if args.img_size % args.size_divisor:
@@ -348,7 +352,7 @@ def check_args(args):
     args.feature_blocks = args.feature_blocks or models.default_feature_blocks(depth)
     if not all(1 <= block <= depth for block in args.feature_blocks):
         utils.fail(f"--feature-blocks {args.feature_blocks} must be blocks 1..{depth} of {args.arch}")
-    for flag, least in (("iters", 1), ("eval_every", 1), ("decoder_channels", 1)):
+    for flag, least in (("eval_every", 1), ("decoder_channels", 1)):
         if getattr(args, flag) < least:
             utils.fail(f"--{flag.replace('_', '-')} must be at least {least}")
 
@@ -462,7 +466,7 @@ def main(argv=None):
         utils.fail(f"BatchNorm needs at least 2 images per step (the 1x1 pyramid-pooling map), got micro-batch "
                    f"{local_batch}{' per process' if world > 1 else ''}: raise --batch-size or lower --accum-iter")
     log = print if utils.is_main() else (lambda *a, **k: None)
-    os.makedirs(args.output_dir, exist_ok=True)
+    utils.make_output_dir(args.output_dir)
     checkpoint = utils.resume_checkpoint(args.output_dir)
     if args.eval_only and checkpoint is None:
         utils.fail(f"--eval-only needs {os.path.join(args.output_dir, 'checkpoint-last.pth')}")

@@ -1,10 +1,13 @@
 """Plumbing shared by the stage scripts: errors, distributed set-up, precision, schedules, optimizer
 groups, checkpoints, logs and datasets. Model code lives in models.py."""
+import argparse
+import copy
 import json
 import math
 import os
 import random
 import re
+import shutil
 import time
 from contextlib import nullcontext
 
@@ -50,6 +53,24 @@ def run_main(main):
 # Command line
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the layout of the stage's docstring and shows the default of every flag that takes a value,
+    unless the flag's help already explains it."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        takes_value = action.nargs != 0 or isinstance(action, argparse.BooleanOptionalAction)
+        if "default" in help or action.default in (None, argparse.SUPPRESS) or not takes_value:
+            return help
+        return f"{help} (default: %(default)s)".lstrip()
+
+    def _format_action(self, action):
+        if action.help is None:  # argparse prints nothing after a flag without help, not even its default
+            action = copy.copy(action)
+            action.help = self._get_help_string(action) or None
+        return super()._format_action(action)
+
+
 def add_common_args(parser, data_help, output_dir, img_size, batch_size, num_workers, print_freq=20, branch=None,
                     img_help=None):
     """The flags every stage shares, with the same names and meanings; defaults are the stage's protocol.
@@ -74,6 +95,33 @@ def add_common_args(parser, data_help, output_dir, img_size, batch_size, num_wor
                        help="pretrain.py or official ExtreMA checkpoint (none: random initialisation)")
         p.add_argument("--branch", choices=["online", "momentum"], default=branch, help="encoder to evaluate")
         p.add_argument("--eval-only", action="store_true", help="evaluate <output-dir>/checkpoint-last.pth")
+
+
+def parse_args(parser, argv=None):
+    """parser.parse_args(argv), then one-line errors for values of the common flags (and --epochs / --iters
+    where a stage has them) that no run can use, before anything is built."""
+    args = parser.parse_args(argv)
+    for flag in ("img_size", "patch_size", "batch_size", "accum_iter", "print_freq", "epochs", "iters"):
+        if getattr(args, flag, 1) < 1:
+            fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.num_workers < 0:
+        fail(f"--num-workers must be at least 0, got {args.num_workers}")
+    if args.device not in (None, "cuda", "cpu"):
+        fail(f"--device must be cuda or cpu, got {args.device!r} (choose GPUs with CUDA_VISIBLE_DEVICES; "
+             f"under torchrun each process takes GPU LOCAL_RANK)")
+    return args
+
+
+def make_output_dir(path):
+    """Create --output-dir (and its parents) or stop with a one-line error: a file in the way, no permission."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"--output-dir {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create --output-dir {path}: {e.strerror or e}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        fail(f"--output-dir {path} is not writable")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,9 +281,27 @@ def load_checkpoint(path):
         fail(f"cannot read checkpoint {path}: {e}")
 
 
-def load_pretrained_encoder(encoder, path, branch, log=print):
-    """--pretrained PATH into a VisionTransformer (ours or official format); None means random init."""
+def keep_copy(path, copy):
+    """Give the file at path a second name, copy: a hard link (no second copy on disk), or a copy where the file
+    system has no hard links. save_checkpoint later replaces path's file and leaves copy as it is."""
+    tmp = f"{copy}.tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, copy)
+
+
+def load_pretrained_encoder(encoder, path, branch, log=print, output_dir=None):
+    """--pretrained PATH into a VisionTransformer (ours or official format); None means random init.
+    Nothing is read when output_dir holds checkpoint-last.pth: resuming and --eval-only load the whole model."""
     from models import load_encoder
+    last = os.path.join(output_dir, "checkpoint-last.pth") if output_dir is not None else None
+    if last is not None and os.path.exists(last):
+        log(f"the encoder's weights will come from {last}" + (f" (--pretrained {path} is not read)" if path else ""))
+        return
     if path is None:
         log("no --pretrained given: the encoder starts from random initialisation")
         return
