@@ -19,6 +19,12 @@ head predicts boxes for the background class too (never trained or used).
     python transfer_det.py --data /data/coco --pretrained checkpoint.pth --output-dir out/det
     torchrun --nproc_per_node 8 transfer_det.py --data /data/coco --pretrained extrema_mask08x5_color_1k_300ep.pth
     python transfer_det.py --data synthetic --arch vit_tiny --img-size 64 --patch-size 8 --epochs 2 --batch-size 2
+
+The annotation files are checked when the data sets are built, before any training: a malformed annotation
+(no bbox, a bbox that is not [x, y, w, h] with w, h >= 0, a polygon of fewer than 3 points, an RLE of another
+size than its image, an unknown image or category) or a missing image file stops the run with one line naming
+the file, the annotation id and the field. An annotation without segmentation (missing or []) gives Mask
+R-CNN no mask: it is left out of training and evaluation, and the count is logged.
 """
 import argparse
 import contextlib

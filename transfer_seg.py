@@ -23,6 +23,8 @@ annotations/{training,validation}/*.png; 0 = unlabelled and ignored, 1..150 -> c
 
     python transfer_seg.py --data ADEChallengeData2016 --pretrained extrema.pth --output-dir out/seg
     torchrun --nproc_per_node 8 transfer_seg.py --data ADEChallengeData2016 --pretrained extrema.pth
+    python transfer_seg.py --data synthetic --device cpu --arch vit_tiny --img-size 64 --patch-size 8 \
+        --batch-size 4 --iters 4 --eval-every 2 --decoder-channels 64      # a tiny run, 30 s of CPU time
 
 Outputs in --output-dir: log.jsonl (one line per evaluation: iter, train_loss, lr, mIoU, mAcc, aAcc in %),
 per_class_iou.json (IoU and accuracy of each class in %, null for a class absent from ground truth and
