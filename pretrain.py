@@ -41,7 +41,7 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the forward of the model")
     p.add_argument("--save-every", type=int, default=50,
                    help="also keep checkpoint-<epoch>.pth (a hard link to checkpoint-last.pth) every N epochs "
-                        "and at the last")
+                        "and at the last (0: none)")
     return utils.parse_args(p, argv)
 
 
@@ -120,6 +120,9 @@ def two_views(images, color_aug):
     return colour(images), colour(images)
 
 
+ARCH_FLAGS = ("arch", "patch_size", "img_size", "ca_depth", "proj_dim", "proj_hidden_dim")  # fixed on resume
+
+
 def build_model(args):
     return models.ExtreMA(
         img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch], ca_depth=args.ca_depth,
@@ -130,6 +133,8 @@ def build_model(args):
 
 def check_args(args):
     utils.check_image_size(args)
+    if args.save_every < 0:
+        utils.fail(f"--save-every must be 0 (no numbered checkpoints) or positive, got {args.save_every}")
     try:
         models.check_masks((args.img_size // args.patch_size) ** 2, args.mask_ratio, args.num_masks, args.disjoint)
     except ValueError as e:
@@ -182,8 +187,9 @@ def main(argv=None):
     optimizer = utils.adamw(utils.param_groups(learner, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
                             device=device)
     scaler = utils.grad_scaler(device, amp)
-    checkpoint = utils.resume(args.output_dir, learner, optimizer, scaler, log)
-    start_epoch = 0 if checkpoint is None else checkpoint["epoch"] + 1
+    checkpointer = utils.Checkpointer(args, log=log)
+    checkpoint = checkpointer.resume(learner, optimizer, scaler, args, ARCH_FLAGS)
+    start_epoch, start_step = (0, 0) if checkpoint is None else (checkpoint["epoch"] + 1, checkpoint.get("step", 0))
     if args.compile:
         compile_model(learner)
     model = DDP(learner, broadcast_buffers=False) if world_size > 1 else learner
@@ -195,14 +201,19 @@ def main(argv=None):
         f"{local_batch} x {args.accum_iter} = batch {args.batch_size} | lr {base_lr:.2e} | amp {amp} | "
         f"{steps_per_epoch} steps/epoch on {device}")
 
+    def state(epoch, step):  # the position: epochs done, then steps done in the next one
+        return {"model": learner.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch - 1, "step": step, "args": vars(args)}
+
     for epoch in range(start_epoch, args.epochs):
-        utils.set_seed(args.seed + rank + 1000 * epoch)  # a resumed run replays the same epoch
-        loader.sampler.set_epoch(epoch)
+        first = start_step if epoch == start_epoch else 0  # steps done before a mid-epoch resume
         learner.train()
-        batches = iter(loader)
-        loss_sum = torch.zeros((), device=device)
-        meter = utils.Meter(steps_per_epoch)
-        for step in range(steps_per_epoch):
+        batches = utils.epoch_batches(loader, epoch, first * args.accum_iter)
+        loss_sum = checkpointer.partial_sums(torch.zeros((), device=device))
+        meter = utils.Meter(steps_per_epoch - first)
+        for step in range(first, steps_per_epoch):
+            checkpointer.boundary(lambda: state(epoch, step), loss_sum, f"epoch {epoch} step {step}/{steps_per_epoch}")
+            utils.seed_step(args.seed, rank, epoch, step)  # the same masks and augmentations when resumed
             it = epoch * steps_per_epoch + step
             micro_batches = [next(batches)[0].to(device, non_blocking=True) for _ in range(args.accum_iter)]
             lr = utils.cosine_schedule(it, total_steps, warmup_steps, base_lr)
@@ -215,22 +226,17 @@ def main(argv=None):
                     utils.fail(f"non-finite loss {value} at epoch {epoch} step {step}; "
                                f"the last good checkpoint is kept")
                 log(f"epoch {epoch} step {step + 1}/{steps_per_epoch} loss {value:.4f} lr {lr:.3e} "
-                    f"m {momentum:.5f} {meter.line(step + 1, (step + 1) * args.batch_size)}")
+                    f"m {momentum:.5f} {meter.line(step + 1 - first, (step + 1 - first) * args.batch_size)}")
 
         epoch_loss = (utils.all_reduce_sum(loss_sum) / (steps_per_epoch * world_size)).item()
         if not math.isfinite(epoch_loss):
             utils.fail(f"non-finite loss at epoch {epoch}; the last good checkpoint is kept")
         elapsed = time.time() - meter.start
-        if rank == 0:
-            state = {"model": learner.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch, "args": vars(args)}
-            last = os.path.join(args.output_dir, "checkpoint-last.pth")
-            utils.save_checkpoint(state, last)
-            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-                utils.keep_copy(last, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
-        utils.log_json(args.output_dir, {
+        checkpointer.save(state(epoch + 1, 0), {
             "epoch": epoch, "train_loss": epoch_loss, "lr": lr, "momentum": momentum, "time_s": round(elapsed, 2),
-            "images_per_s": round(steps_per_epoch * args.batch_size / elapsed, 1)})
+            "images_per_s": round((steps_per_epoch - first) * args.batch_size / elapsed, 1)})
+        if rank == 0 and args.save_every and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+            utils.keep_copy(checkpointer.path, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
     if world_size > 1:
         torch.distributed.destroy_process_group()
 

@@ -5,6 +5,8 @@ import json
 import math
 import os
 import re
+import resource
+import signal
 import subprocess
 import sys
 
@@ -60,6 +62,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """The stages install handlers for the stop signals; give pytest its own back."""
+    saved = {name: signal.getsignal(getattr(signal, name)) for name in utils.STOP_SIGNALS}
+    yield
+    for name, handler in saved.items():
+        signal.signal(getattr(signal, name), handler)
 
 
 @pytest.fixture(scope="module")
@@ -253,10 +264,10 @@ def test_resume_continues_the_same_run(tmp_path, monkeypatch):
     monkeypatch.setattr(utils, "save_checkpoint", save)
     pretrain.main(command + ["--output-dir", str(resumed)])  # the same command again resumes at epoch 1
     timing = ("time_s", "images_per_s")
-    resumed_log = read_log(resumed)  # the crash came before epoch 0's log line
-    assert [r["epoch"] for r in resumed_log] == [1]
-    assert {k: v for k, v in read_log(straight)[1].items() if k not in timing} == \
-           {k: v for k, v in resumed_log[0].items() if k not in timing}
+    resumed_log = read_log(resumed)  # the crash came before epoch 0's log line: the resumed run writes it
+    assert [r["epoch"] for r in resumed_log] == [0, 1]
+    assert [{k: v for k, v in r.items() if k not in timing} for r in read_log(straight)] == \
+           [{k: v for k, v in r.items() if k not in timing} for r in resumed_log]
     a = torch.load(straight / "checkpoint-last.pth", weights_only=False)["model"]
     b = torch.load(resumed / "checkpoint-last.pth", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -485,6 +496,14 @@ def test_empty_data_folder(tmp_path):
 
 def test_resume_from_another_architecture_is_refused(tmp_path, pretrained):
     (tmp_path / "checkpoint-last.pth").write_bytes(pretrained.read_bytes())
+    with pytest.raises(SystemExit, match=r"checkpoint-last.pth was trained with --arch vit_tiny, not --arch "
+                                         r"vit_fixture: give the same flags or another --output-dir$"):
+        pretrain.main([*TINY, "--arch", "vit_fixture", "--epochs", "2", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--ca-depth 2, not --ca-depth 1"):
+        pretrain.main([*TINY, "--ca-depth", "1", "--epochs", "2", "--output-dir", str(tmp_path)])
+    checkpoint = torch.load(pretrained, weights_only=False)
+    del checkpoint["args"]  # without the flags, the shapes still refuse it
+    torch.save(checkpoint, tmp_path / "checkpoint-last.pth")
     with pytest.raises(SystemExit, match=r"does not fit the model \(.*shape: .*encoder.patch_embed.weight"):
         pretrain.main([*TINY, "--arch", "vit_fixture", "--epochs", "2", "--output-dir", str(tmp_path)])
 
@@ -697,7 +716,7 @@ def test_resume_continues_identically(official_file, tmp_path, monkeypatch, scri
     with pytest.raises(EvalInterrupted):
         main(args(tmp_path / "resumed"))
     monkeypatch.setattr(utils, "save_checkpoint", save)
-    assert len(read_log(tmp_path / "resumed")) == 1
+    assert not (tmp_path / "resumed" / "log.jsonl").exists()  # the checkpoint comes first; the rerun logs it
     main(args(tmp_path / "resumed"))
 
     assert read_log(tmp_path / "resumed") == read_log(tmp_path / "straight")
@@ -1563,3 +1582,178 @@ def test_bench_rejects_bad_settings():
         bench.main(BENCH_TINY + ["--warmup-steps", "0"])
     with pytest.raises(SystemExit, match="do not fit"):
         bench.main(BENCH_TINY + ["--mask-ratio", "0.5", "--num-masks", "3"])
+
+
+# ====================================================================================================
+# Reliability: kills, full disks, stop signals, mid-epoch resume, changed flags
+
+
+def stage_runs(tmp_path, det_small_heads):
+    """A tiny run of every stage with 2 optimizer steps per epoch (or evaluation block): main(out, *extra)."""
+    return {
+        "pretrain": lambda out, *extra: pretrain.main(TINY + ["--arch", "vit_fixture", "--epochs", "2",
+                                                              "--output-dir", str(out), *extra]),
+        "linprobe": lambda out, *extra: linprobe.main(eval_args(out, "--epochs", "2", *extra)),
+        "finetune": lambda out, *extra: finetune.main(eval_args(out, "--epochs", "2", *extra)),
+        "seg": lambda out, *extra: transfer_seg.main(SEG_TINY + ["--batch-size", "4", "--iters", "4", "--eval-every",
+                                                                 "2", "--output-dir", str(out), *extra]),
+        "det": lambda out, *extra: transfer_det.main(DET_FLAGS + ["--synthetic-images", "4", "--epochs", "2",
+                                                                  "--output-dir", str(out), *extra]),
+    }
+
+
+def log_keys(out):
+    return [r.get("epoch", r.get("iter")) for r in read_log(out)]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "linprobe", "finetune", "seg", "det"])
+def test_kill_during_checkpoint_write_never_repeats_a_log_line(tmp_path, monkeypatch, det_small_heads, stage):
+    """A kill in the middle of the second checkpoint write, then the same command: each epoch (or evaluation)
+    is logged once, and a line past the checkpoint is dropped."""
+    run = stage_runs(tmp_path, det_small_heads)[stage]
+    save, calls = torch.save, []
+
+    def killed_mid_write(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"partial")
+            raise KeyboardInterrupt
+        return save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path)
+    monkeypatch.setattr(torch, "save", save)
+    assert not (tmp_path / "checkpoint-last.pth.tmp").exists()
+    with open(tmp_path / "log.jsonl", "a") as f:  # as if logged by a run whose checkpoint was lost
+        f.write(json.dumps({"iter" if stage == "seg" else "epoch": 99, "train_loss": 0.0}) + "\n")
+    run(tmp_path)
+    assert log_keys(tmp_path) == ([2, 4] if stage == "seg" else [0, 1])
+
+
+def test_save_every_zero_and_changed_flags(tmp_path, capsys):
+    """--save-every 0 keeps no numbered checkpoint; a negative one is refused; a resumed run warns in one line
+    about changed schedule flags."""
+    pretrain.main(TINY + ["--epochs", "1", "--save-every", "0", "--output-dir", str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth", "log.jsonl"]
+    with pytest.raises(SystemExit, match=r"^error: --save-every must be 0 \(no numbered checkpoints\) or positive"):
+        pretrain.main(TINY + ["--save-every", "-1", "--output-dir", str(tmp_path)])
+    capsys.readouterr()
+    pretrain.main(TINY + ["--epochs", "2", "--blr", "3e-4", "--batch-size", "8", "--save-every", "0",
+                          "--output-dir", str(tmp_path)])
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert warnings == [f"warning: resuming {tmp_path / 'checkpoint-last.pth'} with changed flags: --batch-size "
+                        f"16 -> 8, --epochs 1 -> 2, --blr 0.00015 -> 0.0003"]
+    assert log_keys(tmp_path) == [0, 1] and sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth", "log.jsonl"]
+
+
+def test_full_disk_during_checkpoint_write(tmp_path):
+    """A write that fails (here: over the file size limit, EFBIG; a full disk is ENOSPC) ends in one line naming
+    the file and the cause; the temporary file is removed and the old checkpoint is intact."""
+    path = str(tmp_path / "checkpoint-last.pth")
+    utils.save_checkpoint({"epoch": 0}, path)
+    old = open(path, "rb").read()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+    try:
+        with pytest.raises(SystemExit) as info:
+            utils.save_checkpoint({"epoch": 1, "model": torch.zeros(1 << 20)}, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(info.value) == f"error: cannot write {path}: File too large; the previous checkpoint is kept"
+    assert os.listdir(tmp_path) == ["checkpoint-last.pth"] and open(path, "rb").read() == old
+
+
+def test_sigterm_saves_and_exits_for_requeue(tmp_path):
+    """SIGTERM during a pretraining step: the step finishes, checkpoint-last.pth is written, one line says so,
+    the exit status is 143; the same command resumes and ends with each epoch logged once."""
+    command = ["pretrain.py", *TINY, "--arch", "vit_fixture", "--epochs", "2", "--output-dir", str(tmp_path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("epoch 0 step 1/2"):  # a step has finished, the next has started
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, err = proc.communicate(timeout=120)
+    lines = "".join(out + [rest]).splitlines()
+    assert proc.returncode == utils.REQUEUE_STATUS == 143, err
+    assert "Traceback" not in err
+    assert re.fullmatch(r"SIGTERM: saved .*checkpoint-last\.pth at epoch \d step \d/2; exiting with status 143 "
+                        r"\(requeue and rerun the same command to resume\)", lines[-1])
+    checkpoint = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
+    assert checkpoint["epoch"] * 2 + checkpoint["step"] < 3  # stopped before the end
+    pretrain.main(command[1:])
+    assert log_keys(tmp_path) == [0, 1]
+
+
+@pytest.mark.parametrize("stage, signum", [("linprobe", signal.SIGUSR1), ("finetune", signal.SIGINT),
+                                           ("seg", signal.SIGTERM), ("det", signal.SIGUSR1)])
+def test_stop_signal_mid_epoch_then_exact_resume(tmp_path, monkeypatch, capsys, det_small_heads, stage, signum):
+    """A stop signal during the first step: that step finishes, the run saves its position (epoch 0, step 1)
+    and exits 143; the same command resumes mid-epoch and ends with the weights and log of a straight run."""
+    run = stage_runs(tmp_path, det_small_heads)[stage]
+    run(tmp_path / "straight")
+    step, calls = utils.accumulate_step, []
+
+    def signalled_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signum)
+        return step(*a, **k)
+
+    monkeypatch.setattr(utils, "accumulate_step", signalled_step)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run(tmp_path / "resumed")
+    assert info.value.code == utils.REQUEUE_STATUS
+    where = "iteration 1/4" if stage == "seg" else "epoch 0 step 1/2"
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"{signal.Signals(signum).name}: saved "
+                                                                f"{tmp_path / 'resumed' / 'checkpoint-last.pth'} at {where}; exiting with status 143")
+    checkpoint = torch.load(tmp_path / "resumed" / "checkpoint-last.pth", weights_only=False)
+    assert (checkpoint["iter"] == 1) if stage == "seg" else (checkpoint["epoch"], checkpoint["step"]) == (-1, 1)
+    monkeypatch.setattr(utils, "accumulate_step", step)
+    run(tmp_path / "resumed")
+    clock = lambda records: [{k: v for k, v in r.items() if k != "time"} for r in records]
+    assert clock(read_log(tmp_path / "resumed")) == clock(read_log(tmp_path / "straight"))
+    a, b = (torch.load(tmp_path / d / "checkpoint-last.pth", weights_only=False)["model"] for d in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrain_mid_epoch_resume_is_exact(tmp_path, monkeypatch):
+    """Killed after a --save-interval checkpoint in the middle of epoch 1 and resumed: the same log and weights as
+    a straight run (--num-workers 0), and the resumed run reads only the images it has not trained on."""
+    command = TINY + ["--arch", "vit_fixture", "--synthetic-size", "48", "--epochs", "2"]  # 3 steps per epoch
+    pretrain.main(command + ["--output-dir", str(tmp_path / "straight")])
+    save = utils.save_checkpoint
+
+    def save_then_die(state, path):
+        save(state, path)
+        if (state["epoch"], state["step"]) == (0, 1):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(utils, "save_checkpoint", save_then_die)
+    resumed = command + ["--output-dir", str(tmp_path / "resumed"), "--save-interval", "1e-9"]
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(resumed)
+    monkeypatch.setattr(utils, "save_checkpoint", save)
+    getitem, reads = utils.SyntheticImages.__getitem__, []
+    monkeypatch.setattr(utils.SyntheticImages, "__getitem__", lambda self, i: reads.append(i) or getitem(self, i))
+    pretrain.main(resumed)
+    assert len(reads) == 2 * 16  # epoch 1, steps 1 and 2
+    timing = ("time_s", "images_per_s")
+    clock = lambda records: [{k: v for k, v in r.items() if k not in timing} for r in records]
+    assert clock(read_log(tmp_path / "resumed")) == clock(read_log(tmp_path / "straight"))
+    a, b = (torch.load(tmp_path / d / "checkpoint-last.pth", weights_only=False) for d in ("straight", "resumed"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_resumed_epoch_keeps_the_data_order_with_workers():
+    """make_loader's sampler started part-way gives the rest of the same epoch's order, with workers too."""
+    dataset = torch.utils.data.TensorDataset(torch.arange(40))
+    loader = utils.make_loader(dataset, 4, True, num_workers=2, seed=3, device=torch.device("cpu"))
+    full = [batch[0].tolist() for batch in utils.epoch_batches(loader, 5)]
+    assert [batch[0].tolist() for batch in utils.epoch_batches(loader, 5, skip_batches=3)] == full[3:]
+    assert len(full) == 10 and full != [batch[0].tolist() for batch in utils.epoch_batches(loader, 6)]

@@ -416,6 +416,9 @@ def mask_rcnn(backbone, num_classes, transform):
     return GeneralizedRCNN(backbone, rpn, roi_heads, transform)
 
 
+ARCH_FLAGS = ("arch", "patch_size", "img_size", "feature_blocks")  # fixed on resume
+
+
 def build_detector(args, num_classes, log=print):
     """Mask R-CNN of the reference config on the pretrained ViT; num_classes without background."""
     patch = args.patch_size
@@ -544,10 +547,11 @@ def main(argv=None):
     optimizer = utils.adamw(groups, args.lr, (0.9, 0.999), device)
     scaler = utils.grad_scaler(device, amp)
 
-    checkpoint = utils.resume(args.output_dir, detector, optimizer, scaler, log)
-    start_epoch = 0 if checkpoint is None else checkpoint["epoch"] + 1
+    checkpointer = utils.Checkpointer(args, log=log)
+    checkpoint = checkpointer.resume(detector, optimizer, scaler, args, ARCH_FLAGS)
+    start_epoch, start_step = (0, 0) if checkpoint is None else (checkpoint["epoch"] + 1, checkpoint.get("step", 0))
     if checkpoint is None and args.eval_only:
-        utils.fail(f"--eval-only needs a trained detector at {args.output_dir}/checkpoint-last.pth")
+        utils.fail(f"--eval-only needs a trained detector at {checkpointer.path}")
     if args.eval_only:
         stats = evaluate(detector, val_loader, val_set.coco, val_set.cat_ids, device, amp)
         utils.log_json(args.output_dir, {"epoch": start_epoch - 1, "eval_only": True, **stats})
@@ -565,14 +569,20 @@ def main(argv=None):
         parts.update(model(images, targets))  # loss_classifier, loss_box_reg, loss_mask, loss_objectness, ...
         return sum(parts.values())
 
+    def state(epoch, step):  # the position: epochs done, then steps done in the next one
+        return {"model": detector.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch - 1, "step": step, "args": vars(args)}
+
     stats = {}
     for epoch in range(start_epoch, args.epochs):
-        utils.set_seed(args.seed + rank + epoch * 1000)
-        train_loader.sampler.set_epoch(epoch)
+        first = start_step if epoch == start_epoch else 0  # steps done before a mid-epoch resume
         model.train()
-        meter, loss_sum = utils.Meter(steps_per_epoch), torch.zeros(2, device=device)  # loss sum, steps
-        batches = iter(train_loader)
-        for step in range(steps_per_epoch):
+        meter = utils.Meter(steps_per_epoch - first)
+        loss_sum = checkpointer.partial_sums(torch.zeros(2, device=device))  # loss sum, steps
+        batches = utils.epoch_batches(train_loader, epoch, first * args.accum_iter)
+        for step in range(first, steps_per_epoch):
+            checkpointer.boundary(lambda: state(epoch, step), loss_sum, f"epoch {epoch} step {step}/{steps_per_epoch}")
+            utils.seed_step(args.seed, rank, epoch, step)  # the same scales, flips and samples when resumed
             lr = lr_at(epoch * steps_per_epoch + step, epoch, args)
             utils.set_lr(optimizer, lr)
             micro_batches = [to_device(*next(batches), device) for _ in range(args.accum_iter)]
@@ -583,17 +593,13 @@ def main(argv=None):
                 if not math.isfinite(loss.item()):
                     utils.fail(f"loss is {loss.item()} at epoch {epoch} step {step} ({terms}); stopping")
                 log(f"epoch {epoch} [{step + 1}/{steps_per_epoch}] loss {loss.item():.4f}  {terms}  lr {lr:.3g}  "
-                    f"{meter.line(step + 1, (step + 1) * args.batch_size)}")
+                    f"{meter.line(step + 1 - first, (step + 1 - first) * args.batch_size)}")
         utils.all_reduce_sum(loss_sum)
         stats = {"epoch": epoch, "train_loss": (loss_sum[0] / loss_sum[1]).item(), "lr": lr}
         if not math.isfinite(stats["train_loss"]):
             utils.fail(f"training loss is {stats['train_loss']} in epoch {epoch}; stopping")
         stats.update(evaluate(detector, val_loader, val_set.coco, val_set.cat_ids, device, amp))
-        if utils.is_main():
-            utils.save_checkpoint({"model": detector.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scaler": scaler.state_dict(), "epoch": epoch, "args": vars(args)},
-                                  os.path.join(args.output_dir, "checkpoint-last.pth"))
-        utils.log_json(args.output_dir, stats)
+        checkpointer.save(state(epoch + 1, 0), stats)
         log(f"epoch {epoch}: train loss {stats['train_loss']:.4f}  box AP {stats.get('bbox_AP', 0):.3f}  "
             f"mask AP {stats.get('segm_AP', 0):.3f}")
     if world > 1:

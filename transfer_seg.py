@@ -343,6 +343,9 @@ def build_model(args, log=print, load_pretrained=True):
     return Segmenter(encoder, args.feature_blocks, args.decoder_channels, NUM_CLASSES)
 
 
+ARCH_FLAGS = ("arch", "patch_size", "img_size", "feature_blocks", "decoder_channels")  # fixed on resume
+
+
 def check_args(args):
     depth = models.ARCHS[args.arch]["depth"]
     p = args.patch_size
@@ -445,13 +448,13 @@ def summary(metrics):
     return {k: round(metrics[k], 4) for k in ("mIoU", "mAcc", "aAcc")}
 
 
-def endless_batches(loader, first_epoch):
-    """Batches forever, the sampler's epoch counting up from first_epoch at each pass."""
-    epoch = first_epoch
+def endless_batches(loader, first_epoch, skip=0):
+    """Batches forever, the sampler's epoch counting up from first_epoch at each pass, without the first `skip`
+    (a run resumed part-way through an evaluation block)."""
+    epoch, skip = first_epoch + skip // len(loader), skip % len(loader)
     while True:
-        loader.sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+        yield from utils.epoch_batches(loader, epoch, skip)
+        epoch, skip = epoch + 1, 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -469,9 +472,9 @@ def main(argv=None):
                    f"{local_batch}{' per process' if world > 1 else ''}: raise --batch-size or lower --accum-iter")
     log = print if utils.is_main() else (lambda *a, **k: None)
     utils.make_output_dir(args.output_dir)
-    checkpoint = utils.resume_checkpoint(args.output_dir)
-    if args.eval_only and checkpoint is None:
-        utils.fail(f"--eval-only needs {os.path.join(args.output_dir, 'checkpoint-last.pth')}")
+    checkpointer = utils.Checkpointer(args, key="iter", log=log)
+    if args.eval_only and not os.path.exists(checkpointer.path):
+        utils.fail(f"--eval-only needs {checkpointer.path}")
 
     train_set, val_set = build_datasets(args)
     train_loader = utils.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device)
@@ -480,21 +483,15 @@ def main(argv=None):
         utils.fail(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
 
     utils.set_seed(args.seed)
-    model = build_model(args, log, load_pretrained=checkpoint is None).to(device)
+    model = build_model(args, log, load_pretrained=not os.path.exists(checkpointer.path)).to(device)
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     depth = models.ARCHS[args.arch]["depth"]
     optimizer = utils.adamw(utils.layer_decay_groups(model, args.weight_decay, args.layer_decay, depth),
                             args.lr, (0.9, 0.999), device)
     scaler = utils.grad_scaler(device, amp)
-    start_iter = 0
-    if checkpoint is not None:
-        path = os.path.join(args.output_dir, "checkpoint-last.pth")
-        utils.load_resumed(model, checkpoint["model"], path)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_iter = checkpoint["iter"]
-        log(f"resumed from {path} at iteration {start_iter}")
+    checkpoint = checkpointer.resume(model, optimizer, scaler, args, ARCH_FLAGS)
+    start_iter = 0 if checkpoint is None else checkpoint["iter"]
     if args.eval_only:
         metrics = evaluate(model, val_loader, args, device, amp)
         write_per_class(args.output_dir, metrics)
@@ -512,23 +509,29 @@ def main(argv=None):
         logits, aux_logits = model(imgs)  # (b, classes, c/4, c/4), (b, classes, c/16, c/16)
         return seg_loss(logits, labels) + AUX_WEIGHT * seg_loss(aux_logits, labels)
 
+    def state(it):
+        return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "iter": it, "args": vars(args)}
+
     it, metrics = start_iter, None
     meter = utils.Meter(args.iters - start_iter)
-    while it < args.iters:  # blocks of --eval-every iterations, each reproducible from its start
-        block = it // args.eval_every
-        block_end = min((block + 1) * args.eval_every, args.iters)
-        utils.set_seed(args.seed + rank + block * 1000)
-        batches = endless_batches(train_loader, first_epoch=it)
+    while it < args.iters:  # blocks of --eval-every iterations, each one's data stream fixed by its start
+        block_start = it // args.eval_every * args.eval_every
+        block_end = min(block_start + args.eval_every, args.iters)
+        batches = endless_batches(train_loader, first_epoch=block_start, skip=(it - block_start) * args.accum_iter)
         model.train()
-        losses = []
+        losses = checkpointer.partial_sums(torch.zeros(2, dtype=torch.float64, device=device))  # loss sum, steps
         for it in range(it, block_end):
+            checkpointer.boundary(lambda: state(it), losses, f"iteration {it}/{args.iters}")
+            utils.seed_step(args.seed, rank, 0, it)  # the same crops and drop-path when resumed
             lr = poly_lr(it, args.iters, args.warmup_iters, args.lr)
             utils.set_lr(optimizer, lr)
             micro_batches = [[t.to(device, non_blocking=True) for t in next(batches)]  # (b, 3, c, c), (b, c, c)
                              for _ in range(args.accum_iter)]
-            losses.append(utils.accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, amp))
+            loss = utils.accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, amp)
+            losses += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device)])
             if (it + 1) % args.print_freq == 0 or it + 1 == block_end:
-                step_loss = losses[-1].item()
+                step_loss = loss.item()
                 if not math.isfinite(step_loss):
                     utils.fail(f"loss is {step_loss} at iteration {it}, stopping")
                 done = it + 1 - start_iter
@@ -536,18 +539,15 @@ def main(argv=None):
                     f"{meter.line(done, done * args.batch_size)}")
         it = block_end
         metrics = evaluate(model_without_ddp, val_loader, args, device, amp)
-        train_loss = utils.all_reduce_sum(torch.stack(losses).mean()).item() / world
+        loss_sum, count = utils.all_reduce_sum(losses).tolist()
+        train_loss = loss_sum / count
         if not math.isfinite(train_loss):
             utils.fail(f"training loss is {train_loss} before iteration {it}, stopping")
         record = {"iter": it, "train_loss": train_loss, "lr": lr,
                   **summary(metrics), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-        utils.log_json(args.output_dir, record)
         write_per_class(args.output_dir, metrics)
+        checkpointer.save(state(it), record)
         log(json.dumps(record))
-        if utils.is_main():
-            utils.save_checkpoint({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scaler": scaler.state_dict(), "iter": it, "args": vars(args)},
-                                  os.path.join(args.output_dir, "checkpoint-last.pth"))
     if start_iter >= args.iters:
         log(f"already trained for {start_iter} iterations; --eval-only evaluates the checkpoint")
     return metrics

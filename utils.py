@@ -2,14 +2,17 @@
 groups, checkpoints, logs and datasets. Model code lives in models.py."""
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 import numpy as np
 import torch
@@ -44,6 +47,8 @@ def run_main(main):
     """
     try:
         main()
+    except KeyboardInterrupt:
+        fail("interrupted by a second Ctrl-C; checkpoint-last.pth holds the last saved state")
     except (DataError, ValueError) as e:
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         fail(re.sub(r"^(\w+\.)*\w+Error: ", "", last))
@@ -90,6 +95,8 @@ def add_common_args(parser, data_help, output_dir, img_size, batch_size, num_wor
     p.add_argument("--num-workers", type=int, default=num_workers, help="data-loading processes per process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--print-freq", type=int, default=print_freq, help="steps between progress lines and loss checks")
+    p.add_argument("--save-interval", type=float, default=30,
+                   help="minutes between checkpoints written during an epoch (0: only at epoch ends)")
     if branch is not None:
         p.add_argument("--pretrained", default=None,
                        help="pretrain.py or official ExtreMA checkpoint (none: random initialisation)")
@@ -160,6 +167,12 @@ def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_step(seed, rank, epoch, step):
+    """Seed Python, NumPy and torch from (seed, rank, epoch, step) before a step fetches its batch: its masks,
+    drop-path and main-process augmentations are then the same whether or not the run was resumed."""
+    set_seed(int(np.random.SeedSequence([seed % 2**64, rank, epoch, step]).generate_state(1)[0]))
 
 
 def resolve_amp(amp, device):
@@ -265,10 +278,24 @@ def adamw(groups, lr, betas, device):
 
 
 def save_checkpoint(state, path):
-    """Write atomically: a temporary file in the same folder, then rename over the old one."""
+    """Write atomically: a temporary file in the same folder, then rename over the old one. A failed write (full
+    disk, quota, file size limit) ends in a one-line error naming the file and the cause; the temporary file is
+    removed and the previous checkpoint stays as it was."""
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # a Python file object: torch.save's failure then carries the OSError
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with suppress(OSError):
+            os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        kept = "; the previous checkpoint is kept" if os.path.exists(path) else ""
+        fail(f"cannot write {path}: {cause.strerror if cause is not None and cause.strerror else e}{kept}")
 
 
 def load_checkpoint(path):
@@ -328,17 +355,146 @@ def load_resumed(module, state_dict, path):
     module.load_state_dict(state_dict)
 
 
-def resume(output_dir, model, optimizer, scaler, log=print):
-    """Continue from <output_dir>/checkpoint-last.pth when it exists: model, optimizer and loss scaler.
-    Returns the checkpoint (its 'epoch' and other entries), or None to start fresh."""
-    checkpoint = resume_checkpoint(output_dir)
-    if checkpoint is not None:
-        path = os.path.join(output_dir, "checkpoint-last.pth")
-        load_resumed(model, checkpoint["model"], path)
+RUN_FLAGS = ("output_dir", "device", "num_workers", "print_freq", "save_interval", "save_every", "eval_only",
+             "compile")  # how a run executes, not what it computes: free to change on resume
+
+
+def check_resumed_args(saved, args, fixed, path, log=print):
+    """A resumed run may not change the flags in `fixed` (the architecture: a one-line error naming them); any
+    other change of a training flag (--epochs, --blr, --batch-size, ...) is taken, with a one-line warning."""
+    now = vars(args)
+    changed = [k for k in saved if k in now and saved[k] != now[k] and k not in RUN_FLAGS
+               and not (k == "lr" and "blr" in now)]  # lr follows from --blr in linprobe and finetune
+    flag = lambda k: "--" + k.replace("_", "-")
+    refused = [k for k in changed if k in fixed]
+    if refused:
+        fail(f"{path} was trained with {', '.join(f'{flag(k)} {saved[k]}' for k in refused)}, not "
+             f"{', '.join(f'{flag(k)} {now[k]}' for k in refused)}: give the same flags or another --output-dir")
+    if changed:
+        log(f"warning: resuming {path} with changed flags: "
+            + ", ".join(f"{flag(k)} {saved[k]} -> {now[k]}" for k in changed))
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+REQUEUE_STATUS = 143  # 128 + SIGTERM: what a job ended by SIGTERM reports, so schedulers and scripts requeue on it
+
+
+class Checkpointer:
+    """checkpoint-last.pth and log.jsonl of a run, consistent whatever the moment of a kill, plus the checkpoints
+    between epoch ends that stop signals and --save-interval ask for. Every process creates one and calls it.
+
+    save(state, record): rank 0 writes the checkpoint with `record` (the log line it completes) inside, then
+    appends the line; resume() puts back a line lost to a kill between the two and drops lines past the
+    checkpoint, so the log of a resumed run never repeats or skips a line.
+    boundary(...) before each optimizer step: writes a checkpoint when --save-interval minutes have passed since
+    the last one, or after SIGTERM, SIGUSR1 (schedulers' notice of preemption or of the time limit) or SIGINT;
+    after a signal it then says so in one line and exits with REQUEUE_STATUS; the same command resumes. A
+    second Ctrl-C stops at once.
+    """
+
+    def __init__(self, args, key="epoch", log=print):
+        self.output_dir, self.key, self.log = args.output_dir, key, log
+        self.path = os.path.join(args.output_dir, "checkpoint-last.pth")
+        if args.save_interval < 0:
+            fail(f"--save-interval must be 0 (only at epoch ends) or positive minutes, got {args.save_interval}")
+        self.interval = args.save_interval * 60
+        self.record = self.sums = self.signal = self.pending = None
+        self.last_save, self.fresh = time.monotonic(), False
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                signal.signal(getattr(signal, name), self.on_signal)
+        many = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.group = dist.new_group(backend="gloo") if many else None  # flags travel on the CPU
+
+    def on_signal(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def local_flags(self):
+        due = self.interval > 0 and time.monotonic() - self.last_save >= self.interval
+        return torch.tensor([self.signal is not None, due], dtype=torch.float32)
+
+    def resume(self, model, optimizer, scaler, args, fixed=("arch", "patch_size")):
+        """Continue from checkpoint-last.pth when it exists: refuse changed `fixed` flags, load model, optimizer
+        and loss scaler, and make log.jsonl end with the checkpoint's line. Returns the checkpoint, or None."""
+        checkpoint = resume_checkpoint(self.output_dir)
+        if checkpoint is None:
+            return None
+        check_resumed_args(checkpoint.get("args", {}), args, fixed, self.path, self.log)
+        load_resumed(model, checkpoint["model"], self.path)
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
-        log(f"resumed from {path} (epoch {checkpoint['epoch']} done)")
-    return checkpoint
+        self.record, self.sums = checkpoint.get("log"), checkpoint.get("sums")
+        if "log" in checkpoint and is_main():  # checkpoints written before this format leave the log alone
+            self.sync_log(checkpoint["log"])
+        if self.key == "iter":
+            where = f"iteration {checkpoint['iter']}"
+        elif checkpoint.get("step") or checkpoint["epoch"] < 0:
+            where = f"epoch {checkpoint['epoch'] + 1} step {checkpoint['step']}"
+        else:
+            where = f"epoch {checkpoint['epoch']} done"
+        self.log(f"resumed from {self.path} ({where})")
+        return checkpoint
+
+    def sync_log(self, record):
+        """Drop log lines past `record` (the checkpoint's last line, None before the first), and append it
+        when a kill came between the checkpoint and its line."""
+        path = os.path.join(self.output_dir, "log.jsonl")
+        lines = []
+        if os.path.exists(path):
+            with open(path) as f:
+                lines = f.read().splitlines()
+        done = -1 if record is None else record[self.key]
+        kept = [line for line in lines if json.loads(line).get(self.key, -1) <= done]
+        if record is not None and record not in [json.loads(line) for line in kept]:
+            kept.append(json.dumps(record))
+        if kept != lines:
+            with open(f"{path}.tmp", "w") as f:
+                f.write("".join(line + "\n" for line in kept))
+            os.replace(f"{path}.tmp", path)
+
+    def partial_sums(self, zeros):
+        """Running sums (losses, steps) of a part-done epoch or block saved by boundary(), in rank 0 (the
+        others start from zero as their shares are in them), once; else `zeros`."""
+        sums, self.sums = self.sums, None
+        return zeros if sums is None or not is_main() else sums.to(zeros.device, zeros.dtype)
+
+    def save(self, state, record=None):
+        """Every process: rank 0 writes the checkpoint, then appends `record` (None between epoch ends)."""
+        if record is not None:
+            self.record = record
+        if is_main():
+            save_checkpoint({**state, "log": self.record}, self.path)
+            if record is not None:
+                log_json(self.output_dir, record)
+        self.last_save, self.fresh = time.monotonic(), True
+
+    def boundary(self, state_fn, sums, where):
+        """Before an optimizer step, in every process: save state_fn() (the checkpoint of this position) with the
+        running `sums` summed over processes when it is due; after a stop signal, exit with REQUEUE_STATUS.
+
+        The processes act on the same step: their flags are summed on the CPU (gloo), asynchronously, and
+        read at the next boundary, so no step waits for the accelerator or for another process's clock."""
+        if self.group is None:
+            stop, due = self.local_flags().tolist()
+        else:  # the flags posted at the previous boundary
+            stop, due = 0, 0
+            if self.pending is not None:
+                self.pending.wait()
+                stop, due = self.flags.tolist()
+        if (stop or due) and not self.fresh:
+            self.save({**state_fn(), "sums": all_reduce_sum(sums.clone()).cpu()})
+        if stop:
+            self.log(f"{self.signal or 'a stop signal in another process'}: saved {self.path} at {where}; "
+                     f"exiting with status {REQUEUE_STATUS} (requeue and rerun the same command to resume)")
+            if self.group is not None:
+                dist.destroy_process_group()
+            raise SystemExit(REQUEUE_STATUS)
+        self.fresh = False
+        if self.group is not None:
+            self.flags = self.local_flags()
+            self.pending = dist.all_reduce(self.flags, group=self.group, async_op=True)
 
 
 def log_json(output_dir, record):
@@ -436,24 +592,53 @@ def eval_transform(img_size, interpolation=v2.InterpolationMode.BICUBIC):
                        v2.CenterCrop(img_size), v2.PILToTensor()])
 
 
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler whose epoch can start part-way: set_epoch(epoch, skip) leaves out this process's first
+    `skip` indices of that epoch's order, so a run resumed mid-epoch reads (and decodes) none of the images it
+    has trained on and then sees the rest in the same order. len() stays the whole epoch's."""
+    skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave SIGTERM, SIGUSR1 and SIGINT (sent to every process of a job, or of a terminal's
+    foreground group) to the main process, which stops at a step boundary and shuts them down."""
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_size, train, num_workers, seed, device, collate_fn=None):
     """Per-process DataLoader.
 
-    train: a shuffling DistributedSampler that drops the last partial batch (also in one process, so the
-    order depends only on seed and epoch: call loader.sampler.set_epoch(epoch) each epoch).
+    train: a shuffling ResumableSampler that drops the last partial batch (also in one process, so the order
+    depends only on seed and epoch: start each epoch with epoch_batches()).
     Otherwise every process takes the indices rank, rank + world, ...: each item is seen exactly once
     over all processes, with no padding, so evaluation sums are exact.
     """
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     if train:
-        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                                      seed=seed, drop_last=True)
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     else:
         sampler = range(rank, len(dataset), world)
+    # its own generator for the workers' seeds: starting an epoch draws nothing from the seeded global RNG
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed % 2**64, rank]).generate_state(1)[0]))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
                                        num_workers=num_workers, pin_memory=device.type == "cuda",
-                                       persistent_workers=num_workers > 0, collate_fn=collate_fn)
+                                       persistent_workers=num_workers > 0, collate_fn=collate_fn,
+                                       worker_init_fn=ignore_stop_signals, generator=generator)
+
+
+def epoch_batches(loader, epoch, skip_batches=0):
+    """The batches of one epoch of a make_loader(train=True) loader, from batch `skip_batches` on."""
+    loader.sampler.set_epoch(epoch, skip_batches * loader.batch_size)
+    return iter(loader)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -482,22 +667,28 @@ def accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, am
     return total / len(micro_batches)
 
 
-def train_one_epoch(loss_fn, model, loader, optimizer, scaler, epoch, args, device, log=print):
-    """One epoch of optimizer steps of args.accum_iter micro-batches each; returns (mean loss, last lr).
+def train_one_epoch(loss_fn, model, loader, optimizer, scaler, epoch, args, device, checkpointer, state_fn,
+                    start_step=0, log=print):
+    """One epoch of optimizer steps of args.accum_iter micro-batches each, from step start_step on (resumed
+    mid-epoch); returns (mean loss, last lr).
 
     loss_fn(images, targets) -> scalar loss through `model` (DDP-wrapped or not), with the loader's uint8
     images normalised on the device (to_device). The lr follows the
     per-iteration warm-up + cosine schedule from args.lr to args.min_lr (0 where a stage has no --min-lr) over
-    args.epochs, scaled by each group's lr_scale.
-    Uses args.accum_iter, epochs, warmup_epochs, lr, min_lr, amp, print_freq, batch_size.
+    args.epochs, scaled by each group's lr_scale. Before each step, checkpointer.boundary may save
+    state_fn(step). Uses args.accum_iter, epochs, warmup_epochs, lr, min_lr, amp, print_freq, batch_size, seed.
     """
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     steps = len(loader) // args.accum_iter
     if steps == 0:
         fail(f"{len(loader.sampler)} training images per process make no full step of --batch-size "
              f"{args.batch_size} with --accum-iter {args.accum_iter}")
-    meter, sums = Meter(steps), torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, steps
-    batches = iter(loader)
-    for step in range(steps):
+    meter = Meter(steps - start_step)
+    sums = checkpointer.partial_sums(torch.zeros(2, dtype=torch.float64, device=device))  # loss sum, steps
+    batches = epoch_batches(loader, epoch, start_step * args.accum_iter)
+    for step in range(start_step, steps):
+        checkpointer.boundary(lambda: state_fn(step), sums, f"epoch {epoch} step {step}/{steps}")
+        seed_step(args.seed, rank, epoch, step)
         lr = cosine_schedule(epoch + step / steps, args.epochs, args.warmup_epochs, args.lr,
                              getattr(args, "min_lr", 0.0))
         set_lr(optimizer, lr)
@@ -509,7 +700,7 @@ def train_one_epoch(loss_fn, model, loader, optimizer, scaler, epoch, args, devi
             if not math.isfinite(value):
                 fail(f"loss is {value} at epoch {epoch} step {step + 1}; stopping")
             log(f"epoch {epoch} [{step + 1}/{steps}] loss {value:.4f} lr {lr:.3e} "
-                f"{meter.line(step + 1, (step + 1) * args.batch_size)}")
+                f"{meter.line(step + 1 - start_step, (step + 1 - start_step) * args.batch_size)}")
     loss_sum, count = all_reduce_sum(sums).tolist()
     if not math.isfinite(loss_sum):
         fail(f"training loss is {loss_sum / count} in epoch {epoch}; stopping")
@@ -571,39 +762,42 @@ def evaluate(model_fn, loader, device, amp):
 
 
 def fit_classifier(model, trained, loss_fn, train_loader, val_loader, optimizer, scaler, args, device, log=print,
-                   before_eval=None, **record):
-    """The epoch loop of linprobe.py and finetune.py: resume, then --eval-only or, per epoch, train,
-    evaluate, log and save <output-dir>/checkpoint-last.pth.
+                   before_eval=None, fixed=("arch", "patch_size"), **record):
+    """The epoch loop of linprobe.py and finetune.py: resume, then --eval-only or, per epoch, train, evaluate,
+    save <output-dir>/checkpoint-last.pth and log (Checkpointer: in this order, also mid-epoch when asked).
 
     model: the whole classifier (evaluated and saved); trained: its DDP-wrapped trained part, which loss_fn
-    calls; before_eval: run before each evaluation; record: extra entries for every log line.
+    calls; before_eval: run before each evaluation; fixed: flags a resumed run may not change; record: extra
+    entries for every log line.
     """
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    path = os.path.join(args.output_dir, "checkpoint-last.pth")
-    checkpoint = resume(args.output_dir, model, optimizer, scaler, log)
-    start_epoch, best_acc1 = (checkpoint["epoch"] + 1, checkpoint["best_acc1"]) if checkpoint else (0, 0.0)
+    checkpointer = Checkpointer(args, log=log)
+    checkpoint = checkpointer.resume(model, optimizer, scaler, args, fixed)
+    start_epoch, start_step, best_acc1 = (0, 0, 0.0) if checkpoint is None else \
+        (checkpoint["epoch"] + 1, checkpoint.get("step", 0), checkpoint["best_acc1"])
     if args.eval_only:
         if checkpoint is None:
-            fail(f"--eval-only needs a trained model: {path} does not exist")
+            fail(f"--eval-only needs a trained model: {checkpointer.path} does not exist")
         model.eval()
         acc1, acc5, val_loss = evaluate(model, val_loader, device, args.amp)
-        log(f"evaluation of {path}: acc1 {acc1:.2f} acc5 {acc5:.2f} on {len(val_loader.dataset)} images")
+        log(f"evaluation of {checkpointer.path}: acc1 {acc1:.2f} acc5 {acc5:.2f} on {len(val_loader.dataset)} images")
         log_json(args.output_dir, dict(epoch=checkpoint["epoch"], eval_only=True, acc1=acc1, acc5=acc5,
                                        val_loss=val_loss))
         return
+
+    def state(epoch, step):  # the position: epochs done, then steps done in the next one
+        return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                    epoch=epoch - 1, step=step, best_acc1=best_acc1, args=vars(args))
+
     for epoch in range(start_epoch, args.epochs):
-        set_seed(args.seed + rank + epoch * 1000)  # a resumed run replays the same epoch
-        train_loader.sampler.set_epoch(epoch)
         model.train()
-        train_loss, lr = train_one_epoch(loss_fn, trained, train_loader, optimizer, scaler, epoch, args, device, log)
+        train_loss, lr = train_one_epoch(loss_fn, trained, train_loader, optimizer, scaler, epoch, args, device,
+                                         checkpointer, lambda step: state(epoch, step),
+                                         start_step if epoch == start_epoch else 0, log)
         model.eval()
         if before_eval is not None:
             before_eval()
         acc1, acc5, val_loss = evaluate(model, val_loader, device, args.amp)
         best_acc1 = max(best_acc1, acc1)
         log(f"epoch {epoch}: train loss {train_loss:.4f} acc1 {acc1:.2f} acc5 {acc5:.2f} (best {best_acc1:.2f})")
-        log_json(args.output_dir, dict(epoch=epoch, train_loss=train_loss, lr=lr, acc1=acc1, acc5=acc5,
-                                       val_loss=val_loss, best_acc1=best_acc1, **record))
-        if rank == 0:
-            save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                 scaler=scaler.state_dict(), epoch=epoch, best_acc1=best_acc1, args=vars(args)), path)
+        checkpointer.save(state(epoch + 1, 0), dict(epoch=epoch, train_loss=train_loss, lr=lr, acc1=acc1, acc5=acc5,
+                                                    val_loss=val_loss, best_acc1=best_acc1, **record))
