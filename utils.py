@@ -489,6 +489,7 @@ class Checkpointer:
             self.log(f"{self.signal or 'a stop signal in another process'}: saved {self.path} at {where}; "
                      f"exiting with status {REQUEUE_STATUS} (requeue and rerun the same command to resume)")
             if self.group is not None:
+                dist.barrier(group=self.group)  # no process exits (and makes a launcher kill the rest) before the write
                 dist.destroy_process_group()
             raise SystemExit(REQUEUE_STATUS)
         self.fresh = False
