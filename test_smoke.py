@@ -1,6 +1,7 @@
 """Smoke tests: numerics against the official implementation, masking, and every stage end to end on tiny
 synthetic data. Run with `pytest test_smoke.py` (a few minutes on a 2-core CPU)."""
 import argparse
+import errno
 import json
 import math
 import os
@@ -1634,20 +1635,20 @@ def test_kill_during_checkpoint_write_never_repeats_a_log_line(tmp_path, monkeyp
 def test_save_every_zero_and_changed_flags(tmp_path, capsys):
     """--save-every 0 keeps no numbered checkpoint; a negative one is refused; a resumed run warns in one line
     about changed schedule flags."""
-    pretrain.main(TINY + ["--epochs", "1", "--save-every", "0", "--output-dir", str(tmp_path)])
+    tiny = TINY + ["--arch", "vit_fixture", "--output-dir", str(tmp_path)]
+    pretrain.main(tiny + ["--epochs", "1", "--save-every", "0"])
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth", "log.jsonl"]
     with pytest.raises(SystemExit, match=r"^error: --save-every must be 0 \(no numbered checkpoints\) or positive"):
-        pretrain.main(TINY + ["--save-every", "-1", "--output-dir", str(tmp_path)])
+        pretrain.main(tiny + ["--save-every", "-1"])
     capsys.readouterr()
-    pretrain.main(TINY + ["--epochs", "2", "--blr", "3e-4", "--batch-size", "8", "--save-every", "0",
-                          "--output-dir", str(tmp_path)])
+    pretrain.main(tiny + ["--epochs", "2", "--blr", "3e-4", "--batch-size", "8", "--save-every", "0"])
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
     assert warnings == [f"warning: resuming {tmp_path / 'checkpoint-last.pth'} with changed flags: --batch-size "
                         f"16 -> 8, --epochs 1 -> 2, --blr 0.00015 -> 0.0003"]
     assert log_keys(tmp_path) == [0, 1] and sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth", "log.jsonl"]
 
 
-def test_full_disk_during_checkpoint_write(tmp_path):
+def test_full_disk_during_checkpoint_write(tmp_path, monkeypatch):
     """A write that fails (here: over the file size limit, EFBIG; a full disk is ENOSPC) ends in one line naming
     the file and the cause; the temporary file is removed and the old checkpoint is intact."""
     path = str(tmp_path / "checkpoint-last.pth")
@@ -1662,6 +1663,27 @@ def test_full_disk_during_checkpoint_write(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert str(info.value) == f"error: cannot write {path}: File too large; the previous checkpoint is kept"
     assert os.listdir(tmp_path) == ["checkpoint-last.pth"] and open(path, "rb").read() == old
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit, match=r"^error: cannot write .*checkpoint-last\.pth: No space left on device; "
+                                         r"the previous checkpoint is kept$"):
+        utils.save_checkpoint({"epoch": 1}, path)
+    assert os.listdir(tmp_path) == ["checkpoint-last.pth"] and open(path, "rb").read() == old
+
+
+def test_second_ctrl_c_and_bad_save_interval(tmp_path):
+    """The first Ctrl-C only asks for a stop at the next step boundary; a second one stops at once, in one line."""
+    with pytest.raises(SystemExit, match=r"^error: --save-interval must be 0 \(only at epoch ends\) or positive"):
+        utils.Checkpointer(argparse.Namespace(output_dir=str(tmp_path), save_interval=-1))
+    checkpointer = utils.Checkpointer(argparse.Namespace(output_dir=str(tmp_path), save_interval=30))
+    signal.raise_signal(signal.SIGINT)
+    assert checkpointer.signal == "SIGINT"
+    with pytest.raises(SystemExit, match=r"^error: interrupted by a second Ctrl-C; checkpoint-last\.pth holds "):
+        utils.run_main(lambda: signal.raise_signal(signal.SIGINT))
 
 
 def test_sigterm_saves_and_exits_for_requeue(tmp_path):
