@@ -138,7 +138,7 @@ def main(argv=None):
 
     # the frozen encoder is saved with the head, so a checkpoint evaluates on its own
     utils.fit_classifier(probe, head, loss_fn, train_loader, val_loader, optimizer, scaler, args, device, log,
-                         before_eval=share_statistics, fixed=("arch", "patch_size", "final_norm"))
+                         before_eval=share_statistics, fixed=utils.ARCH_FLAGS + ("final_norm",))
     if world_size > 1:
         torch.distributed.destroy_process_group()
 

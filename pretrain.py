@@ -120,7 +120,7 @@ def two_views(images, color_aug):
     return colour(images), colour(images)
 
 
-ARCH_FLAGS = ("arch", "patch_size", "img_size", "ca_depth", "proj_dim", "proj_hidden_dim")  # fixed on resume
+ARCH_FLAGS = utils.ARCH_FLAGS + ("ca_depth", "proj_dim", "proj_hidden_dim")  # fixed on resume
 
 
 def build_model(args):

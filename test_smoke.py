@@ -1732,15 +1732,18 @@ def test_stop_signal_mid_epoch_then_exact_resume(tmp_path, monkeypatch, capsys, 
         run(tmp_path / "resumed")
     assert info.value.code == utils.REQUEUE_STATUS
     where = "iteration 1/4" if stage == "seg" else "epoch 0 step 1/2"
-    assert capsys.readouterr().out.splitlines()[-1].startswith(f"{signal.Signals(signum).name}: saved "
-                                                                f"{tmp_path / 'resumed' / 'checkpoint-last.pth'} at {where}; exiting with status 143")
+    path = tmp_path / "resumed" / "checkpoint-last.pth"
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"{signal.Signals(signum).name}: saved {path} at {where}; exiting with status 143 (requeue and rerun the "
+        f"same command to resume)")
     checkpoint = torch.load(tmp_path / "resumed" / "checkpoint-last.pth", weights_only=False)
     assert (checkpoint["iter"] == 1) if stage == "seg" else (checkpoint["epoch"], checkpoint["step"]) == (-1, 1)
     monkeypatch.setattr(utils, "accumulate_step", step)
     run(tmp_path / "resumed")
     clock = lambda records: [{k: v for k, v in r.items() if k != "time"} for r in records]
     assert clock(read_log(tmp_path / "resumed")) == clock(read_log(tmp_path / "straight"))
-    a, b = (torch.load(tmp_path / d / "checkpoint-last.pth", weights_only=False)["model"] for d in ("straight", "resumed"))
+    a, b = (torch.load(tmp_path / d / "checkpoint-last.pth", weights_only=False)["model"]
+            for d in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

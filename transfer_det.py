@@ -416,7 +416,7 @@ def mask_rcnn(backbone, num_classes, transform):
     return GeneralizedRCNN(backbone, rpn, roi_heads, transform)
 
 
-ARCH_FLAGS = ("arch", "patch_size", "img_size", "feature_blocks")  # fixed on resume
+ARCH_FLAGS = utils.ARCH_FLAGS + ("feature_blocks",)  # fixed on resume
 
 
 def build_detector(args, num_classes, log=print):

@@ -343,7 +343,7 @@ def build_model(args, log=print, load_pretrained=True):
     return Segmenter(encoder, args.feature_blocks, args.decoder_channels, NUM_CLASSES)
 
 
-ARCH_FLAGS = ("arch", "patch_size", "img_size", "feature_blocks", "decoder_channels", "rel_pos_bias")  # fixed on resume
+ARCH_FLAGS = utils.ARCH_FLAGS + ("feature_blocks", "decoder_channels", "rel_pos_bias")  # fixed on resume
 
 
 def check_args(args):

@@ -355,6 +355,7 @@ def load_resumed(module, state_dict, path):
     module.load_state_dict(state_dict)
 
 
+ARCH_FLAGS = ("arch", "patch_size", "img_size")  # shape the encoder (the grid sizes pos_embed): fixed on resume
 RUN_FLAGS = ("output_dir", "device", "num_workers", "print_freq", "save_interval", "save_every", "eval_only",
              "compile")  # how a run executes, not what it computes: free to change on resume
 
@@ -415,7 +416,7 @@ class Checkpointer:
         due = self.interval > 0 and time.monotonic() - self.last_save >= self.interval
         return torch.tensor([self.signal is not None, due], dtype=torch.float32)
 
-    def resume(self, model, optimizer, scaler, args, fixed=("arch", "patch_size")):
+    def resume(self, model, optimizer, scaler, args, fixed=ARCH_FLAGS):
         """Continue from checkpoint-last.pth when it exists: refuse changed `fixed` flags, load model, optimizer
         and loss scaler, and make log.jsonl end with the checkpoint's line. Returns the checkpoint, or None."""
         checkpoint = resume_checkpoint(self.output_dir)
@@ -763,7 +764,7 @@ def evaluate(model_fn, loader, device, amp):
 
 
 def fit_classifier(model, trained, loss_fn, train_loader, val_loader, optimizer, scaler, args, device, log=print,
-                   before_eval=None, fixed=("arch", "patch_size"), **record):
+                   before_eval=None, fixed=ARCH_FLAGS, **record):
     """The epoch loop of linprobe.py and finetune.py: resume, then --eval-only or, per epoch, train, evaluate,
     save <output-dir>/checkpoint-last.pth and log (Checkpointer: in this order, also mid-epoch when asked).
 
