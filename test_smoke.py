@@ -884,20 +884,21 @@ def test_eval_transforms_and_probe_head(monkeypatch):
     assert head[0].eps == 1e-5 and not head[0].affine
 
 
-def test_min_lr_floor():
+def test_min_lr_floor(tmp_path):
     """finetune's cosine ends at --min-lr (1e-6); linprobe's at 0, as the official code."""
     assert finetune.get_args([]).min_lr == 1e-6 and not hasattr(linprobe.get_args([]), "min_lr")
     assert utils.cosine_schedule(100, 100, 5, 2e-3, final=1e-6) == pytest.approx(1e-6)
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2), torch.randn(4, 1)),
-                                         batch_size=1)
+    cpu = torch.device("cpu")
+    loader = utils.make_loader(torch.utils.data.TensorDataset(torch.randn(4, 2), torch.randn(4, 1)), 1, True, 0, 0, cpu)
     loss_fn = lambda x, y: F.mse_loss(model(x), y)
     for min_lr in (0.25, None):
         args = argparse.Namespace(accum_iter=1, epochs=2, warmup_epochs=0, lr=1.0, amp="none", print_freq=100,
-                                  batch_size=1, **({} if min_lr is None else {"min_lr": min_lr}))
-        _, lr = utils.train_one_epoch(loss_fn, model, loader, optimizer, utils.grad_scaler(torch.device("cpu"), "none"),
-                                      1, args, torch.device("cpu"), log=lambda *a: None)
+                                  batch_size=1, seed=0, output_dir=str(tmp_path), save_interval=0,
+                                  **({} if min_lr is None else {"min_lr": min_lr}))
+        _, lr = utils.train_one_epoch(loss_fn, model, loader, optimizer, utils.grad_scaler(cpu, "none"), 1, args, cpu,
+                                      utils.Checkpointer(args), lambda step: {}, log=lambda *a: None)
         floor = min_lr or 0.0
         assert lr == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
         assert optimizer.param_groups[0]["lr"] == lr
