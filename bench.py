@@ -9,15 +9,16 @@ the two steps are timed in turns, so that a shared machine's slow spells hit bot
     python bench.py --make-jpegs output/jpegs --count 2000            # ImageNet-sized JPEGs to time the loader on
 
 Every flag of pretrain.py is accepted with its meaning and default (--arch, --img-size, --batch-size, --accum-iter,
---mask-ratio, --num-masks, --no-disjoint, --proj-hidden-dim, --drop-path, --amp, --compile, --num-workers, ...;
-see `python pretrain.py --help`), except that --data defaults to no input-pipeline measurement. The last line
-printed is one JSON object.
+--mask-ratio, --num-masks, --no-disjoint, --proj-hidden-dim, --drop-path, --amp, --compile [MODE], --num-workers,
+and the speed options --autocast-residual, --split-class-attention, --cuda-graphs; see `python pretrain.py --help`),
+except that --data defaults to no input-pipeline measurement. The last line printed is one JSON object.
 """
 import argparse
 import json
 import math
 import os
 import resource
+import statistics
 import time
 
 import numpy as np
@@ -386,13 +387,15 @@ def prepare(name, step, args, device, others_mb, compile_fn=None):
 
 
 def prepare_ours(learner, args, device, amp, micro_batches, lr, momentum):
-    """pretrain.py's optimizer, loss scaler, training step and (with --compile) compilation."""
+    """pretrain.py's optimizer (or --cuda-graphs updates), loss scaler, training step and (with --compile)
+    compilation."""
     optimizer = utils.adamw(utils.param_groups(learner, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
                             device=device)
+    updates = pretrain.step_updates(args, learner, optimizer, device, amp)
     scaler = utils.grad_scaler(device, amp)
-    return prepare("ours", lambda: pretrain.train_step(learner, optimizer, scaler, micro_batches, lr, momentum, amp,
+    return prepare("ours", lambda: pretrain.train_step(learner, updates, scaler, micro_batches, lr, momentum, amp,
                                                        args.color_aug),
-                   args, device, 0.0, (lambda: pretrain.compile_model(learner)) if args.compile else None)
+                   args, device, 0.0, (lambda: pretrain.compile_model(learner, args.compile)) if args.compile else None)
 
 
 def prepare_baseline(state_dict, args, device, amp, micro_batches, lr, momentum, others_mb):
@@ -433,7 +436,8 @@ def main(argv=None):
         results.append(prepare_baseline(initial_state, args, device, amp, micro_batches, lr, momentum,
                                         memory_mb(device) - inputs_mb))
     steps = [r.pop("step") for r in results]
-    for r, seconds in zip(results, time_interleaved(steps, device, args.steps)):
+    timings = time_interleaved(steps, device, args.steps)
+    for r, seconds in zip(results, timings):
         r.update(step_ms=1000 * sum(seconds) / len(seconds), min_step_ms=1000 * min(seconds),
                  max_step_ms=1000 * max(seconds))
         r["images_per_s"] = 1000 * args.batch_size / r["step_ms"]
@@ -446,10 +450,11 @@ def main(argv=None):
     grid = args.img_size // args.patch_size
     visible = models.num_visible(grid * grid, args.mask_ratio)
     hardware = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    options = [name for name in ("autocast_residual", "split_class_attention", "cuda_graphs") if getattr(args, name)]
     print(f"ExtreMA pretraining step | {args.arch} {args.img_size}/{args.patch_size} | batch {args.batch_size} "
           f"({local_batch} x {args.accum_iter}) | {args.num_masks} masks x {visible} of {grid * grid} patches | "
-          f"amp {amp} | compile {'on' if args.compile else 'off'} | {device} ({hardware}) | "
-          f"{args.warmup_steps} warm-up + {args.steps} timed steps")
+          f"amp {amp} | compile {args.compile or 'off'} | options {' '.join(options) or 'none'} | "
+          f"{device} ({hardware}) | {args.warmup_steps} warm-up + {args.steps} timed steps")
     mem = "peak MB (CUDA max allocated)" if device.type == "cuda" else "peak MB (process max RSS so far)"
     print(f"{'impl':<10}{'step ms':>10}{'(min-max)':>16}{'images/s':>11}{'GFLOP/img':>11}{'TFLOP/s':>9}{'MFU':>7}"
           f"  {mem}")
@@ -467,8 +472,10 @@ def main(argv=None):
         base = results[1]
         summary.update(baseline_images_per_s=base["images_per_s"], baseline_step_ms=base["step_ms"],
                        baseline_flops_per_image=base["flops_per_image"],
-                       speedup=ours["images_per_s"] / base["images_per_s"])
-        print(f"speedup ours/baseline: {summary['speedup']:.2f}x")
+                       speedup=ours["images_per_s"] / base["images_per_s"],
+                       speedup_median_pair=statistics.median(b / o for o, b in zip(*timings)))
+        print(f"speedup ours/baseline: {summary['speedup']:.2f}x (mean step times), "
+              f"{summary['speedup_median_pair']:.2f}x (median of the {args.steps} in-turn pairs)")
     if args.data is not None:
         loader_rate, cpu_ms = time_loader(args, local_batch, device)
         bottleneck = "loader" if loader_rate < ours["images_per_s"] else "step"
@@ -480,7 +487,8 @@ def main(argv=None):
               f"image, i.e. {1000 / cpu_ms:.0f} images/s per busy worker: the step needs about "
               f"{summary['workers_needed']} workers per process")
     summary.update(arch=args.arch, img_size=args.img_size, batch_size=args.batch_size, amp=amp,
-                   device=f"{device} ({hardware})", compile=args.compile)
+                   device=f"{device} ({hardware})", torch=torch.__version__, compile=args.compile or "off",
+                   options=options)
     print(json.dumps({k: float(f"{v:.6g}") if isinstance(v, float) and "flops_per_image" not in k else v
                       for k, v in summary.items()}))
     return summary

@@ -210,12 +210,28 @@ class ClassAttention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, d)
         return self.proj(rearrange(x, "b h 1 d -> b 1 (h d)"))
 
+    def forward_split(self, cls, tokens):
+        """The same function of cls (B, 1, D) and tokens (B, N, D) without building u: the cls key's score
+        joins the tokens' scores, and the softmax of the one query row is written out."""
+        heads = "b n (two h d) -> two b h n d"
+        q = rearrange(self.q(cls), "b 1 (h d) -> b h 1 d", h=self.num_heads)
+        k_cls, v_cls = rearrange(self.kv(cls), heads, two=2, h=self.num_heads)  # (B, H, 1, d) each
+        k, v = rearrange(self.kv(tokens), heads, two=2, h=self.num_heads)  # (B, H, N, d) each
+        scores = torch.cat([q @ k_cls.transpose(-2, -1), q @ k.transpose(-2, -1)], dim=-1)  # (B, H, 1, 1+N)
+        attn = (scores * q.shape[-1] ** -0.5).softmax(dim=-1)
+        x = attn[..., :1] * v_cls + attn[..., 1:] @ v  # (B, H, 1, d)
+        return self.proj(rearrange(x, "b h 1 d -> b 1 (h d)"))
+
 
 class ClassAttentionBlock(nn.Module):
-    """Refines the cls token only; the patch tokens pass through unchanged. Layer scale, no drop path."""
+    """Refines the cls token only; the patch tokens pass through unchanged. Layer scale, no drop path.
 
-    def __init__(self, dim, num_heads, mlp_ratio, layer_scale):
+    split: the attention without the (B, 1+N, D) concatenation (the same function: LayerNorm is per row).
+    """
+
+    def __init__(self, dim, num_heads, mlp_ratio, layer_scale, split=False):
         super().__init__()
+        self.split = split
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = ClassAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
@@ -224,7 +240,11 @@ class ClassAttentionBlock(nn.Module):
         self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
 
     def forward(self, cls, tokens):  # cls (B, 1, D), tokens (B, N, D)
-        cls = cls + self.gamma_1 * self.attn(self.norm1(torch.cat([cls, tokens], dim=1)))
+        if self.split:
+            attn = self.attn.forward_split(self.norm1(cls), self.norm1(tokens))
+        else:
+            attn = self.attn(self.norm1(torch.cat([cls, tokens], dim=1)))
+        cls = cls + self.gamma_1 * attn
         return cls + self.gamma_2 * self.mlp(self.norm2(cls))
 
 
@@ -236,13 +256,18 @@ class VisionTransformer(nn.Module):
     Any input whose sides divide by the patch size works: the position table is resized on the fly.
     rel_pos_bias=True gives every block a relative position bias for the img_size grid (see Attention;
     full images only), as BEiT's and CAE's segmentation backbones have; pretraining has none.
+    Speed options, off by default (official numerics): autocast_residual keeps the tokens' residual stream in
+    the autocast dtype (bf16/fp16) instead of float32 (no effect outside autocast); split_class_attention
+    drops the [cls; tokens] concatenation in class attention (the same function).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, ca_depth=2, layer_scale=0.1, drop_path=0.0, rel_pos_bias=False):
+                 mlp_ratio=4.0, ca_depth=2, layer_scale=0.1, drop_path=0.0, rel_pos_bias=False,
+                 autocast_residual=False, split_class_attention=False):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
+        self.autocast_residual = autocast_residual
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.grid_size = (img_size // patch_size, img_size // patch_size)
@@ -254,8 +279,8 @@ class VisionTransformer(nn.Module):
         rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
         rel_pos_grid = self.grid_size if rel_pos_bias else None
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r, rel_pos_grid) for r in rates)
-        self.ca_blocks = nn.ModuleList(ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, layer_scale)
-                                       for _ in range(ca_depth))
+        self.ca_blocks = nn.ModuleList(ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, layer_scale,
+                                                           split_class_attention) for _ in range(ca_depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         init_weights(self)
         nn.init.normal_(self.cls_token, std=0.02)
@@ -273,8 +298,10 @@ class VisionTransformer(nn.Module):
         """(B, C, H, W) -> (B, N, D) patch tokens plus position embedding."""
         grid = self.token_grid(x)
         patches = rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=self.patch_size, p2=self.patch_size)
-        tokens = self.patch_embed(patches)  # (B, N, D)
-        return tokens + resize_pos_embed(self.pos_embed, self.grid_size, grid)
+        tokens = self.patch_embed(patches) + resize_pos_embed(self.pos_embed, self.grid_size, grid)  # (B, N, D)
+        if self.autocast_residual and torch.is_autocast_enabled(x.device.type):
+            tokens = tokens.to(torch.get_autocast_dtype(x.device.type))  # the residual adds then stay in it
+        return tokens
 
     def pool(self, tokens):
         """Class-attention output (M*B, D) for tokens (M*B, N, D), before the final norm."""
@@ -435,12 +462,14 @@ class ExtreMA(nn.Module):
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  ca_depth=2, layer_scale=0.1, proj_dim=256, proj_hidden_dim=4096, mask_ratio=0.8, num_masks=5,
-                 disjoint=True, drop_path=0.0, loss="byol", temperature=1.0):
+                 disjoint=True, drop_path=0.0, loss="byol", temperature=1.0, autocast_residual=False,
+                 split_class_attention=False):
         super().__init__()
         if loss not in ("byol", "infonce"):
             raise ValueError(f"unknown loss {loss!r}: byol or infonce")
         vit = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                   num_heads=num_heads, mlp_ratio=mlp_ratio, ca_depth=ca_depth, layer_scale=layer_scale)
+                   num_heads=num_heads, mlp_ratio=mlp_ratio, ca_depth=ca_depth, layer_scale=layer_scale,
+                   autocast_residual=autocast_residual, split_class_attention=split_class_attention)
         self.encoder = VisionTransformer(**vit, drop_path=drop_path)
         check_masks(self.encoder.num_patches, mask_ratio, num_masks, disjoint)
         self.mask_ratio, self.num_masks, self.disjoint = mask_ratio, num_masks, disjoint

@@ -38,7 +38,16 @@ def get_args(argv=None):
     p.add_argument("--loss", choices=["byol", "infonce"], default="byol")
     p.add_argument("--temperature", type=float, default=1.0, help="InfoNCE temperature")
     p.add_argument("--ema", type=float, default=0.996, help="initial momentum, cosine to 1")
-    p.add_argument("--compile", action="store_true", help="torch.compile the forward of the model")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the forward of the model, in torch.compile's MODE (default: default)")
+    p.add_argument("--autocast-residual", action="store_true",
+                   help="speed: keep the tokens' residual stream in the --amp dtype (bf16) instead of float32")
+    p.add_argument("--split-class-attention", action="store_true",
+                   help="speed: class attention without the [cls; tokens] concatenation (the same function)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="speed: replay the optimizer step and the momentum update from CUDA graphs (CUDA, "
+                        "--amp bf16 or none)")
     p.add_argument("--save-every", type=int, default=50,
                    help="also keep checkpoint-<epoch>.pth (a hard link to checkpoint-last.pth) every N epochs "
                         "and at the last (0: none)")
@@ -128,7 +137,8 @@ def build_model(args):
         img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch], ca_depth=args.ca_depth,
         layer_scale=args.layer_scale, proj_dim=args.proj_dim, proj_hidden_dim=args.proj_hidden_dim,
         mask_ratio=args.mask_ratio, num_masks=args.num_masks, disjoint=args.disjoint, drop_path=args.drop_path,
-        loss=args.loss, temperature=args.temperature)
+        loss=args.loss, temperature=args.temperature, autocast_residual=args.autocast_residual,
+        split_class_attention=args.split_class_attention)
 
 
 def check_args(args):
@@ -148,18 +158,77 @@ def build_dataset(args, transform):
     return utils.image_folder(train if os.path.isdir(train) else args.data, transform, utils.decode_rgb)
 
 
-def compile_model(learner):
+def compile_model(learner, mode="default"):
     """torch.compile the whole forward (both branches, masking and loss) in place: state_dict keys stay."""
-    learner.compile()
+    learner.compile(mode=mode)
+
+
+class GraphedUpdates:
+    """--cuda-graphs: the optimizer step and the momentum update replayed from CUDA graphs, one launch each.
+
+    A graph replays fixed addresses, so lr and momentum live in device tensors and the gradients are zeroed in
+    place, never freed. Each update runs eagerly on its first call (AdamW creates its state there) and is
+    captured on the second; off CUDA it always runs eagerly (what the CPU tests check). Stands in for the
+    optimizer in train_step.
+    """
+
+    def __init__(self, learner, optimizer):
+        device = next(learner.parameters()).device
+        self.learner, self.optimizer, self.param_groups = learner, optimizer, optimizer.param_groups
+        for group in optimizer.param_groups:  # after a resume: the loaded lr becomes a tensor set in place
+            group.update(lr=torch.tensor(float(group["lr"]), device=device), capturable=True)
+        self.ema_weight = torch.zeros((), device=device)  # 1 - momentum
+        self.cuda, self.seen, self.graphs = device.type == "cuda", set(), {}
+
+    def replay(self, name, update):
+        if not self.cuda or name not in self.seen:
+            self.seen.add(name)
+            return update()
+        if name not in self.graphs:
+            self.graphs[name] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graphs[name]):  # records, does not run
+                update()
+        self.graphs[name].replay()
+
+    def ema_update(self):
+        """target += (1 - m) * (online - target): models.ExtreMA.update_momentum with m read from a tensor."""
+        target = self.learner.momentum_params()
+        step = torch._foreach_sub(self.learner.online_params(), target)
+        torch._foreach_mul_(step, self.ema_weight)
+        torch._foreach_add_(target, step)
+
+    @torch.no_grad()
+    def update_momentum(self, m):
+        self.ema_weight.fill_(1.0 - m)
+        self.replay("momentum", self.ema_update)
+
+    def step(self):
+        self.replay("step", self.optimizer.step)
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=False)
+
+
+def step_updates(args, learner, optimizer, device, amp):
+    """What train_step steps: the optimizer, or with --cuda-graphs GraphedUpdates around it (after a resume)."""
+    if not args.cuda_graphs:
+        return optimizer
+    if device.type != "cuda":
+        utils.fail(f"--cuda-graphs needs a CUDA device, not {device.type}")
+    if amp == "fp16":
+        utils.fail("--cuda-graphs needs --amp bf16 or none (the fp16 loss scaler skips steps from the host)")
+    return GraphedUpdates(learner, optimizer)
 
 
 def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, color_aug=True, keeps=None):
     """One ExtreMA optimizer step over accum-iter micro-batches of uint8 crops (b, 3, H, W) on the device, each
     coloured into its two views here (two_views); masks drawn unless `keeps` gives one (M, b, K) tensor per
-    micro-batch. Returns the mean loss as a device tensor."""
+    micro-batch; optimizer may be GraphedUpdates, which also does the momentum update. Returns the mean loss as
+    a device tensor."""
     learner = model.module if isinstance(model, DDP) else model
     utils.set_lr(optimizer, lr)
-    learner.update_momentum(momentum)  # as the official code: the EMA step precedes the forward
+    # as the official code: the EMA step precedes the forward
+    (optimizer if isinstance(optimizer, GraphedUpdates) else learner).update_momentum(momentum)
     batches = [(images, None if keeps is None else keeps[i]) for i, images in enumerate(micro_batches)]
     return utils.accumulate_step(model, optimizer, scaler, batches,
                                  lambda images, keep: model(*two_views(images, color_aug), keep=keep),
@@ -191,7 +260,8 @@ def main(argv=None):
     checkpoint = checkpointer.resume(learner, optimizer, scaler, args, ARCH_FLAGS)
     start_epoch, start_step = (0, 0) if checkpoint is None else (checkpoint["epoch"] + 1, checkpoint.get("step", 0))
     if args.compile:
-        compile_model(learner)
+        compile_model(learner, args.compile)
+    updates = step_updates(args, learner, optimizer, device, amp)
     model = DDP(learner, broadcast_buffers=False) if world_size > 1 else learner
 
     base_lr = args.blr * args.batch_size / 256
@@ -218,7 +288,7 @@ def main(argv=None):
             micro_batches = [next(batches)[0].to(device, non_blocking=True) for _ in range(args.accum_iter)]
             lr = utils.cosine_schedule(it, total_steps, warmup_steps, base_lr)
             momentum = models.momentum_at(it / steps_per_epoch, args.epochs, args.ema)
-            loss = train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, args.color_aug)
+            loss = train_step(model, updates, scaler, micro_batches, lr, momentum, amp, args.color_aug)
             loss_sum += loss
             if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
                 value = loss.item()

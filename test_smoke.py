@@ -1522,7 +1522,7 @@ def run_bench(capsys, argv):
 def test_bench_tiny_run_reports_counted_flops(capsys):
     out = run_bench(capsys, BENCH_TINY + ["--batch-size", "4", "--baseline", "--data", "synthetic"])
     for key in ("images_per_s", "step_ms", "peak_mem_mb", "tflops", "flops_per_image", "baseline_images_per_s",
-                "speedup", "loader_images_per_s"):
+                "speedup", "speedup_median_pair", "loader_images_per_s"):
         assert isinstance(out[key], (int, float)) and math.isfinite(out[key]) and out[key] > 0, key
     assert "mfu" not in out  # no known peak on CPU without --peak-tflops
     hand = bench_hand_flops_per_image()
@@ -1783,3 +1783,102 @@ def test_resumed_epoch_keeps_the_data_order_with_workers():
     full = [batch[0].tolist() for batch in utils.epoch_batches(loader, 5)]
     assert [batch[0].tolist() for batch in utils.epoch_batches(loader, 5, skip_batches=3)] == full[3:]
     assert len(full) == 10 and full != [batch[0].tolist() for batch in utils.epoch_batches(loader, 6)]
+
+
+# ====================================================================================================
+# Speed options: the same function as the default, behind flags
+
+
+@pytest.mark.parametrize("option", ["split_class_attention", "autocast_residual"])
+def test_speed_options_keep_official_outputs_and_gradients(official, option):
+    x1, x2, keep, expected = official["x1"], official["x2"], official["keep"], official["expected"]
+    state = models.convert_official_state_dict(official["checkpoint"]["state_dict"])
+    reference, model = (models.ExtreMA(**official["config"], **options) for options in ({}, {option: True}))
+    for m in (reference, model):
+        m.load_state_dict(state)
+    with torch.no_grad():  # float32, no autocast: the official outputs
+        for name, value in (("inst_masked", model.encoder(x1, keep)[1]), ("target", model.target(x2)),
+                            ("inst_full_prenorm", model.encoder.forward_features(x1)[1])):
+            assert (value - expected[name]).abs().max().item() < 1e-5, name
+    loss, ref_loss = model(x1, x2, keep=keep), reference(x1, x2, keep=keep)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    loss.backward()
+    ref_loss.backward()
+    ref_grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_autocast_residual_keeps_the_stream_in_bf16():
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=8, **models.ARCHS["vit_fixture"], proj_dim=8, proj_hidden_dim=16,
+              mask_ratio=0.75, num_masks=2)
+    reference, model = models.ExtreMA(**kw), models.ExtreMA(**kw, autocast_residual=True)
+    model.load_state_dict(reference.state_dict())
+    x1, x2 = torch.randn(2, 3, 3, 32, 32).unbind()
+    keep = model.sample_keep(3)
+    losses, dtypes = [], []
+    for m in (reference, model):
+        hook = m.encoder.blocks[0].register_forward_hook(lambda mod, inputs, out: dtypes.append(out.dtype))
+        with torch.autocast("cpu", torch.bfloat16):
+            losses.append(m(x1, x2, keep=keep))
+        hook.remove()
+        losses[-1].backward()
+    assert dtypes == [torch.float32, torch.bfloat16]  # the residual stream, default and option
+    torch.testing.assert_close(losses[1], losses[0], atol=0.02, rtol=0)  # bf16 rounding only
+    assert all(torch.isfinite(p.grad).all() for p in model.online_params() if p.grad is not None)
+
+
+def test_graphed_updates_step_like_the_optimizer():
+    """--cuda-graphs' updates (tensor lr and momentum, gradients zeroed in place) run eagerly off CUDA: three
+    steps with changing lr and momentum land on the same weights as the plain optimizer and momentum update.
+    lr and 1 - momentum are powers of two, exact in the float32 tensors: class attention's k bias has a gradient
+    of rounding noise only, which Adam turns into steps of +-lr, so a 1-ulp difference would show."""
+    args = pretrain.get_args(TINY + ["--drop-path", "0"])
+    torch.manual_seed(0)
+    plain = pretrain.build_model(args)
+    graphed = pretrain.build_model(args)
+    graphed.load_state_dict(plain.state_dict())
+    cpu = torch.device("cpu")
+    optimizers = [utils.adamw(utils.param_groups(m, 0.1), lr=0.0, betas=(0.9, 0.95), device=cpu)
+                  for m in (plain, graphed)]
+    updates = pretrain.GraphedUpdates(graphed, optimizers[1])
+    scaler = utils.grad_scaler(cpu, "none")
+    for i in range(3):
+        micro_batches = [torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)]  # uncoloured: the same views
+        keeps = [plain.sample_keep(4)]
+        for model, step_with in ((plain, optimizers[0]), (graphed, updates)):
+            pretrain.train_step(model, step_with, scaler, micro_batches, 2.0 ** (i - 10), 1 - 2.0 ** (-3 - i), "none",
+                                False, keeps)
+    assert [g["lr"].item() for g in optimizers[1].param_groups] == [2.0 ** -8] * 2
+    assert all(p.grad is not None and not p.grad.any() for p in graphed.online_params())  # zeroed, kept
+    graphed_state = graphed.state_dict()
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(graphed_state[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_speed_flags_reach_the_model_and_compile(capsys, monkeypatch):
+    args = pretrain.get_args(TINY + ["--autocast-residual", "--split-class-attention"])
+    learner = pretrain.build_model(args)
+    for encoder in (learner.encoder, learner.momentum_encoder):
+        assert encoder.autocast_residual and all(blk.split for blk in encoder.ca_blocks)
+    assert not any(blk.split for blk in pretrain.build_model(pretrain.get_args(TINY)).encoder.ca_blocks)
+    assert pretrain.get_args(TINY + ["--compile"]).compile == "default"
+    assert pretrain.get_args(TINY).compile is None
+    with pytest.raises(SystemExit):
+        pretrain.get_args(TINY + ["--compile", "fastest"])
+
+    modes = []
+    monkeypatch.setattr(pretrain, "compile_model", lambda learner, mode: modes.append(mode))
+    out = run_bench(capsys, BENCH_TINY + ["--batch-size", "4", "--compile", "max-autotune", "--autocast-residual",
+                                          "--split-class-attention"])
+    assert modes == ["max-autotune"]
+    assert out["compile"] == "max-autotune" and out["options"] == ["autocast_residual", "split_class_attention"]
+
+
+def test_cuda_graphs_refused_off_cuda(tmp_path):
+    with pytest.raises(SystemExit, match="--cuda-graphs needs a CUDA device"):
+        pretrain.main(TINY + ["--epochs", "1", "--cuda-graphs", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--cuda-graphs needs a CUDA device"):
+        bench.main(BENCH_TINY + ["--cuda-graphs"])

@@ -219,9 +219,13 @@ def cosine_schedule(step, total_steps, warmup_steps, base, final=0.0):
 
 
 def set_lr(optimizer, lr):
-    """Set every group's lr to lr times its lr_scale (layer-wise decay; 1 when absent)."""
+    """Set every group's lr to lr times its lr_scale (layer-wise decay; 1 when absent), in place where the lr
+    is a tensor (CUDA graphs read it from a fixed address)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr * group.get("lr_scale", 1.0))
+        else:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token")
