@@ -1,6 +1,7 @@
 """Linear probe of a pretrained ExtreMA encoder: the encoder is frozen, a BatchNorm + linear head is trained
 on its instance representation (the class-attention output; by default before the final norm and from the
-momentum encoder, as the official probe).
+momentum encoder, as the official probe). With --knn, the same frozen features are evaluated without
+training instead: the weighted k-nearest-neighbour classifier of DINO (cosine similarity, votes exp(sim / T)).
 
     python linprobe.py --data synthetic --device cpu ...                                   # one process
     torchrun --nproc_per_node 8 linprobe.py --data /path/to/imagenet --pretrained CKPT    # official recipe
@@ -31,6 +32,10 @@ def get_args(argv=None):
     p.add_argument("--blr", type=float, default=0.1, help="lr = blr * batch-size / 256")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--optimizer", choices=["sgd", "lars"], default="sgd", help="momentum 0.9 either way")
+    p.add_argument("--knn", action="store_true",
+                   help="weighted k-NN evaluation of the frozen features instead of training a probe")
+    p.add_argument("--knn-k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbours, one result each")
+    p.add_argument("--knn-temperature", type=float, default=0.07, help="votes weigh exp(similarity / T)")
     return utils.parse_args(p, argv)
 
 
@@ -91,6 +96,20 @@ class LARS(torch.optim.Optimizer):
                 p.add_(state["momentum_buffer"], alpha=-group["lr"])
 
 
+def knn(probe, train_set, val_set, num_classes, batch_size, device, args, log):
+    """k-NN evaluation of the probe's frozen features; one line per k and one JSON line in log.jsonl."""
+    loaders = [utils.make_loader(data, batch_size, False, args.num_workers, args.seed, device)
+               for data in (train_set, val_set)]
+    results = utils.knn_evaluate(probe.features, *loaders, num_classes, device, args.amp, args.knn_k,
+                                 args.knn_temperature)
+    record = dict(knn=True, branch=args.branch, pretrained=args.pretrained, temperature=args.knn_temperature)
+    for k, (acc1, acc5) in results.items():
+        log(f"{k}-NN of the {args.branch} encoder: acc1 {acc1:.2f} acc5 {acc5:.2f} "
+            f"({len(train_set)} training / {len(val_set)} validation images)")
+        record.update({f"k{k}_acc1": acc1, f"k{k}_acc5": acc5})
+    utils.log_json(args.output_dir, record)
+
+
 def main(argv=None):
     args = get_args(argv)
     utils.check_image_size(args)
@@ -100,20 +119,30 @@ def main(argv=None):
     args.lr = args.blr * args.batch_size / 256
     log = print if rank == 0 else (lambda *a: None)
     utils.make_output_dir(args.output_dir)
-    utils.set_seed(args.seed + rank)
 
     # torchvision's default bilinear resizing for training and evaluation, as the official probe
     train_transform = v2.Compose([v2.RandomResizedCrop(args.img_size), v2.RandomHorizontalFlip(), v2.PILToTensor()])
     val_transform = utils.eval_transform(args.img_size, v2.InterpolationMode.BILINEAR)
+    if args.knn:  # neighbours are looked up among the training images as evaluated
+        train_transform = val_transform
     train_set, val_set, num_classes = utils.classification_datasets(
         args.data, args.img_size, train_transform, val_transform, args.num_classes, args.synthetic_size)
-    train_loader = utils.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device)
-    val_loader = utils.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device)
+    if args.knn and min(args.knn_k) < 1:
+        utils.fail(f"--knn-k must be at least 1, got {min(args.knn_k)}")
+    if args.knn and max(args.knn_k) > len(train_set):
+        utils.fail(f"--knn-k {max(args.knn_k)} is more than the {len(train_set)} training images")
 
+    utils.set_seed(args.seed)  # every process draws the same random encoder (used without --pretrained)
     encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch],
                                        ca_depth=2, layer_scale=0.1)
+    utils.set_seed(args.seed + rank)
     utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir)
     probe = LinearProbe(encoder, num_classes, args.final_norm).to(device)
+    if args.knn:
+        knn(probe, train_set, val_set, num_classes, local_batch, device, args, log)
+        return
+    train_loader = utils.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device)
+    val_loader = utils.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device)
     head = probe.head  # the only trained (and DDP-wrapped) part
     if world_size > 1:
         if device.type == "cuda":  # SyncBatchNorm has no CPU kernel; on CPU each process keeps its own statistics

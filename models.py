@@ -448,6 +448,14 @@ def infonce_loss(q, k, temperature):
     return loss * 2 * temperature
 
 
+def target_std(k):
+    """Collapse statistic of target projections k (B, P): the mean over dimensions of the standard deviation
+    over the batch of the L2-normalised vectors, times sqrt(P). About 1 when the vectors spread over the
+    sphere, 0 when they collapse to one point."""
+    z = F.normalize(k.detach().float(), dim=-1)
+    return z.std(dim=0).mean() * z.shape[-1] ** 0.5
+
+
 def momentum_at(epoch, epochs, base=0.996):
     """EMA coefficient at a fractional epoch: cosine from base to 1."""
     return 1 - (1 - base) * (1 + math.cos(math.pi * epoch / epochs)) / 2
@@ -456,8 +464,9 @@ def momentum_at(epoch, epochs, base=0.996):
 class ExtreMA(nn.Module):
     """Online encoder + projector + predictor sees masked x1; momentum encoder + projector sees full x2.
 
-    forward(x1, x2, keep=None) returns the loss and leaves the momentum branch alone;
-    call update_momentum(m) once per optimizer step (the official code does it before the forward).
+    forward(x1, x2, keep=None) returns the loss (and with return_target=True also the target projections
+    k (B, P), e.g. for target_std) and leaves the momentum branch alone; call update_momentum(m) once per
+    optimizer step (the official code does it before the forward).
     """
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
@@ -509,13 +518,12 @@ class ExtreMA(nn.Module):
         _, instance = self.momentum_encoder.forward_features(x2)
         return self.momentum_projector(self.momentum_encoder.norm(instance))
 
-    def forward(self, x1, x2, keep=None):
+    def forward(self, x1, x2, keep=None, return_target=False):
         if keep is None:
             keep = self.sample_keep(x1.shape[0], x1.device)
         q, k = self.predict(x1, keep), self.target(x2)
-        if self.loss_type == "byol":
-            return byol_loss(q, k)
-        return infonce_loss(q, k, self.temperature)
+        loss = byol_loss(q, k) if self.loss_type == "byol" else infonce_loss(q, k, self.temperature)
+        return (loss, k) if return_target else loss
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ from torchvision.transforms import v2
 import models
 import utils
 
+MONITOR_K, MONITOR_TEMPERATURE = 20, 0.07  # the k-NN monitor's neighbours and vote temperature
+COLLAPSE_STD = 0.1  # target_std below this: the target representation is collapsing
+
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
@@ -37,6 +40,7 @@ def get_args(argv=None):
     p.add_argument("--proj-hidden-dim", type=int, default=4096)
     p.add_argument("--loss", choices=["byol", "infonce"], default="byol")
     p.add_argument("--temperature", type=float, default=1.0, help="InfoNCE temperature")
+    p.add_argument("--predictor-lr-scale", type=float, default=1.0, help="predictor lr = lr x this")
     p.add_argument("--ema", type=float, default=0.996, help="initial momentum, cosine to 1")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
@@ -51,6 +55,11 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=int, default=50,
                    help="also keep checkpoint-<epoch>.pth (a hard link to checkpoint-last.pth) every N epochs "
                         "and at the last (0: none)")
+    p.add_argument("--monitor", default=None,
+                   help="labelled ImageFolder root (DIR/train, DIR/val) or 'synthetic': k-NN accuracy of the "
+                        "momentum encoder's instance features, logged as knn_acc1")
+    p.add_argument("--monitor-every", type=int, default=1, help="epochs between monitor evaluations")
+    p.add_argument("--monitor-per-class", type=int, default=None, help="cap on the monitor's images per class")
     return utils.parse_args(p, argv)
 
 
@@ -151,6 +160,19 @@ def check_args(args):
         utils.fail(e)
 
 
+def monitor_loaders(args, batch_size, device):
+    """Evaluation loaders of the monitor's labelled train and val sets (capped per class), and its classes."""
+    transform = utils.eval_transform(args.img_size)
+    train, val, num_classes = utils.classification_datasets(args.monitor, args.img_size, transform, transform)
+    if args.monitor_per_class is not None:
+        train, val = (utils.cap_per_class(data, args.monitor_per_class) for data in (train, val))
+    if MONITOR_K > len(train):
+        utils.fail(f"--monitor {args.monitor}: {len(train)} training images, fewer than the k = {MONITOR_K} "
+                   f"neighbours of the k-NN monitor")
+    loaders = [utils.make_loader(data, batch_size, False, args.num_workers, args.seed, device) for data in (train, val)]
+    return loaders, num_classes
+
+
 def build_dataset(args, transform):
     if args.data == "synthetic":
         return utils.SyntheticImages(args.synthetic_size, args.img_size, transform=transform, seed=args.seed)
@@ -223,16 +245,22 @@ def step_updates(args, learner, optimizer, device, amp):
 def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, color_aug=True, keeps=None):
     """One ExtreMA optimizer step over accum-iter micro-batches of uint8 crops (b, 3, H, W) on the device, each
     coloured into its two views here (two_views); masks drawn unless `keeps` gives one (M, b, K) tensor per
-    micro-batch; optimizer may be GraphedUpdates, which also does the momentum update. Returns the mean loss as
-    a device tensor."""
+    micro-batch; optimizer may be GraphedUpdates, which also does the momentum update. Returns the mean loss
+    and the mean target_std of the micro-batches, as device tensors (no host synchronisation)."""
     learner = model.module if isinstance(model, DDP) else model
     utils.set_lr(optimizer, lr)
     # as the official code: the EMA step precedes the forward
     (optimizer if isinstance(optimizer, GraphedUpdates) else learner).update_momentum(momentum)
     batches = [(images, None if keeps is None else keeps[i]) for i, images in enumerate(micro_batches)]
-    return utils.accumulate_step(model, optimizer, scaler, batches,
-                                 lambda images, keep: model(*two_views(images, color_aug), keep=keep),
-                                 micro_batches[0].device, amp)
+    spreads = []
+
+    def loss_fn(images, keep):
+        loss, k = model(*two_views(images, color_aug), keep=keep, return_target=True)
+        spreads.append(models.target_std(k))
+        return loss
+
+    loss = utils.accumulate_step(model, optimizer, scaler, batches, loss_fn, micro_batches[0].device, amp)
+    return loss, sum(spreads) / len(spreads)
 
 
 def main(argv=None):
@@ -252,8 +280,16 @@ def main(argv=None):
     if steps_per_epoch == 0:
         utils.fail(f"{len(dataset)} images give no full batch of {args.batch_size}; lower --batch-size")
 
+    if args.monitor is not None:
+        monitor, monitor_classes = monitor_loaders(args, local_batch, device)
+
     learner = build_model(args).to(device)
-    optimizer = utils.adamw(utils.param_groups(learner, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
+    groups = utils.param_groups(learner, args.weight_decay)
+    if args.predictor_lr_scale != 1:
+        predictor = {id(p) for p in learner.predictor.parameters()}
+        groups = [dict(g, params=[p for p in g["params"] if (id(p) in predictor) == fast], lr_scale=scale)
+                  for g in groups for fast, scale in ((False, 1.0), (True, args.predictor_lr_scale))]
+    optimizer = utils.adamw(groups, lr=0.0, betas=(0.9, 0.95),
                             device=device)
     scaler = utils.grad_scaler(device, amp)
     checkpointer = utils.Checkpointer(args, log=log)
@@ -279,17 +315,17 @@ def main(argv=None):
         first = start_step if epoch == start_epoch else 0  # steps done before a mid-epoch resume
         learner.train()
         batches = utils.epoch_batches(loader, epoch, first * args.accum_iter)
-        loss_sum = checkpointer.partial_sums(torch.zeros((), device=device))
+        sums = checkpointer.partial_sums(torch.zeros(2, device=device))  # loss, target_std
         meter = utils.Meter(steps_per_epoch - first)
         for step in range(first, steps_per_epoch):
-            checkpointer.boundary(lambda: state(epoch, step), loss_sum, f"epoch {epoch} step {step}/{steps_per_epoch}")
+            checkpointer.boundary(lambda: state(epoch, step), sums, f"epoch {epoch} step {step}/{steps_per_epoch}")
             utils.seed_step(args.seed, rank, epoch, step)  # the same masks and augmentations when resumed
             it = epoch * steps_per_epoch + step
             micro_batches = [next(batches)[0].to(device, non_blocking=True) for _ in range(args.accum_iter)]
             lr = utils.cosine_schedule(it, total_steps, warmup_steps, base_lr)
             momentum = models.momentum_at(it / steps_per_epoch, args.epochs, args.ema)
-            loss = train_step(model, updates, scaler, micro_batches, lr, momentum, amp, args.color_aug)
-            loss_sum += loss
+            loss, spread = train_step(model, updates, scaler, micro_batches, lr, momentum, amp, args.color_aug)
+            sums += torch.stack([loss.detach(), spread])
             if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
                 value = loss.item()
                 if not math.isfinite(value):
@@ -298,13 +334,25 @@ def main(argv=None):
                 log(f"epoch {epoch} step {step + 1}/{steps_per_epoch} loss {value:.4f} lr {lr:.3e} "
                     f"m {momentum:.5f} {meter.line(step + 1 - first, (step + 1 - first) * args.batch_size)}")
 
-        epoch_loss = (utils.all_reduce_sum(loss_sum) / (steps_per_epoch * world_size)).item()
+        epoch_loss, epoch_std = (utils.all_reduce_sum(sums) / (steps_per_epoch * world_size)).tolist()
         if not math.isfinite(epoch_loss):
             utils.fail(f"non-finite loss at epoch {epoch}; the last good checkpoint is kept")
         elapsed = time.time() - meter.start
-        checkpointer.save(state(epoch + 1, 0), {
-            "epoch": epoch, "train_loss": epoch_loss, "lr": lr, "momentum": momentum, "time_s": round(elapsed, 2),
-            "images_per_s": round((steps_per_epoch - first) * args.batch_size / elapsed, 1)})
+        record = {"epoch": epoch, "train_loss": epoch_loss, "target_std": epoch_std, "lr": lr, "momentum": momentum,
+                  "time_s": round(elapsed, 2),
+                  "images_per_s": round((steps_per_epoch - first) * args.batch_size / elapsed, 1)}
+        if epoch_std < COLLAPSE_STD:
+            log(f"warning: target_std {epoch_std:.3f} < {COLLAPSE_STD} in epoch {epoch}: the target representation "
+                f"is collapsing; try --predictor-lr-scale 10 (README: small data sets)")
+        if args.monitor is not None and ((epoch + 1) % args.monitor_every == 0 or epoch + 1 == args.epochs):
+            start = time.time()
+            encoder = learner.momentum_encoder
+            acc1, _ = utils.knn_evaluate(lambda images: encoder.forward_features(images)[1], *monitor, monitor_classes,
+                                         device, amp, (MONITOR_K,), MONITOR_TEMPERATURE)[MONITOR_K]
+            record.update(knn_acc1=acc1, knn_time_s=round(time.time() - start, 2))
+        log(f"epoch {epoch}: loss {epoch_loss:.4f} target_std {epoch_std:.3f}"
+            + (f" {MONITOR_K}-NN acc1 {record['knn_acc1']:.2f}" if "knn_acc1" in record else ""))
+        checkpointer.save(state(epoch + 1, 0), record)
         if rank == 0 and args.save_every and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
             utils.keep_copy(checkpointer.path, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
     if world_size > 1:

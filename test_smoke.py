@@ -285,7 +285,8 @@ def test_gradient_accumulation_matches_full_batch():
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the update is lr * gradient: comparable
         scaler = utils.grad_scaler(torch.device("cpu"), "none")
         for _ in range(2):
-            loss = pretrain.train_step(model, optimizer, scaler, batches, 1.0, 0.99, "none", False, keeps)
+            loss, spread = pretrain.train_step(model, optimizer, scaler, batches, 1.0, 0.99, "none", False, keeps)
+            assert 0 < spread.item() < 1.5
         assert torch.isfinite(loss)
     for (name, a), b in zip(full.state_dict().items(), accum.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
@@ -355,8 +356,8 @@ def test_pretrain_views_share_one_crop(tmp_path, monkeypatch):
     crop = pretrain.build_dataset(args, pretrain.crop_transform(32, 0.2))[0][0]
     assert crop.dtype == torch.uint8 and crop.shape == (3, 32, 32)
     seen, forward = [], models.ExtreMA.forward
-    monkeypatch.setattr(models.ExtreMA, "forward", lambda self, x1, x2, keep=None: seen.append((x1, x2)) or
-                        forward(self, x1, x2, keep=keep))
+    monkeypatch.setattr(models.ExtreMA, "forward", lambda self, x1, x2, **kwargs: seen.append((x1, x2)) or
+                        forward(self, x1, x2, **kwargs))
     for name, extra in (("off", ["--no-color-aug"]), ("grey", [])):
         if name == "grey":  # colour on, but every view grayscale and no jitter: the views must be equal
             monkeypatch.setattr(pretrain, "colour", lambda images, c=pretrain.colour: c(images, 0.0, 1.0))
@@ -513,7 +514,12 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     pretrain.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path)])
     good = (tmp_path / "checkpoint-last.pth").read_bytes()
     forward = models.ExtreMA.forward
-    monkeypatch.setattr(models.ExtreMA, "forward", lambda self, *a, **k: forward(self, *a, **k) * float("nan"))
+
+    def nan_loss(self, *args, **kwargs):  # pretrain.py asks for the target projections too
+        loss, target = forward(self, *args, **kwargs)
+        return loss * float("nan"), target
+
+    monkeypatch.setattr(models.ExtreMA, "forward", nan_loss)
     with pytest.raises(SystemExit, match="non-finite loss"):
         pretrain.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path)])
     assert (tmp_path / "checkpoint-last.pth").read_bytes() == good
@@ -1882,3 +1888,90 @@ def test_cuda_graphs_refused_off_cuda(tmp_path):
         pretrain.main(TINY + ["--epochs", "1", "--cuda-graphs", "--output-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="--cuda-graphs needs a CUDA device"):
         bench.main(BENCH_TINY + ["--cuda-graphs"])
+
+
+# ====================================================================================================
+# kNN evaluation, the pretraining monitor and the collapse statistic (issue 15)
+
+
+def test_knn_counts_by_hand():
+    """Four training vectors whose neighbours and exp(sim / T) votes can be counted by hand."""
+    train = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
+    train_labels = torch.tensor([0, 1, 1, 2])
+    queries, labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
+    # query 0: similarities 1, 0.8, 0, -1. k=1: class 0. k=3 at T=1: class 0 has e^1 = 2.72, class 1 has
+    # e^0.8 + e^0 = 3.23, so class 1 wins (top-1 miss, top-5 hit); at T=0.07 class 0 has e^14.3 and wins.
+    # query 1: similarities 0, 0.6, 1, 0: class 1 for every k (k=3 ties a with d: class 1 still leads)
+    hits = utils.knn_counts(train, train_labels, queries, labels, num_classes=3, ks=(1, 3), temperature=1.0)
+    assert hits.tolist() == [[2, 2], [1, 2]]
+    hits = utils.knn_counts(train, train_labels, queries, labels, num_classes=3, ks=(1, 3), temperature=0.07,
+                            chunk=1)
+    assert hits.tolist() == [[2, 2], [2, 2]]
+    with pytest.raises(ValueError, match="k = 5 nearest neighbours .* only 4 images"):
+        utils.knn_counts(train, train_labels, queries, labels, num_classes=3, ks=(1, 5))
+
+
+def test_linprobe_knn(tmp_path, pretrained):
+    args = eval_args(tmp_path, "--arch", "vit_tiny", "--pretrained", str(pretrained), "--synthetic-size", "30",
+                     "--knn", "--knn-k", "1", "20")
+    linprobe.main(args)
+    record = read_log(tmp_path)[-1]
+    assert record["knn"] and record["branch"] == "momentum"
+    for k in (1, 20):
+        assert 0 <= record[f"k{k}_acc1"] <= record[f"k{k}_acc5"] <= 100
+        assert round(record[f"k{k}_acc1"] * 7 / 100, 6).is_integer()  # hits out of 30 // 4 = 7 images
+    assert not os.path.exists(tmp_path / "checkpoint-last.pth")  # nothing is trained
+    with pytest.raises(SystemExit, match="--knn-k 31 is more than the 30 training images"):
+        linprobe.main(args + ["--knn-k", "31"])
+
+
+def test_linprobe_knn_torchrun_equals_one_process(tmp_path, pretrained):
+    """Two processes (gloo) give the one-process result: training features gathered, each of the 7
+    validation images (4 on one rank, 3 on the other) counted once."""
+    args = eval_args(tmp_path, "--arch", "vit_tiny", "--pretrained", str(pretrained), "--synthetic-size", "30",
+                     "--knn", "--knn-k", "1", "5", "29")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                             "linprobe.py", *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    linprobe.main(args)
+    distributed, single = read_log(tmp_path)
+    assert distributed == single
+
+
+def test_target_std():
+    torch.manual_seed(0)
+    assert models.target_std(torch.randn(4096, 64)).item() == pytest.approx(1.0, abs=0.02)  # spread: about 1
+    assert models.target_std(torch.ones(64, 32) + 1e-4 * torch.randn(64, 32)).item() < 1e-3  # collapsed: 0
+
+
+def test_monitor_logs_knn_and_target_std(tmp_path, capsys):
+    pretrain.main(TINY + ["--epochs", "3", "--output-dir", str(tmp_path), "--monitor", "synthetic",
+                          "--monitor-per-class", "3", "--monitor-every", "2"])
+    records = read_log(tmp_path)
+    assert ["knn_acc1" in r for r in records] == [False, True, True]  # every 2 epochs, and the last
+    for r in records:
+        assert 0.1 < r["target_std"] < 1.5
+    for r in records[1:]:
+        assert round(r["knn_acc1"] * 30 / 100, 6).is_integer()  # hits out of 3 x 10 validation images
+    assert "20-NN acc1" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="fewer than the k = 20 neighbours"):
+        pretrain.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path / "few"), "--monitor", "synthetic",
+                              "--monitor-per-class", "1"])
+
+
+def test_collapsed_target_is_reported(tmp_path, capsys, monkeypatch):
+    """A target whose projections are constant gives target_std near 0 and the one-line warning."""
+    build = pretrain.build_model
+
+    def collapsed(args):
+        model = build(args)
+        last = model.momentum_projector[-1]
+        with torch.no_grad():
+            last.weight.zero_(), last.bias.fill_(1.0)
+        return model
+
+    monkeypatch.setattr(pretrain, "build_model", collapsed)
+    pretrain.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path)])
+    assert read_log(tmp_path)[0]["target_std"] < 0.01
+    assert "warning: target_std 0.0" in capsys.readouterr().out

@@ -105,11 +105,12 @@ def add_common_args(parser, data_help, output_dir, img_size, batch_size, num_wor
 
 
 def parse_args(parser, argv=None):
-    """parser.parse_args(argv), then one-line errors for values of the common flags (and --epochs / --iters
-    where a stage has them) that no run can use, before anything is built."""
+    """parser.parse_args(argv), then one-line errors for values of the common flags (and --epochs, --iters,
+    --monitor-every, --monitor-per-class where a stage has them) that no run can use, before anything is built."""
     args = parser.parse_args(argv)
-    for flag in ("img_size", "patch_size", "batch_size", "accum_iter", "print_freq", "epochs", "iters"):
-        if getattr(args, flag, 1) < 1:
+    for flag in ("img_size", "patch_size", "batch_size", "accum_iter", "print_freq", "epochs", "iters",
+                 "monitor_every", "monitor_per_class"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.num_workers < 0:
         fail(f"--num-workers must be at least 0, got {args.num_workers}")
@@ -740,6 +741,17 @@ def classification_datasets(data, img_size, train_transform, val_transform, num_
     return train, val, len(train.classes)
 
 
+def cap_per_class(dataset, per_class):
+    """The first per_class items of each class of an ImageFolder or a labelled synthetic set, as a Subset."""
+    labels = dataset.targets if hasattr(dataset, "targets") else [dataset[i][1] for i in range(len(dataset))]
+    seen, keep = {}, []
+    for index, label in enumerate(labels):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] <= per_class:
+            keep.append(index)
+    return torch.utils.data.Subset(dataset, keep)
+
+
 def accuracy_counts(logits, targets):
     """Top-1 and top-5 hits in a batch: logits (B, C), integer targets (B,) -> float64 (2,)."""
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
@@ -807,3 +819,72 @@ def fit_classifier(model, trained, loss_fn, train_loader, val_loader, optimizer,
         log(f"epoch {epoch}: train loss {train_loss:.4f} acc1 {acc1:.2f} acc5 {acc5:.2f} (best {best_acc1:.2f})")
         checkpointer.save(state(epoch + 1, 0), dict(epoch=epoch, train_loss=train_loss, lr=lr, acc1=acc1, acc5=acc5,
                                                     val_loss=val_loss, best_acc1=best_acc1, **record))
+
+
+# ----------------------------------------------------------------------------------------------------
+# k-nearest-neighbour evaluation of frozen features (linprobe.py --knn, pretrain.py --monitor)
+
+
+def all_gather_rows(x):
+    """Concatenate the (n_r, ...) tensors of all processes along dim 0, in rank order (n_r may differ)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    sizes = [int(n) for n in sizes]
+    padded = x.new_zeros((max(sizes),) + x.shape[1:])
+    padded[:x.shape[0]] = x
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([rows[:n] for rows, n in zip(gathered, sizes)])
+
+
+@torch.no_grad()
+def extract_features(feature_fn, loader, device, amp):
+    """L2-normalised float32 features (n, D) and labels (n,) of this process's share of an evaluation loader."""
+    features, labels = [], []
+    for batch in loader:
+        images, targets = to_device(batch, device)
+        with autocast(device, amp):
+            out = feature_fn(images)
+        features.append(F.normalize(out.float(), dim=-1))
+        labels.append(targets)
+    return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_counts(train_features, train_labels, features, labels, num_classes, ks, temperature=0.07, chunk=256):
+    """Weighted k-NN classification (DINO's): the k most cosine-similar training images vote for their class
+    with weight exp(similarity / temperature). All features L2-normalised.
+
+    Returns float64 (len(ks), 2): top-1 and top-5 hits for each k. The similarities are computed for chunks
+    of `chunk` query images at a time, so memory stays at chunk x len(train_features).
+    """
+    if max(ks) > len(train_features):
+        raise ValueError(f"k = {max(ks)} nearest neighbours asked for, but the training set holds only "
+                         f"{len(train_features)} images")
+    hits = torch.zeros(len(ks), 2, dtype=torch.float64, device=features.device)
+    for start in range(0, len(features), chunk):
+        similarity = features[start:start + chunk] @ train_features.T  # (c, N_train)
+        top_similarity, top_index = similarity.topk(max(ks), dim=1)  # (c, k_max), most similar first
+        weights, votes = (top_similarity / temperature).exp(), train_labels[top_index]
+        for i, k in enumerate(ks):
+            scores = weights.new_zeros(len(weights), num_classes).scatter_add_(1, votes[:, :k], weights[:, :k])
+            hits[i] += accuracy_counts(scores, labels[start:start + chunk])
+    return hits
+
+
+def knn_evaluate(feature_fn, train_loader, val_loader, num_classes, device, amp, ks=(10, 20, 100, 200),
+                 temperature=0.07):
+    """{k: (top-1 %, top-5 %)} of the weighted k-NN classifier on frozen features feature_fn(images) -> (B, D).
+
+    Both loaders come from make_loader(train=False): every process extracts its share, the training
+    features of all processes are gathered, and each validation image is counted once, so the result is the
+    one-process result however the sets divide.
+    """
+    train_features, train_labels = extract_features(feature_fn, train_loader, device, amp)
+    train_features, train_labels = all_gather_rows(train_features), all_gather_rows(train_labels)
+    features, labels = extract_features(feature_fn, val_loader, device, amp)
+    hits = all_reduce_sum(knn_counts(train_features, train_labels, features, labels, num_classes, ks, temperature))
+    count = all_reduce_sum(torch.tensor(float(len(labels)), dtype=torch.float64, device=device)).item()
+    return {k: (100 * top1 / count, 100 * top5 / count) for k, (top1, top5) in zip(ks, hits.tolist())}
