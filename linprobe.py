@@ -136,7 +136,8 @@ def main(argv=None):
     encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch],
                                        ca_depth=2, layer_scale=0.1)
     utils.set_seed(args.seed + rank)
-    utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir)
+    # --knn trains nothing, so it always reads --pretrained, even where a probe's checkpoint-last.pth exists
+    utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, None if args.knn else args.output_dir)
     probe = LinearProbe(encoder, num_classes, args.final_norm).to(device)
     if args.knn:
         knn(probe, train_set, val_set, num_classes, local_batch, device, args, log)

@@ -1921,6 +1921,9 @@ def test_linprobe_knn(tmp_path, pretrained):
         assert 0 <= record[f"k{k}_acc1"] <= record[f"k{k}_acc5"] <= 100
         assert round(record[f"k{k}_acc1"] * 7 / 100, 6).is_integer()  # hits out of 30 // 4 = 7 images
     assert not os.path.exists(tmp_path / "checkpoint-last.pth")  # nothing is trained
+    (tmp_path / "checkpoint-last.pth").write_bytes(b"a probe's checkpoint")  # --knn still reads --pretrained
+    linprobe.main(args)
+    assert read_log(tmp_path)[-1] == record
     with pytest.raises(SystemExit, match="--knn-k 31 is more than the 30 training images"):
         linprobe.main(args + ["--knn-k", "31"])
 
