@@ -1,11 +1,13 @@
 """ExtreMA models: a plain ViT with class-attention pooling (and an optional relative position bias for dense
-transfer), token masking, the siamese learner and official-checkpoint conversion.
+transfer), token masking, the siamese learner, official-checkpoint conversion, export to timm's ViT layout
+and class-attention weights for pictures.
 
 Self-contained (torch and einops only): copy this file into your project.
 
 Shapes: B images, N patches, K visible patches per mask, M masks, D channels, P projector outputs.
 """
 import math
+import re
 
 import torch
 import torch.distributed as dist
@@ -221,6 +223,13 @@ class ClassAttention(nn.Module):
         attn = (scores * q.shape[-1] ** -0.5).softmax(dim=-1)
         x = attn[..., :1] * v_cls + attn[..., 1:] @ v  # (B, H, 1, d)
         return self.proj(rearrange(x, "b h 1 d -> b 1 (h d)"))
+
+    def attention(self, u):
+        """The cls query's softmax weights over the rows of u, (B, H, 1+N), computed explicitly for pictures;
+        forward() applies the same weights through SDPA."""
+        q = rearrange(self.q(u[:, :1]), "b 1 (h d) -> b h 1 d", h=self.num_heads)
+        k = rearrange(self.kv(u), "b n (two h d) -> two b h n d", two=2, h=self.num_heads)[0]
+        return (q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5).softmax(dim=-1)[:, :, 0]
 
 
 class ClassAttentionBlock(nn.Module):
@@ -559,14 +568,21 @@ def convert_official_state_dict(state_dict):
     return out
 
 
+def model_state_dict(checkpoint):
+    """The model weights of a checkpoint in this file's naming: its 'model' (pretrain.py, finetune.py) or its
+    converted 'state_dict' (official), or a bare state_dict of either."""
+    sd = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
+    if any(k.removeprefix("module.").startswith("base_encoder.") for k in sd):
+        sd = convert_official_state_dict(sd)
+    return sd
+
+
 def encoder_state_dict(checkpoint, branch="momentum"):
     """The encoder weights of one branch from a pretrain.py checkpoint ({'model': ...}), an official
     one ({'state_dict': ...}) or a bare state_dict of either."""
     if branch not in ("online", "momentum"):
         raise ValueError(f"branch must be online or momentum, got {branch!r}")
-    sd = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
-    if any(k.removeprefix("module.").startswith("base_encoder.") for k in sd):
-        sd = convert_official_state_dict(sd)
+    sd = model_state_dict(checkpoint)
     prefix = "encoder." if branch == "online" else "momentum_encoder."
     out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if not out:
@@ -602,3 +618,121 @@ def load_encoder(encoder, checkpoint, branch="momentum"):
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], (side, side), encoder.grid_size)
     check_state_dict(encoder, sd, f"{branch} encoder in checkpoint")
     encoder.load_state_dict(sd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export to timm's ViT layout, and class attention for pictures
+
+# the parameters of a timm ViT block (no layer scale), named as ours
+TIMM_BLOCK_KEY = re.compile(r"blocks\.\d+\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)")
+FINETUNED_KEYS = ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")
+
+
+def _module_name(key, prefix):
+    """A module named once per block for messages: 'encoder.ca_blocks.0.attn.q.weight' -> 'encoder.ca_blocks.0',
+    'encoder.norm.weight' -> 'encoder.norm', 'projector.0.weight' -> 'projector'."""
+    if not key.startswith(prefix):
+        return key.split(".")[0]
+    parts = key[len(prefix):].split(".")
+    end = next((i + 1 for i, part in enumerate(parts) if part.isdigit()), 1)
+    return prefix + ".".join(parts[:end])
+
+
+def timm_state_dict(checkpoint, branch="momentum", in_chans=3):
+    """One encoder of a pretrain.py, finetune.py or official checkpoint as the state_dict of timm's
+    VisionTransformer(class_token=False, no_embed_class=True, global_pool="avg", fc_norm=True): the
+    fine-tuning layout, mean of the patch tokens -> fc_norm -> head (arguments: timm_vit_kwargs).
+
+    The patch embedding becomes a conv weight (D, C, p, p) again, the position table stays at its grid as
+    timm's pos_embed without a class entry (1, N, D), and the blocks keep their names. A fine-tuned model
+    brings its fc_norm and head (a fine-tuned checkpoint holds one encoder: branch does not apply); a
+    pretrained encoder gets a new fc_norm (weight 1, bias 0: where finetune.py starts) and no head.
+    Returns (state_dict, left_out): left_out names what timm's layout cannot hold (a pretrained encoder's
+    cls token, class-attention blocks and final norm; its projector and predictor).
+    """
+    sd = model_state_dict(checkpoint)
+    finetuned = "fc_norm.weight" in sd  # finetune.py: encoder.*, fc_norm.*, head.*
+    branch = "online" if finetuned else branch
+    prefix = "encoder." if branch == "online" else "momentum_encoder."
+    out, used = {}, set()
+    for key, value in encoder_state_dict(sd, branch).items():
+        if key == "patch_embed.weight":  # (D, C*p*p) in (c p1 p2) order, as the conv's flattened weight
+            p = math.isqrt(value.shape[1] // in_chans)
+            if in_chans * p * p != value.shape[1]:
+                raise ValueError(f"a patch embedding over {value.shape[1]} inputs is not {in_chans} channels "
+                                 f"of square patches")
+            out["patch_embed.proj.weight"] = rearrange(value, "d (c p1 p2) -> d c p1 p2", c=in_chans, p1=p, p2=p)
+        elif key == "patch_embed.bias":
+            out["patch_embed.proj.bias"] = value
+        elif key == "pos_embed" or TIMM_BLOCK_KEY.fullmatch(key):
+            out[key] = value
+        elif key.startswith("blocks."):
+            raise ValueError(f"timm's ViT block has no place for {key}: its tokens would differ from ours")
+        else:
+            continue
+        used.add(prefix + key)
+    if finetuned:
+        head = {k: sd[k] for k in FINETUNED_KEYS if k in sd}
+        out.update(head)
+        used.update(head)
+    else:
+        dim = out["patch_embed.proj.weight"].shape[0]
+        out["fc_norm.weight"], out["fc_norm.bias"] = torch.ones(dim), torch.zeros(dim)
+    other = ("momentum_encoder.", "momentum_projector.") if branch == "online" else ("encoder.", "projector.",
+                                                                                     "predictor.")
+    left_out = sorted({_module_name(k, prefix) for k in sd if k not in used and not k.startswith(other)})
+    return out, left_out
+
+
+def timm_vit_kwargs(state_dict, arch):
+    """Arguments of timm's VisionTransformer, or of timm.create_model("vit_base_patch16_224", **kwargs) (every
+    size is given), that hold a timm_state_dict of an `arch` encoder; ValueError if its sizes are not arch's."""
+    dim, in_chans, p, _ = state_dict["patch_embed.proj.weight"].shape
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    sizes = ARCHS[arch]
+    if (dim, depth) != (sizes["embed_dim"], sizes["depth"]):
+        raise ValueError(f"the encoder is {dim} wide and {depth} blocks deep, not {arch} "
+                         f"({sizes['embed_dim']} wide, {sizes['depth']} deep)")
+    n = state_dict["pos_embed"].shape[1]
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"a non-square position table of {n} patches has no timm image size")
+    head = state_dict.get("head.weight")
+    return dict(img_size=side * p, patch_size=p, in_chans=in_chans, embed_dim=dim, depth=depth,
+                num_heads=sizes["num_heads"], mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+                class_token=False, no_embed_class=True, global_pool="avg", fc_norm=True,
+                num_classes=0 if head is None else head.shape[0])
+
+
+def from_timm_state_dict(state_dict):
+    """The inverse of timm_state_dict, exact: timm's keys -> finetune.py's model keys (encoder.*, fc_norm.*,
+    head.*). The encoder.* part loads into a VisionTransformer with strict=False (it has no cls token,
+    class-attention blocks or final norm). A timm model with parts of its own (a class token, a final norm,
+    layer scale) is refused."""
+    out = {}
+    for key, value in state_dict.items():
+        if key == "patch_embed.proj.weight":
+            out["encoder.patch_embed.weight"] = value.flatten(1)  # (D, C, p, p) -> (D, C*p*p)
+        elif key == "patch_embed.proj.bias":
+            out["encoder.patch_embed.bias"] = value
+        elif key == "pos_embed" or TIMM_BLOCK_KEY.fullmatch(key):
+            out["encoder." + key] = value
+        elif key in FINETUNED_KEYS:
+            out[key] = value
+        else:
+            raise ValueError(f"timm key {key} has no place here (no class token, final norm or layer scale)")
+    return out
+
+
+def last_class_attention(encoder, x):
+    """Patch tokens after the final norm (B, N, D) and the last class-attention block's attention weights
+    from the cls query to [cls; patches] (B, H, 1+N; rows sum to 1, column 0 is the cls token itself) for full
+    images x (B, C, H, W). The weights are computed explicitly; forward() is untouched."""
+    if not len(encoder.ca_blocks):
+        raise ValueError("the encoder has no class-attention blocks (a fine-tuned or dense-transfer encoder?)")
+    tokens = encoder.intermediate_tokens(x, [len(encoder.blocks)])[-1]  # (B, N, D)
+    cls = encoder.cls_token.expand(tokens.shape[0], -1, -1)
+    for blk in encoder.ca_blocks[:-1]:
+        cls = blk(cls, tokens)
+    last = encoder.ca_blocks[-1]
+    return encoder.norm(tokens), last.attn.attention(last.norm1(torch.cat([cls, tokens], dim=1)))
