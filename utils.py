@@ -76,31 +76,40 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return super()._format_action(action)
 
 
+def add_encoder_args(parser, img_size, branch=None, img_help=None):
+    """The flags of every script that builds an encoder: --arch, --img-size, --patch-size, --device and, with a
+    default `branch`, --pretrained and --branch."""
+    from models import ARCHS
+    p = parser
+    p.add_argument("--arch", default="vit_base", choices=list(ARCHS))
+    p.add_argument("--img-size", type=int, default=img_size, help=img_help)
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    if branch is not None:
+        p.add_argument("--pretrained", default=None,
+                       help="pretrain.py or official ExtreMA checkpoint (none: random initialisation)")
+        p.add_argument("--branch", choices=["online", "momentum"], default=branch,
+                       help="the encoder of a pretraining checkpoint to use")
+
+
 def add_common_args(parser, data_help, output_dir, img_size, batch_size, num_workers, print_freq=20, branch=None,
                     img_help=None):
     """The flags every stage shares, with the same names and meanings; defaults are the stage's protocol.
     With a default `branch`, also --pretrained, --branch and --eval-only (the evaluation stages)."""
-    from models import ARCHS
     p = parser
     p.add_argument("--data", default="synthetic", help=f"{data_help}, or 'synthetic' (generated, no files)")
     p.add_argument("--output-dir", default=output_dir, help="log.jsonl and checkpoint-last.pth go here")
-    p.add_argument("--arch", default="vit_base", choices=list(ARCHS))
-    p.add_argument("--img-size", type=int, default=img_size, help=img_help)
-    p.add_argument("--patch-size", type=int, default=16)
+    add_encoder_args(p, img_size, branch, img_help)
     p.add_argument("--batch-size", type=int, default=batch_size, help="global batch over all processes")
     p.add_argument("--accum-iter", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
                    help="default: bf16 on GPUs that support it, else none")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--num-workers", type=int, default=num_workers, help="data-loading processes per process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--print-freq", type=int, default=print_freq, help="steps between progress lines and loss checks")
     p.add_argument("--save-interval", type=float, default=30,
                    help="minutes between checkpoints written during an epoch (0: only at epoch ends)")
     if branch is not None:
-        p.add_argument("--pretrained", default=None,
-                       help="pretrain.py or official ExtreMA checkpoint (none: random initialisation)")
-        p.add_argument("--branch", choices=["online", "momentum"], default=branch, help="encoder to evaluate")
         p.add_argument("--eval-only", action="store_true", help="evaluate <output-dir>/checkpoint-last.pth")
 
 
