@@ -30,6 +30,7 @@ import pretrain
 import transfer_det
 import transfer_seg
 import utils
+import visualize
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "official_extrema_tiny.pt")
@@ -1978,3 +1979,144 @@ def test_collapsed_target_is_reported(tmp_path, capsys, monkeypatch):
     pretrain.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path)])
     assert read_log(tmp_path)[0]["target_std"] < 0.01
     assert "warning: target_std 0.0" in capsys.readouterr().out
+
+
+# Export to timm's ViT layout; attention maps and token PCA
+
+
+def fixture_encoder(fixture, branch):
+    encoder = models.VisionTransformer(img_size=32, patch_size=8, **models.ARCHS["vit_fixture"]).eval()
+    models.load_encoder(encoder, fixture["checkpoint"], branch)
+    return encoder
+
+
+def timm_model(export):
+    """The README's lines: timm.create_model with the exported arguments, then a strict load."""
+    import timm  # a test requirement (requirements.txt)
+    model = timm.create_model("vit_base_patch16_224", **export["timm_kwargs"]).eval()
+    model.load_state_dict(export["state_dict"])
+    return model
+
+
+@pytest.mark.parametrize("branch", ["momentum", "online"])
+def test_timm_export_of_pretrained_encoder(official_file, tmp_path, branch):
+    """visualize.py --export-timm: timm's forward_features are our patch tokens before pooling (to 1e-5), the
+    class-attention side is named as left out, and the way back into our encoder is exact."""
+    fixture, path = official_file
+    out = tmp_path / "timm.pth"
+    visualize.main(["--pretrained", path, "--branch", branch, "--arch", "vit_fixture", "--export-timm", str(out)])
+    export = torch.load(out)
+    prefix = "momentum_" if branch == "momentum" else ""
+    assert export["left_out"] == sorted([f"{prefix}encoder.ca_blocks.0", f"{prefix}encoder.ca_blocks.1",
+                                         f"{prefix}encoder.cls_token", f"{prefix}encoder.norm", f"{prefix}projector"]
+                                        + ([] if prefix else ["predictor"]))
+    assert export["timm_kwargs"]["num_classes"] == 0 and export["state_dict"]["pos_embed"].shape == (1, 16, 64)
+    encoder, model = fixture_encoder(fixture, branch), timm_model(export)
+    with torch.no_grad():
+        ours = encoder.forward_features(fixture["x1"])[0]
+        theirs = model.forward_features(fixture["x1"])  # (B, N, D)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs, fixture["expected"][f"{prefix}tokens_full_prenorm"], atol=1e-5, rtol=1e-5)
+
+    back = models.from_timm_state_dict(export["state_dict"])
+    again = models.VisionTransformer(img_size=32, patch_size=8, **models.ARCHS["vit_fixture"]).eval()
+    result = again.load_state_dict({k.removeprefix("encoder."): v for k, v in back.items()
+                                    if k.startswith("encoder.")}, strict=False)
+    assert not result.unexpected_keys
+    assert {k.split(".")[0] for k in result.missing_keys} == {"cls_token", "ca_blocks", "norm"}
+    trunk = {k: v for k, v in encoder.state_dict().items() if not k.startswith(("cls_token", "ca_blocks", "norm"))}
+    for key, value in trunk.items():
+        assert torch.equal(again.state_dict()[key], value), key
+    with torch.no_grad():
+        assert torch.equal(again.forward_features(fixture["x1"])[0], ours)
+
+
+def test_timm_export_of_finetuned_model(official, tmp_path):
+    """A finetune.py checkpoint: same tokens and logits in timm (to 1e-5), nothing left out, an exact round trip."""
+    torch.manual_seed(0)
+    model = finetune.MeanPoolClassifier(fixture_encoder(official, "online"), 5).eval()
+    with torch.no_grad():
+        for p in [*model.fc_norm.parameters(), *model.head.parameters()]:
+            p.add_(torch.randn_like(p))
+    checkpoint = dict(model=model.state_dict(), epoch=0)
+    state_dict, left_out = models.timm_state_dict(checkpoint, branch="momentum")  # one encoder: branch n/a
+    assert left_out == []
+    export = dict(state_dict=state_dict, timm_kwargs=models.timm_vit_kwargs(state_dict, "vit_fixture"))
+    theirs = timm_model(export)
+    x = official["x1"]
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.forward_features(x), model.encoder.intermediate_tokens(x, [2])[-1],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(theirs(x), model(x), atol=1e-5, rtol=1e-5)
+    back = models.from_timm_state_dict(state_dict)
+    assert back.keys() == checkpoint["model"].keys()
+    for key, value in checkpoint["model"].items():
+        assert torch.equal(back[key], value), key
+    assert all(torch.equal(v, state_dict[k]) for k, v in models.timm_state_dict({"model": back})[0].items())
+
+
+def test_timm_export_refusals(official_file, tmp_path):
+    fixture, path = official_file
+    with pytest.raises(SystemExit, match=r"error: .*extrema_tiny\.pth: the encoder is 64 wide and 2 blocks deep, "
+                                         r"not vit_tiny") as info:
+        visualize.main(["--pretrained", path, "--arch", "vit_tiny", "--export-timm", str(tmp_path / "x.pth")])
+    assert "\n" not in str(info.value) and not os.path.exists(tmp_path / "x.pth")
+    with pytest.raises(SystemExit, match="--export-timm needs --pretrained"):
+        visualize.main(["--export-timm", str(tmp_path / "x.pth")])
+    sd = models.model_state_dict(fixture["checkpoint"])
+    sd["momentum_encoder.blocks.0.attn.rel_pos_bias"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="no place for blocks.0.attn.rel_pos_bias"):
+        models.timm_state_dict(sd)
+    timm_sd, _ = models.timm_state_dict(fixture["checkpoint"])
+    with pytest.raises(ValueError, match="timm key cls_token has no place"):
+        models.from_timm_state_dict({**timm_sd, "cls_token": torch.zeros(1, 1, 64)})
+
+
+def test_class_attention_weights(official):
+    """The explicit weights are the ones the SDPA forward applies; rows sum to 1, and over the patches once the
+    cls token's own share is dropped."""
+    encoder = fixture_encoder(official, "momentum")
+    x = official["x1"]
+    with torch.no_grad():
+        tokens, attention = models.last_class_attention(encoder, x)  # (B, N, D), (B, H, 1+N)
+        torch.testing.assert_close(tokens, encoder(x)[0])
+        assert attention.shape == (4, 4, 17) and (attention >= 0).all()
+        torch.testing.assert_close(attention.sum(-1), torch.ones(4, 4))
+
+        cls = encoder.cls_token.expand(4, -1, -1)
+        cls = encoder.ca_blocks[0](cls, encoder.forward_features(x)[0])
+        last = encoder.ca_blocks[-1]
+        u = last.norm1(torch.cat([cls, encoder.forward_features(x)[0]], dim=1))
+        v = rearrange(last.attn.kv(u), "b n (two h d) -> two b h n d", two=2, h=4)[1]
+        by_hand = last.attn.proj(rearrange(attention[:, :, None] @ v, "b h 1 d -> b 1 (h d)"))
+        torch.testing.assert_close(by_hand, last.attn(u), atol=1e-6, rtol=1e-5)
+
+    maps = visualize.patch_attention(attention, encoder.grid_size)  # (B, 1+H, h, w): mean, then each head
+    assert maps.shape == (4, 5, 4, 4)
+    torch.testing.assert_close(maps.sum((-2, -1)), torch.ones(4, 5))
+    pca = visualize.token_pca(tokens[0], encoder.grid_size)
+    assert pca.shape == (3, 4, 4) and pca.min() == 0 and pca.max() == 1
+
+
+def test_visualize_pictures(official_file, tmp_path):
+    """One PNG per image: image, PCA, mean attention and 4 heads side by side at the image size; any size
+    divisible by the patch."""
+    _, path = official_file
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "cat.png")
+    common = ["--pretrained", path, "--arch", "vit_fixture", "--patch-size", "8", "--device", "cpu"]
+    visualize.main(common + ["--img-size", "32", "--data", "synthetic", "--output-dir", str(tmp_path / "a")])
+    visualize.main(common + ["--img-size", "48", str(tmp_path / "cat.png"), "--output-dir", str(tmp_path / "b")])
+    for name, size in [("a/synthetic_0", 32), ("a/synthetic_1", 32), ("b/cat", 48)]:
+        with Image.open(tmp_path / f"{name}_attention.png") as picture:
+            assert picture.mode == "RGB" and picture.size == (7 * (size + 2) + 2, size + 4), name  # (W, H)
+            assert np.asarray(picture).std() > 0
+    with pytest.raises(SystemExit, match=r"does not fit the model.*blocks\.2\.") as info:  # 2-block checkpoint
+        visualize.main(common + ["--arch", "vit_tiny", "--data", "synthetic", "--output-dir", str(tmp_path)])
+    assert "\n" not in str(info.value)
+    with pytest.raises(SystemExit, match="give image files or --data synthetic"):
+        visualize.main(common + ["--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="image .*missing.png does not exist"):
+        visualize.main(common + [str(tmp_path / "missing.png"), "--output-dir", str(tmp_path)])
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(utils.DataError, match="cannot read image .*broken.png"):  # run_main: one line
+        visualize.main(common + [str(tmp_path / "broken.png"), "--output-dir", str(tmp_path)])

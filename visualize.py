@@ -1,0 +1,137 @@
+"""What a pretrained ExtreMA encoder looks at, and its weights in timm's ViT layout.
+
+Pictures: for each image one PNG, a row of panels: the input (resized and centre-cropped to --img-size), the
+first three principal components of its patch tokens (after the final norm) as RGB, then the attention of the
+last class-attention block's cls query to every patch, averaged over the heads and then head by head (white =
+most attention). The cls query also attends to itself; that share is dropped and each head's weights over the
+patches are renormalised to sum to 1. Maps are shown per patch (nearest-neighbour upsampling).
+
+    python visualize.py --pretrained CKPT --device cpu cat.jpg dog.png    # output/visualize/cat_attention.png ...
+    python visualize.py --data synthetic --arch vit_tiny --img-size 64 --patch-size 8 --device cpu
+
+Export: --export-timm FILE writes one encoder (--branch; a fine-tuned checkpoint has one, with its head) as
+the state_dict of timm's VisionTransformer with class_token=False, global_pool="avg", fc_norm=True, with
+the arguments that build it, and names what that layout cannot hold (the class-attention blocks, ...):
+
+    python visualize.py --pretrained CKPT --branch online --export-timm output/vit_base_timm.pth
+"""
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import to_pil_image
+from torchvision.utils import make_grid
+
+import models
+import utils
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="*", help="image files (any format PIL reads)")
+    p.add_argument("--data", choices=["synthetic"], default=None,
+                   help="'synthetic': pictures of generated images instead of image files")
+    p.add_argument("--synthetic-size", type=int, default=2, help="synthetic images to draw")
+    p.add_argument("--output-dir", default="output/visualize", help="the PNGs go here")
+    utils.add_encoder_args(p, 224, branch="momentum",
+                           img_help="side of the square the images are resized and cropped to (pictures)")
+    p.add_argument("--export-timm", default=None, metavar="FILE",
+                   help="write the encoder of --pretrained in timm's ViT layout to FILE instead of pictures")
+    return p.parse_args(argv)
+
+
+def export_timm(args):
+    """Write {'state_dict', 'timm_kwargs', 'left_out'} and say how to load it."""
+    if args.pretrained is None:
+        utils.fail("--export-timm needs --pretrained")
+    try:
+        state_dict, left_out = models.timm_state_dict(utils.load_checkpoint(args.pretrained), args.branch)
+        kwargs = models.timm_vit_kwargs(state_dict, args.arch)
+    except ValueError as e:
+        utils.fail(f"{args.pretrained}: {e}")
+    os.makedirs(os.path.dirname(args.export_timm) or ".", exist_ok=True)
+    utils.save_checkpoint(dict(state_dict=state_dict, timm_kwargs=kwargs, left_out=left_out), args.export_timm)
+    head = f"fc_norm and a {kwargs['num_classes']}-class head" if kwargs["num_classes"] else "a new fc_norm, no head"
+    print(f"wrote {args.export_timm}: {kwargs['depth']} blocks on a {kwargs['img_size'] // kwargs['patch_size']}^2 "
+          f"patch grid, {head}")
+    print(f"left out (no place in timm's ViT): {', '.join(left_out) or 'nothing'}")
+    print(f"load: timm.create_model('vit_base_patch16_224', **export['timm_kwargs']).load_state_dict("
+          f"export['state_dict']) with export = torch.load('{args.export_timm}')")
+
+
+def load_images(args):
+    """(name, uint8 image (3, S, S)) for each image file, or for the first --synthetic-size synthetic images."""
+    view = v2.Compose([v2.Resize(args.img_size, interpolation=v2.InterpolationMode.BICUBIC),
+                       v2.CenterCrop(args.img_size), v2.ToImage()])
+    if args.data == "synthetic":
+        images = utils.SyntheticImages(args.synthetic_size, args.img_size)
+        return [(f"synthetic_{i}", view(images[i][0])) for i in range(len(images))]
+    names = [os.path.splitext(os.path.basename(path))[0] for path in args.images]
+    if len(set(names)) < len(names):
+        utils.fail("two images have the same name; their pictures would overwrite each other")
+    return [(name, view(utils.load_rgb(path))) for name, path in zip(names, args.images)]
+
+
+def patch_attention(attention, grid):
+    """Attention of the cls query (B, H, 1+N) -> (B, 1+H, h, w): each head's weights on the patches
+    renormalised to sum to 1 (its weight on the cls token itself dropped), their mean first."""
+    patches = attention[:, :, 1:]
+    patches = patches / patches.sum(dim=-1, keepdim=True)
+    maps = torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)  # (B, 1+H, N)
+    return rearrange(maps, "b k (h w) -> b k h w", h=grid[0])
+
+
+def token_pca(tokens, grid):
+    """The first three principal components of one image's patch tokens (N, D), each scaled to [0, 1], as an
+    RGB map (3, h, w)."""
+    centred = (tokens - tokens.mean(dim=0)).double()
+    _, _, axes = torch.linalg.svd(centred, full_matrices=False)  # rows of axes: principal directions
+    components = centred @ axes[:3].T  # (N, <=3)
+    components = F.pad(components, (0, 3 - components.shape[1]))
+    low, high = components.amin(dim=0), components.amax(dim=0)
+    return rearrange(((components - low) / (high - low).clamp_min(1e-12)).float(), "(h w) c -> c h w", h=grid[0])
+
+
+def picture(image, pca, maps, patch_size):
+    """One row of panels, uint8 (3, S + 4, n * (S + 2) + 2): image, token PCA, mean attention, each head's."""
+    low, high = maps.amin(dim=(-2, -1), keepdim=True), maps.amax(dim=(-2, -1), keepdim=True)
+    gray = ((maps - low) / (high - low).clamp_min(1e-12))[:, None].expand(-1, 3, -1, -1)  # (1+H, 3, h, w)
+    panels = torch.cat([pca[None], gray])
+    panels = F.interpolate(panels, scale_factor=patch_size, mode="nearest")  # (2+H, 3, S, S)
+    panels = torch.cat([image[None].float() / 255, panels])
+    grid = make_grid(panels, nrow=len(panels), padding=2, pad_value=1.0)
+    return (grid * 255).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def main(argv=None):
+    args = get_args(argv)
+    if args.export_timm is not None:
+        return export_timm(args)
+    utils.check_image_size(args)
+    if (args.data is None) == (not args.images):
+        utils.fail("give image files or --data synthetic (one of the two)")
+    missing = [path for path in args.images if not os.path.isfile(path)]
+    if missing:
+        utils.fail(f"image {missing[0]} does not exist")
+    _, _, device = utils.init_distributed(args.device)
+    encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch],
+                                       ca_depth=2, layer_scale=0.1)
+    utils.load_pretrained_encoder(encoder, args.pretrained, args.branch)
+    encoder.to(device).eval()
+    os.makedirs(args.output_dir, exist_ok=True)
+    for name, image in load_images(args):
+        x = utils.normalize()(image)[None].to(device)  # (1, 3, S, S)
+        tokens, attention = models.last_class_attention(encoder, x)  # (1, N, D), (1, H, 1+N)
+        pca = token_pca(tokens[0].cpu(), encoder.grid_size)
+        maps = patch_attention(attention.cpu(), encoder.grid_size)[0]
+        path = os.path.join(args.output_dir, f"{name}_attention.png")
+        to_pil_image(picture(image, pca, maps, args.patch_size)).save(path)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    utils.run_main(main)
