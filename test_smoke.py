@@ -2064,8 +2064,8 @@ def test_timm_export_refusals(official_file, tmp_path):
     with pytest.raises(SystemExit, match="--export-timm needs --pretrained"):
         visualize.main(["--export-timm", str(tmp_path / "x.pth")])
     sd = models.model_state_dict(fixture["checkpoint"])
-    sd["momentum_encoder.blocks.0.attn.rel_pos_bias"] = torch.zeros(3)
-    with pytest.raises(ValueError, match="no place for blocks.0.attn.rel_pos_bias"):
+    sd["momentum_encoder.blocks.0.attn.relative_position_bias_table"] = torch.zeros(49, 4)
+    with pytest.raises(ValueError, match="no place for blocks.0.attn.relative_position_bias_table"):
         models.timm_state_dict(sd)
     timm_sd, _ = models.timm_state_dict(fixture["checkpoint"])
     with pytest.raises(ValueError, match="timm key cls_token has no place"):
