@@ -65,7 +65,7 @@ def export_timm(args):
 def load_images(args):
     """(name, uint8 image (3, S, S)) for each image file, or for the first --synthetic-size synthetic images."""
     view = v2.Compose([v2.Resize(args.img_size, interpolation=v2.InterpolationMode.BICUBIC),
-                       v2.CenterCrop(args.img_size), v2.ToImage()])
+                       v2.CenterCrop(args.img_size), v2.PILToTensor()])
     if args.data == "synthetic":
         images = utils.SyntheticImages(args.synthetic_size, args.img_size)
         return [(f"synthetic_{i}", view(images[i][0])) for i in range(len(images))]
@@ -124,7 +124,7 @@ def main(argv=None):
     encoder.to(device).eval()
     os.makedirs(args.output_dir, exist_ok=True)
     for name, image in load_images(args):
-        x = utils.normalize()(image)[None].to(device)  # (1, 3, S, S)
+        x = utils.normalize(image[None].to(device))  # (1, 3, S, S)
         tokens, attention = models.last_class_attention(encoder, x)  # (1, N, D), (1, H, 1+N)
         pca = token_pca(tokens[0].cpu(), encoder.grid_size)
         maps = patch_attention(attention.cpu(), encoder.grid_size)[0]
