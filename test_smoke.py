@@ -2115,6 +2115,8 @@ def test_visualize_pictures(official_file, tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(SystemExit, match="give image files or --data synthetic"):
         visualize.main(common + ["--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--synthetic-size must be at least 1, got 0"):
+        visualize.main(common + ["--data", "synthetic", "--synthetic-size", "0", "--output-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="image .*missing.png does not exist"):
         visualize.main(common + [str(tmp_path / "missing.png"), "--output-dir", str(tmp_path)])
     (tmp_path / "broken.png").write_bytes(b"not an image")

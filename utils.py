@@ -121,7 +121,7 @@ def parse_args(parser, argv=None):
                  "monitor_every", "monitor_per_class"):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.num_workers < 0:
+    if getattr(args, "num_workers", 0) < 0:
         fail(f"--num-workers must be at least 0, got {args.num_workers}")
     if args.device not in (None, "cuda", "cpu"):
         fail(f"--device must be cuda or cpu, got {args.device!r} (choose GPUs with CUDA_VISIBLE_DEVICES; "

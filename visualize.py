@@ -30,7 +30,7 @@ import utils
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     p.add_argument("images", nargs="*", help="image files (any format PIL reads)")
     p.add_argument("--data", choices=["synthetic"], default=None,
                    help="'synthetic': pictures of generated images instead of image files")
@@ -40,7 +40,7 @@ def get_args(argv=None):
                            img_help="side of the square the images are resized and cropped to (pictures)")
     p.add_argument("--export-timm", default=None, metavar="FILE",
                    help="write the encoder of --pretrained in timm's ViT layout to FILE instead of pictures")
-    return p.parse_args(argv)
+    return utils.parse_args(p, argv)
 
 
 def export_timm(args):
@@ -114,6 +114,8 @@ def main(argv=None):
     utils.check_image_size(args)
     if (args.data is None) == (not args.images):
         utils.fail("give image files or --data synthetic (one of the two)")
+    if args.synthetic_size < 1:
+        utils.fail(f"--synthetic-size must be at least 1, got {args.synthetic_size}")
     missing = [path for path in args.images if not os.path.isfile(path)]
     if missing:
         utils.fail(f"image {missing[0]} does not exist")
@@ -122,7 +124,7 @@ def main(argv=None):
                                        ca_depth=2, layer_scale=0.1)
     utils.load_pretrained_encoder(encoder, args.pretrained, args.branch)
     encoder.to(device).eval()
-    os.makedirs(args.output_dir, exist_ok=True)
+    utils.make_output_dir(args.output_dir)
     for name, image in load_images(args):
         x = utils.normalize(image[None].to(device))  # (1, 3, S, S)
         tokens, attention = models.last_class_attention(encoder, x)  # (1, N, D), (1, H, 1+N)
