@@ -1981,6 +1981,7 @@ def test_collapsed_target_is_reported(tmp_path, capsys, monkeypatch):
     assert "warning: target_std 0.0" in capsys.readouterr().out
 
 
+# ====================================================================================================
 # Export to timm's ViT layout; attention maps and token PCA
 
 
