@@ -138,7 +138,8 @@ def two_views(images, color_aug):
     return colour(images), colour(images)
 
 
-ARCH_FLAGS = utils.ARCH_FLAGS + ("ca_depth", "proj_dim", "proj_hidden_dim")  # fixed on resume
+# fixed on resume: they shape the model, or (--predictor-lr-scale) the optimizer state
+ARCH_FLAGS = utils.ARCH_FLAGS + ("ca_depth", "proj_dim", "proj_hidden_dim", "predictor_lr_scale")
 
 
 def build_model(args):
@@ -289,8 +290,7 @@ def main(argv=None):
         predictor = {id(p) for p in learner.predictor.parameters()}
         groups = [dict(g, params=[p for p in g["params"] if (id(p) in predictor) == fast], lr_scale=scale)
                   for g in groups for fast, scale in ((False, 1.0), (True, args.predictor_lr_scale))]
-    optimizer = utils.adamw(groups, lr=0.0, betas=(0.9, 0.95),
-                            device=device)
+    optimizer = utils.adamw(groups, lr=0.0, betas=(0.9, 0.95), device=device)
     scaler = utils.grad_scaler(device, amp)
     checkpointer = utils.Checkpointer(args, log=log)
     checkpoint = checkpointer.resume(learner, optimizer, scaler, args, ARCH_FLAGS)

@@ -2123,3 +2123,14 @@ def test_visualize_pictures(official_file, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not an image")
     with pytest.raises(utils.DataError, match="cannot read image .*broken.png"):  # run_main: one line
         visualize.main(common + [str(tmp_path / "broken.png"), "--output-dir", str(tmp_path)])
+
+
+def test_predictor_lr_scale(tmp_path):
+    """The predictor's groups step at lr x scale; the scale shapes the optimizer state, so resume refuses a new one."""
+    pretrain.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path), "--predictor-lr-scale", "10"])
+    groups = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)["optimizer"]["param_groups"]
+    assert sorted(g["lr_scale"] for g in groups) == [1.0, 1.0, 10.0, 10.0]
+    lrs = {g["lr_scale"]: g["lr"] for g in groups}  # the last step's lr of each kind of group
+    assert lrs[1.0] > 0 and lrs[10.0] == pytest.approx(10 * lrs[1.0])
+    with pytest.raises(SystemExit, match="predictor-lr-scale 10"):
+        pretrain.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path), "--predictor-lr-scale", "5"])
