@@ -307,9 +307,20 @@ def main(argv=None):
         f"{local_batch} x {args.accum_iter} = batch {args.batch_size} | lr {base_lr:.2e} | amp {amp} | "
         f"{steps_per_epoch} steps/epoch on {device}")
 
+    def monitor_knn():  # the k-NN top-1 of the momentum encoder's instance features on the monitor's set
+        encoder = learner.momentum_encoder
+        return utils.knn_evaluate(lambda images: encoder.forward_features(images)[1], *monitor, monitor_classes,
+                                  device, amp, (MONITOR_K,), MONITOR_TEMPERATURE)[MONITOR_K][0]
+
+    knn_init = None  # the monitor's value at initialisation, the baseline that knn_acc1 has to beat
+    if args.monitor is not None:
+        knn_init = monitor_knn() if checkpoint is None else checkpoint.get("knn_acc1_init")  # None: began unmonitored
+        if knn_init is not None:
+            log(f"monitor: {MONITOR_K}-NN acc1 {knn_init:.2f} at initialisation")
+
     def state(epoch, step):  # the position: epochs done, then steps done in the next one
         return {"model": learner.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch - 1, "step": step, "args": vars(args)}
+                "epoch": epoch - 1, "step": step, "args": vars(args), "knn_acc1_init": knn_init}
 
     for epoch in range(start_epoch, args.epochs):
         first = start_step if epoch == start_epoch else 0  # steps done before a mid-epoch resume
@@ -343,15 +354,15 @@ def main(argv=None):
                   "images_per_s": round((steps_per_epoch - first) * args.batch_size / elapsed, 1)}
         if epoch_std < COLLAPSE_STD:
             log(f"warning: target_std {epoch_std:.3f} < {COLLAPSE_STD} in epoch {epoch}: the target representation "
-                f"is collapsing; try --predictor-lr-scale 10 (README: small data sets)")
+                f"is collapsing; try --predictor-lr-scale 10 or --loss infonce (README: Is it learning?)")
         if args.monitor is not None and ((epoch + 1) % args.monitor_every == 0 or epoch + 1 == args.epochs):
             start = time.time()
-            encoder = learner.momentum_encoder
-            acc1, _ = utils.knn_evaluate(lambda images: encoder.forward_features(images)[1], *monitor, monitor_classes,
-                                         device, amp, (MONITOR_K,), MONITOR_TEMPERATURE)[MONITOR_K]
-            record.update(knn_acc1=acc1, knn_time_s=round(time.time() - start, 2))
+            record.update(knn_acc1=monitor_knn(), knn_time_s=round(time.time() - start, 2))
+            if knn_init is not None:
+                record["knn_acc1_init"] = knn_init
         log(f"epoch {epoch}: loss {epoch_loss:.4f} target_std {epoch_std:.3f}"
-            + (f" {MONITOR_K}-NN acc1 {record['knn_acc1']:.2f}" if "knn_acc1" in record else ""))
+            + (f" {MONITOR_K}-NN acc1 {record['knn_acc1']:.2f}" if "knn_acc1" in record else "")
+            + (f" (at initialisation {knn_init:.2f})" if "knn_acc1_init" in record else ""))
         checkpointer.save(state(epoch + 1, 0), record)
         if rank == 0 and args.save_every and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
             utils.keep_copy(checkpointer.path, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))

@@ -1958,7 +1958,14 @@ def test_monitor_logs_knn_and_target_std(tmp_path, capsys):
         assert 0.1 < r["target_std"] < 1.5
     for r in records[1:]:
         assert round(r["knn_acc1"] * 30 / 100, 6).is_integer()  # hits out of 3 x 10 validation images
-    assert "20-NN acc1" in capsys.readouterr().out
+        assert round(r["knn_acc1_init"] * 30 / 100, 6).is_integer()
+        assert r["knn_acc1_init"] == records[1]["knn_acc1_init"]  # one baseline, measured before the first step
+    out = capsys.readouterr().out
+    assert "20-NN acc1" in out and f"20-NN acc1 {records[1]['knn_acc1_init']:.2f} at initialisation" in out
+    pretrain.main(TINY + ["--epochs", "4", "--output-dir", str(tmp_path), "--monitor", "synthetic",
+                          "--monitor-per-class", "3", "--monitor-every", "2"])  # resumed: the baseline is kept
+    resumed = read_log(tmp_path)
+    assert len(resumed) == 4 and resumed[3]["knn_acc1_init"] == records[1]["knn_acc1_init"]
     with pytest.raises(SystemExit, match="fewer than the k = 20 neighbours"):
         pretrain.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path / "few"), "--monitor", "synthetic",
                               "--monitor-per-class", "1"])
