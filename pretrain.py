@@ -294,7 +294,7 @@ def main(argv=None):
     scaler = utils.grad_scaler(device, amp)
     checkpointer = utils.Checkpointer(args, log=log)
     checkpoint = checkpointer.resume(learner, optimizer, scaler, args, ARCH_FLAGS)
-    start_epoch, start_step = (0, 0) if checkpoint is None else (checkpoint["epoch"] + 1, checkpoint.get("step", 0))
+    start_epoch, start_step = utils.resume_position(checkpoint)
     if args.compile:
         compile_model(learner, args.compile)
     updates = step_updates(args, learner, optimizer, device, amp)
@@ -318,9 +318,8 @@ def main(argv=None):
         if knn_init is not None:
             log(f"monitor: {MONITOR_K}-NN acc1 {knn_init:.2f} at initialisation")
 
-    def state(epoch, step):  # the position: epochs done, then steps done in the next one
-        return {"model": learner.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch - 1, "step": step, "args": vars(args), "knn_acc1_init": knn_init}
+    def state(epoch, step):
+        return utils.epoch_state(learner, optimizer, scaler, args, epoch, step, knn_acc1_init=knn_init)
 
     for epoch in range(start_epoch, args.epochs):
         first = start_step if epoch == start_epoch else 0  # steps done before a mid-epoch resume

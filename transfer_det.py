@@ -549,7 +549,7 @@ def main(argv=None):
 
     checkpointer = utils.Checkpointer(args, log=log)
     checkpoint = checkpointer.resume(detector, optimizer, scaler, args, ARCH_FLAGS)
-    start_epoch, start_step = (0, 0) if checkpoint is None else (checkpoint["epoch"] + 1, checkpoint.get("step", 0))
+    start_epoch, start_step = utils.resume_position(checkpoint)
     if checkpoint is None and args.eval_only:
         utils.fail(f"--eval-only needs a trained detector at {checkpointer.path}")
     if args.eval_only:
@@ -569,9 +569,8 @@ def main(argv=None):
         parts.update(model(images, targets))  # loss_classifier, loss_box_reg, loss_mask, loss_objectness, ...
         return sum(parts.values())
 
-    def state(epoch, step):  # the position: epochs done, then steps done in the next one
-        return {"model": detector.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch - 1, "step": step, "args": vars(args)}
+    def state(epoch, step):
+        return utils.epoch_state(detector, optimizer, scaler, args, epoch, step)
 
     stats = {}
     for epoch in range(start_epoch, args.epochs):

@@ -390,6 +390,19 @@ def check_resumed_args(saved, args, fixed, path, log=print):
             + ", ".join(f"{flag(k)} {saved[k]} -> {now[k]}" for k in changed))
 
 
+def epoch_state(model, optimizer, scaler, args, epoch, step, **extra):
+    """The checkpoint of an epoch-based run that has done `step` steps of epoch `epoch` (at the end of epoch e:
+    epoch e + 1, step 0). Its 'epoch' is the last finished epoch (-1 before the first): resume_position's reading."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epoch - 1, "step": step, "args": vars(args), **extra}
+
+
+def resume_position(checkpoint):
+    """(epoch, step) where a run continues from an epoch_state checkpoint (None: a fresh run): the first epoch not
+    finished and the steps already done in it."""
+    return (0, 0) if checkpoint is None else (checkpoint["epoch"] + 1, checkpoint.get("step", 0))
+
+
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 REQUEUE_STATUS = 143  # 128 + SIGTERM: what a job ended by SIGTERM reports, so schedulers and scripts requeue on it
 
@@ -799,8 +812,8 @@ def fit_classifier(model, trained, loss_fn, train_loader, val_loader, optimizer,
     """
     checkpointer = Checkpointer(args, log=log)
     checkpoint = checkpointer.resume(model, optimizer, scaler, args, fixed)
-    start_epoch, start_step, best_acc1 = (0, 0, 0.0) if checkpoint is None else \
-        (checkpoint["epoch"] + 1, checkpoint.get("step", 0), checkpoint["best_acc1"])
+    start_epoch, start_step = resume_position(checkpoint)
+    best_acc1 = 0.0 if checkpoint is None else checkpoint["best_acc1"]
     if args.eval_only:
         if checkpoint is None:
             fail(f"--eval-only needs a trained model: {checkpointer.path} does not exist")
@@ -811,9 +824,8 @@ def fit_classifier(model, trained, loss_fn, train_loader, val_loader, optimizer,
                                        val_loss=val_loss))
         return
 
-    def state(epoch, step):  # the position: epochs done, then steps done in the next one
-        return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                    epoch=epoch - 1, step=step, best_acc1=best_acc1, args=vars(args))
+    def state(epoch, step):
+        return epoch_state(model, optimizer, scaler, args, epoch, step, best_acc1=best_acc1)
 
     for epoch in range(start_epoch, args.epochs):
         model.train()
