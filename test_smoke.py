@@ -1168,7 +1168,7 @@ def test_seg_torchrun_evaluation_matches_one_process(tmp_path):
         one_process = json.load(f)
     os.remove(os.path.join(out, "per_class_iou.json"))
     here = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              os.path.join(here, "transfer_seg.py"), *argv, "--eval-only"],
                             cwd=here, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
