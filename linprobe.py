@@ -141,6 +141,8 @@ def main(argv=None):
     probe = LinearProbe(encoder, num_classes, args.final_norm).to(device)
     if args.knn:
         knn(probe, train_set, val_set, num_classes, local_batch, device, args, log)
+        if world_size > 1:  # as after training: a process leaving with its group open can abort its peer
+            torch.distributed.destroy_process_group()
         return
     train_loader = utils.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device)
     val_loader = utils.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device)
