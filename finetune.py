@@ -281,8 +281,6 @@ def main(argv=None):
 
     utils.fit_classifier(model, ddp_model, loss_fn, train_loader, val_loader, optimizer, scaler, args, device, log,
                          train_images=len(train_set))
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -141,8 +141,6 @@ def main(argv=None):
     probe = LinearProbe(encoder, num_classes, args.final_norm).to(device)
     if args.knn:
         knn(probe, train_set, val_set, num_classes, local_batch, device, args, log)
-        if world_size > 1:  # as after training: a process leaving with its group open can abort its peer
-            torch.distributed.destroy_process_group()
         return
     train_loader = utils.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device)
     val_loader = utils.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device)
@@ -171,8 +169,6 @@ def main(argv=None):
     # the frozen encoder is saved with the head, so a checkpoint evaluates on its own
     utils.fit_classifier(probe, head, loss_fn, train_loader, val_loader, optimizer, scaler, args, device, log,
                          before_eval=share_statistics, fixed=utils.ARCH_FLAGS + ("final_norm",))
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -365,8 +365,6 @@ def main(argv=None):
         checkpointer.save(state(epoch + 1, 0), record)
         if rank == 0 and args.save_every and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
             utils.keep_copy(checkpointer.path, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

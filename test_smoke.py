@@ -1694,6 +1694,13 @@ def test_second_ctrl_c_and_bad_save_interval(tmp_path):
         utils.run_main(lambda: signal.raise_signal(signal.SIGINT))
 
 
+def test_run_main_closes_the_process_group(tmp_path):
+    """A stage that returns leaves no process group open: an open one can abort its peers at exit."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    utils.run_main(lambda: None)
+    assert not torch.distributed.is_initialized()
+
+
 def test_sigterm_saves_and_exits_for_requeue(tmp_path):
     """SIGTERM during a pretraining step: the step finishes, checkpoint-last.pth is written, one line says so,
     the exit status is 143; the same command resumes and ends with each epoch logged once."""

@@ -43,7 +43,8 @@ def fail(message):
 def run_main(main):
     """Run a stage's main(); data and configuration errors end in one line, not a traceback.
 
-    Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep its last line.
+    Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep its last line. After a
+    main() that returns, the process group is destroyed: a process leaving with its group open can abort its peers.
     """
     try:
         main()
@@ -52,6 +53,8 @@ def run_main(main):
     except (DataError, ValueError) as e:
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         fail(re.sub(r"^(\w+\.)*\w+Error: ", "", last))
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------
