@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils import flop_counter
 
+import data
 import models
 import pretrain
 import utils
@@ -167,7 +168,7 @@ def time_loader(args, local_batch, device):
     if args.data == "synthetic":  # enough images for the timed batches
         args.synthetic_size = max(args.synthetic_size, local_batch * (args.data_batches + 1))
     dataset = TimedItems(pretrain.build_dataset(args, pretrain.crop_transform(args.img_size, args.crop_min)))
-    loader = utils.make_loader(dataset, local_batch, train=True, num_workers=args.num_workers, seed=args.seed,
+    loader = data.make_loader(dataset, local_batch, train=True, num_workers=args.num_workers, seed=args.seed,
                                device=device, collate_fn=timed_collate)
     batches = min(args.data_batches + 1, len(loader))
     if batches < 2:

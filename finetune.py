@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+import data
 import models
 import utils
 
@@ -196,7 +197,7 @@ def batch_mixing(args, num_classes):
 
 def names_and_labels(dataset):
     """Basenames and labels of a training set; synthetic item i is named synthetic_{i}.png."""
-    if isinstance(dataset, utils.SyntheticImages):  # SyntheticImages labels item i with class i % num_classes
+    if isinstance(dataset, data.SyntheticImages):  # SyntheticImages labels item i with class i % num_classes
         return ([f"synthetic_{i}.png" for i in range(len(dataset))],
                 [i % dataset.num_classes for i in range(len(dataset))])
     return [os.path.basename(path) for path, _ in dataset.samples], list(dataset.targets)
@@ -247,15 +248,15 @@ def main(argv=None):
     utils.make_output_dir(args.output_dir)
     utils.set_seed(args.seed + rank)
 
-    train_set, val_set, num_classes = utils.classification_datasets(
-        args.data, args.img_size, train_transform(args), utils.eval_transform(args.img_size), args.num_classes,
+    train_set, val_set, num_classes = data.classification_datasets(
+        args.data, args.img_size, train_transform(args), data.eval_transform(args.img_size), args.num_classes,
         args.synthetic_size)
     indices = subset_indices(train_set, args.train_subset, args.label_fraction)
     if indices is not None:
         log(f"semi-supervised: {len(indices)} of {len(train_set)} training images")
         train_set = torch.utils.data.Subset(train_set, indices)
-    train_loader = utils.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device)
-    val_loader = utils.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device)
+    train_loader = data.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device)
+    val_loader = data.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device)
     mixing = batch_mixing(args, num_classes)
 
     encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch],

@@ -7,7 +7,6 @@ training instead: the weighted k-nearest-neighbour classifier of DINO (cosine si
     torchrun --nproc_per_node 8 linprobe.py --data /path/to/imagenet --pretrained CKPT    # official recipe
 """
 import argparse
-import os
 
 import torch
 import torch.nn as nn
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
 
+import data
 import models
 import utils
 
@@ -98,8 +98,8 @@ class LARS(torch.optim.Optimizer):
 
 def knn(probe, train_set, val_set, num_classes, batch_size, device, args, log):
     """k-NN evaluation of the probe's frozen features; one line per k and one JSON line in log.jsonl."""
-    loaders = [utils.make_loader(data, batch_size, False, args.num_workers, args.seed, device)
-               for data in (train_set, val_set)]
+    loaders = [data.make_loader(dataset, batch_size, False, args.num_workers, args.seed, device)
+               for dataset in (train_set, val_set)]
     results = utils.knn_evaluate(probe.features, *loaders, num_classes, device, args.amp, args.knn_k,
                                  args.knn_temperature)
     record = dict(knn=True, branch=args.branch, pretrained=args.pretrained, temperature=args.knn_temperature)
@@ -122,10 +122,10 @@ def main(argv=None):
 
     # torchvision's default bilinear resizing for training and evaluation, as the official probe
     train_transform = v2.Compose([v2.RandomResizedCrop(args.img_size), v2.RandomHorizontalFlip(), v2.PILToTensor()])
-    val_transform = utils.eval_transform(args.img_size, v2.InterpolationMode.BILINEAR)
+    val_transform = data.eval_transform(args.img_size, v2.InterpolationMode.BILINEAR)
     if args.knn:  # neighbours are looked up among the training images as evaluated
         train_transform = val_transform
-    train_set, val_set, num_classes = utils.classification_datasets(
+    train_set, val_set, num_classes = data.classification_datasets(
         args.data, args.img_size, train_transform, val_transform, args.num_classes, args.synthetic_size)
     if args.knn and min(args.knn_k) < 1:
         utils.fail(f"--knn-k must be at least 1, got {min(args.knn_k)}")
@@ -142,8 +142,8 @@ def main(argv=None):
     if args.knn:
         knn(probe, train_set, val_set, num_classes, local_batch, device, args, log)
         return
-    train_loader = utils.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device)
-    val_loader = utils.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device)
+    train_loader = data.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device)
+    val_loader = data.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device)
     head = probe.head  # the only trained (and DDP-wrapped) part
     if world_size > 1:
         if device.type == "cuda":  # SyncBatchNorm has no CPU kernel; on CPU each process keeps its own statistics

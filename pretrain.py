@@ -12,6 +12,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
 
+import data
 import models
 import utils
 
@@ -163,22 +164,23 @@ def check_args(args):
 
 def monitor_loaders(args, batch_size, device):
     """Evaluation loaders of the monitor's labelled train and val sets (capped per class), and its classes."""
-    transform = utils.eval_transform(args.img_size)
-    train, val, num_classes = utils.classification_datasets(args.monitor, args.img_size, transform, transform)
+    transform = data.eval_transform(args.img_size)
+    train, val, num_classes = data.classification_datasets(args.monitor, args.img_size, transform, transform)
     if args.monitor_per_class is not None:
-        train, val = (utils.cap_per_class(data, args.monitor_per_class) for data in (train, val))
+        train, val = (data.cap_per_class(dataset, args.monitor_per_class) for dataset in (train, val))
     if MONITOR_K > len(train):
         utils.fail(f"--monitor {args.monitor}: {len(train)} training images, fewer than the k = {MONITOR_K} "
                    f"neighbours of the k-NN monitor")
-    loaders = [utils.make_loader(data, batch_size, False, args.num_workers, args.seed, device) for data in (train, val)]
+    loaders = [data.make_loader(dataset, batch_size, False, args.num_workers, args.seed, device)
+               for dataset in (train, val)]
     return loaders, num_classes
 
 
 def build_dataset(args, transform):
     if args.data == "synthetic":
-        return utils.SyntheticImages(args.synthetic_size, args.img_size, transform=transform, seed=args.seed)
+        return data.SyntheticImages(args.synthetic_size, args.img_size, transform=transform, seed=args.seed)
     train = os.path.join(args.data, "train")
-    return utils.image_folder(train if os.path.isdir(train) else args.data, transform, utils.decode_rgb)
+    return data.image_folder(train if os.path.isdir(train) else args.data, transform, data.decode_rgb)
 
 
 def compile_model(learner, mode="default"):
@@ -275,7 +277,7 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
 
     dataset = build_dataset(args, crop_transform(args.img_size, args.crop_min))
-    loader = utils.make_loader(dataset, local_batch, train=True, num_workers=args.num_workers, seed=args.seed,
+    loader = data.make_loader(dataset, local_batch, train=True, num_workers=args.num_workers, seed=args.seed,
                                device=device)
     steps_per_epoch = len(loader) // args.accum_iter
     if steps_per_epoch == 0:

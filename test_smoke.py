@@ -23,6 +23,7 @@ from torchvision.ops import generalized_box_iou
 from torchvision.transforms import v2
 
 import bench
+import data
 import finetune
 import linprobe
 import models
@@ -531,7 +532,7 @@ def test_unreadable_image_is_named(tmp_path):
     folder = tmp_path / "train" / "class_a"
     folder.mkdir(parents=True)
     for i in range(16):
-        utils.SyntheticImages(1, 32)[0][0].save(folder / f"ok_{i}.png")
+        data.SyntheticImages(1, 32)[0][0].save(folder / f"ok_{i}.png")
     (folder / "broken.jpg").write_bytes(b"not an image")
     result = run_script("pretrain.py", *TINY, "--batch-size", "17", "--epochs", "1", "--data", str(tmp_path),
                         "--output-dir", str(tmp_path / "out"))
@@ -679,7 +680,7 @@ def test_finetune_pretrain_checkpoint_resized(eval_pretrained, tmp_path):
 
 
 def test_finetune_subsets(tmp_path):
-    dataset = utils.SyntheticImages(40, 8, num_classes=4)
+    dataset = data.SyntheticImages(40, 8, num_classes=4)
     half = finetune.subset_indices(dataset, None, 0.5)
     assert len(half) == 20
     assert [sum(i % 4 == c for i in half) for c in range(4)] == [5, 5, 5, 5]
@@ -875,11 +876,11 @@ def test_eval_transforms_and_probe_head(monkeypatch):
     evaluation and the timm RandAugment in training."""
     seen = {}
 
-    def capture(data, img_size, train_transform, val_transform, *rest):
+    def capture(root, img_size, train_transform, val_transform, *rest):
         seen["train"], seen["val"] = train_transform, val_transform
         raise EvalInterrupted
 
-    monkeypatch.setattr(utils, "classification_datasets", capture)
+    monkeypatch.setattr(data, "classification_datasets", capture)
     for script, mode in ((linprobe, "BILINEAR"), (finetune, "BICUBIC")):
         with pytest.raises(EvalInterrupted):
             script.main(eval_args("unused"))
@@ -898,7 +899,7 @@ def test_min_lr_floor(tmp_path):
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     cpu = torch.device("cpu")
-    loader = utils.make_loader(torch.utils.data.TensorDataset(torch.randn(4, 2), torch.randn(4, 1)), 1, True, 0, 0, cpu)
+    loader = data.make_loader(torch.utils.data.TensorDataset(torch.randn(4, 2), torch.randn(4, 1)), 1, True, 0, 0, cpu)
     loss_fn = lambda x, y: F.mse_loss(model(x), y)
     for min_lr in (0.25, None):
         args = argparse.Namespace(accum_iter=1, epochs=2, warmup_epochs=0, lr=1.0, amp="none", print_freq=100,
@@ -1779,8 +1780,8 @@ def test_pretrain_mid_epoch_resume_is_exact(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         pretrain.main(resumed)
     monkeypatch.setattr(utils, "save_checkpoint", save)
-    getitem, reads = utils.SyntheticImages.__getitem__, []
-    monkeypatch.setattr(utils.SyntheticImages, "__getitem__", lambda self, i: reads.append(i) or getitem(self, i))
+    getitem, reads = data.SyntheticImages.__getitem__, []
+    monkeypatch.setattr(data.SyntheticImages, "__getitem__", lambda self, i: reads.append(i) or getitem(self, i))
     pretrain.main(resumed)
     assert len(reads) == 2 * 16  # epoch 1, steps 1 and 2
     timing = ("time_s", "images_per_s")
@@ -1793,7 +1794,7 @@ def test_pretrain_mid_epoch_resume_is_exact(tmp_path, monkeypatch):
 def test_resumed_epoch_keeps_the_data_order_with_workers():
     """make_loader's sampler started part-way gives the rest of the same epoch's order, with workers too."""
     dataset = torch.utils.data.TensorDataset(torch.arange(40))
-    loader = utils.make_loader(dataset, 4, True, num_workers=2, seed=3, device=torch.device("cpu"))
+    loader = data.make_loader(dataset, 4, True, num_workers=2, seed=3, device=torch.device("cpu"))
     full = [batch[0].tolist() for batch in utils.epoch_batches(loader, 5)]
     assert [batch[0].tolist() for batch in utils.epoch_batches(loader, 5, skip_batches=3)] == full[3:]
     assert len(full) == 10 and full != [batch[0].tolist() for batch in utils.epoch_batches(loader, 6)]
@@ -1954,6 +1955,15 @@ def test_target_std():
     torch.manual_seed(0)
     assert models.target_std(torch.randn(4096, 64)).item() == pytest.approx(1.0, abs=0.02)  # spread: about 1
     assert models.target_std(torch.ones(64, 32) + 1e-4 * torch.randn(64, 32)).item() < 1e-3  # collapsed: 0
+
+
+def test_cap_per_class_reads_labels_only(monkeypatch):
+    """cap_per_class keeps the first items of each class of a synthetic set or a Subset of one, without
+    generating a single image."""
+    monkeypatch.setattr(data.SyntheticImages, "__getitem__", lambda self, i: pytest.fail("an image was generated"))
+    train, val, _ = data.classification_datasets("synthetic", 16, None, None, num_classes=3, synthetic_size=12)
+    assert data.cap_per_class(train, 2).indices == [0, 1, 2, 3, 4, 5]
+    assert data.cap_per_class(val, 1).indices == [0, 1, 2]  # val holds items 12, 13, 14: classes 0, 1, 2
 
 
 def test_monitor_logs_knn_and_target_std(tmp_path, capsys):

@@ -55,6 +55,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, generaliz
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.transforms import v2
 
+import data
 import models
 import utils
 
@@ -262,7 +263,7 @@ class CocoInstances(torch.utils.data.Dataset):
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         path = os.path.join(self.img_dir, info["file_name"])
-        img = utils.load_rgb(path)
+        img = data.load_rgb(path)
         if img.size != (info["width"], info["height"]):
             raise utils.DataError(f"image {path} is {img.size[0]}x{img.size[1]} but {self.ann_file} says "
                                   f"{info['width']}x{info['height']}")
@@ -498,7 +499,7 @@ def evaluate(detector, loader, coco_gt, cat_ids, device, amp):
         with utils.autocast(device, amp):
             outputs = detector([img.to(device, non_blocking=True) for img in images])
         results += coco_results(outputs, [t["image_id"] for t in targets], cat_ids)
-    if dist.is_available() and dist.is_initialized():
+    if utils.distributed():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, results)
         results = [r for part in gathered for r in part]
@@ -527,12 +528,12 @@ def main(argv=None):
         utils.fail(f"data folder {root} does not exist")
     lsj_size = round(1024 * args.img_size / 800) if args.lsj else None
     val_set = CocoInstances(root, "val", False, v2.ToDtype(torch.float32, scale=True), log=log)
-    val_loader = utils.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device, collate_lists)
+    val_loader = data.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device, collate_lists)
     log(f"{len(val_set)} validation images, {len(val_set.cat_ids)} categories")
     if not args.eval_only:
         train_set = CocoInstances(root, "train", True, train_transform(lsj_size, args.img_size), val_set.cat_ids,
                                  log)
-        train_loader = utils.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device,
+        train_loader = data.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device,
                                          collate_lists)
         log(f"{len(train_set)} training images")
         if len(train_loader) < args.accum_iter:

@@ -46,6 +46,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+import data
 import models
 import utils
 
@@ -223,7 +224,7 @@ class ADE20K(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image_path, path = self.samples[index]
-        img, annotation = utils.load_rgb(image_path), load_annotation(path)
+        img, annotation = data.load_rgb(image_path), load_annotation(path)
         if annotation.shape != (img.height, img.width):
             raise utils.DataError(f"annotation {path} is {annotation.shape[1]}x{annotation.shape[0]} but its "
                                   f"image {image_path} is {img.width}x{img.height}")
@@ -477,8 +478,8 @@ def main(argv=None):
         utils.fail(f"--eval-only needs {checkpointer.path}")
 
     train_set, val_set = build_datasets(args)
-    train_loader = utils.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device)
-    val_loader = utils.make_loader(val_set, 1, False, args.num_workers, args.seed, device)
+    train_loader = data.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device)
+    val_loader = data.make_loader(val_set, 1, False, args.num_workers, args.seed, device)
     if len(train_loader) == 0:
         utils.fail(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
 

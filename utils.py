@@ -1,8 +1,8 @@
 """Plumbing shared by the stage scripts: errors, distributed set-up, precision, schedules, optimizer
-groups, checkpoints, logs and datasets. Model code lives in models.py."""
+groups, checkpoints, logs, device-side normalisation and the training and evaluation loops. Model code lives in
+models.py, datasets and loaders in data.py."""
 import argparse
 import copy
-import itertools
 import json
 import math
 import os
@@ -18,11 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
-from torchvision import datasets
-from torchvision.io import ImageReadMode, decode_image
 from torch.nn.parallel import DistributedDataParallel
-from torchvision.transforms import v2
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -53,7 +49,7 @@ def run_main(main):
     except (DataError, ValueError) as e:
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         fail(re.sub(r"^(\w+\.)*\w+Error: ", "", last))
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.destroy_process_group()
 
 
@@ -165,13 +161,23 @@ def init_distributed(device):
     return rank, world_size, device
 
 
+def distributed():
+    """Whether this process is one of a torch.distributed process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_world():
+    """(rank, world size) of this process: (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+
+
 def is_main():
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return rank_world()[0] == 0
 
 
 def all_reduce_sum(tensor):
     """Sum a tensor over processes in place (no-op in one process) and return it."""
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.all_reduce(tensor)
     return tensor
 
@@ -434,7 +440,7 @@ class Checkpointer:
         if threading.current_thread() is threading.main_thread():
             for name in STOP_SIGNALS:
                 signal.signal(getattr(signal, name), self.on_signal)
-        many = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        many = rank_world()[1] > 1
         self.group = dist.new_group(backend="gloo") if many else None  # flags travel on the CPU
 
     def on_signal(self, signum, frame):
@@ -549,55 +555,7 @@ class Meter:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data
-
-
-def load_rgb(path):
-    """Open an image as RGB; an unreadable file raises DataError naming it."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except Exception as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
-
-
-def decode_rgb(path):
-    """An image file as a uint8 RGB tensor (3, H, W): torchvision.io for JPEG, PNG, WebP and GIF (about 15% less
-    CPU than PIL for a JPEG, and no copy from PIL), else load_rgb; an unreadable file raises DataError naming it."""
-    try:
-        return decode_image(path, mode=ImageReadMode.RGB)
-    except RuntimeError:
-        return v2.functional.pil_to_tensor(load_rgb(path))
-
-
-def image_folder(root, transform, loader=load_rgb):
-    """ImageFolder with a one-line error for a missing or empty folder; loader: load_rgb (PIL) or decode_rgb."""
-    if not os.path.isdir(root):
-        fail(f"data folder {root} does not exist")
-    try:
-        return datasets.ImageFolder(root, transform=transform, loader=loader)
-    except FileNotFoundError:
-        fail(f"no images found in {root} (expected {root}/<class>/<image>)")
-
-
-class SyntheticImages(torch.utils.data.Dataset):
-    """A small random labelled image set, the same for every run: each image is its class's colour plus
-    noise, so there is something to learn. Items are PIL images, so real transforms apply."""
-
-    def __init__(self, size, img_size, num_classes=10, transform=None, seed=0):
-        self.size, self.img_size, self.num_classes = size, img_size, num_classes
-        self.transform, self.seed = transform, seed
-        self.colours = np.random.default_rng(seed).integers(0, 256, (num_classes, 3))
-
-    def __len__(self):
-        return self.size
-
-    def __getitem__(self, index):
-        label = index % self.num_classes
-        rng = np.random.default_rng((self.seed, index))
-        noise = rng.normal(0, 40, (self.img_size, self.img_size, 3))
-        img = Image.fromarray(np.clip(self.colours[label] + noise, 0, 255).astype(np.uint8))
-        return (self.transform(img) if self.transform else img), label
+# Batches on the device
 
 
 def normalize(images):
@@ -615,56 +573,6 @@ def to_device(batch, device):
     images, targets = batch
     images = images.to(device, non_blocking=True)
     return normalize(images) if images.dtype == torch.uint8 else images, targets.to(device, non_blocking=True)
-
-
-def eval_transform(img_size, interpolation=v2.InterpolationMode.BICUBIC):
-    """Resize(256/224 of the crop) + CenterCrop, the ImageNet evaluation protocol: bicubic as timm's fine-tuning
-    pipeline, bilinear (torchvision's default) for the official linear probe; uint8 (3, H, W) for to_device."""
-    return v2.Compose([v2.Resize(int(img_size * 256 / 224), interpolation=interpolation),
-                       v2.CenterCrop(img_size), v2.PILToTensor()])
-
-
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler whose epoch can start part-way: set_epoch(epoch, skip) leaves out this process's first
-    `skip` indices of that epoch's order, so a run resumed mid-epoch reads (and decodes) none of the images it
-    has trained on and then sees the rest in the same order. len() stays the whole epoch's."""
-    skip = 0
-
-    def set_epoch(self, epoch, skip=0):
-        super().set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
-
-
-def ignore_stop_signals(worker_id):
-    """DataLoader workers leave SIGTERM, SIGUSR1 and SIGINT (sent to every process of a job, or of a terminal's
-    foreground group) to the main process, which stops at a step boundary and shuts them down."""
-    for name in STOP_SIGNALS:
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
-
-
-def make_loader(dataset, batch_size, train, num_workers, seed, device, collate_fn=None):
-    """Per-process DataLoader.
-
-    train: a shuffling ResumableSampler that drops the last partial batch (also in one process, so the order
-    depends only on seed and epoch: start each epoch with epoch_batches()).
-    Otherwise every process takes the indices rank, rank + world, ...: each item is seen exactly once
-    over all processes, with no padding, so evaluation sums are exact.
-    """
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
-    if train:
-        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    else:
-        sampler = range(rank, len(dataset), world)
-    # its own generator for the workers' seeds: starting an epoch draws nothing from the seeded global RNG
-    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed % 2**64, rank]).generate_state(1)[0]))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
-                                       num_workers=num_workers, pin_memory=device.type == "cuda",
-                                       persistent_workers=num_workers > 0, collate_fn=collate_fn,
-                                       worker_init_fn=ignore_stop_signals, generator=generator)
 
 
 def epoch_batches(loader, epoch, skip_batches=0):
@@ -710,7 +618,7 @@ def train_one_epoch(loss_fn, model, loader, optimizer, scaler, epoch, args, devi
     args.epochs, scaled by each group's lr_scale. Before each step, checkpointer.boundary may save
     state_fn(step). Uses args.accum_iter, epochs, warmup_epochs, lr, min_lr, amp, print_freq, batch_size, seed.
     """
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank = rank_world()[0]
     steps = len(loader) // args.accum_iter
     if steps == 0:
         fail(f"{len(loader.sampler)} training images per process make no full step of --batch-size "
@@ -737,44 +645,6 @@ def train_one_epoch(loss_fn, model, loader, optimizer, scaler, epoch, args, devi
     if not math.isfinite(loss_sum):
         fail(f"training loss is {loss_sum / count} in epoch {epoch}; stopping")
     return loss_sum / count, lr
-
-
-def classification_datasets(data, img_size, train_transform, val_transform, num_classes=None, synthetic_size=256):
-    """(train set, val set, number of classes).
-
-    data "synthetic": SyntheticImages items 0..synthetic_size-1 for training and the next synthetic_size // 4
-    (at least 1) of the same set for validation, num_classes default 10. Otherwise ImageFolder
-    DATA/train and DATA/val, which must hold the same classes.
-    """
-    if data == "synthetic":
-        if synthetic_size < 1:
-            fail(f"--synthetic-size must be positive, got {synthetic_size}")
-        num_classes = num_classes or 10
-        num_val = max(1, synthetic_size // 4)
-        train = SyntheticImages(synthetic_size, img_size, num_classes, train_transform)
-        val = torch.utils.data.Subset(SyntheticImages(synthetic_size + num_val, img_size, num_classes, val_transform),
-                                      range(synthetic_size, synthetic_size + num_val))
-        return train, val, num_classes
-    if not os.path.isdir(data):
-        fail(f"data folder {data} does not exist")
-    train = image_folder(os.path.join(data, "train"), train_transform)
-    val = image_folder(os.path.join(data, "val"), val_transform)
-    if train.classes != val.classes:
-        fail(f"{data}/train and {data}/val hold different classes ({len(train.classes)} vs {len(val.classes)})")
-    if num_classes not in (None, len(train.classes)):
-        fail(f"--num-classes {num_classes} but {data}/train holds {len(train.classes)} classes")
-    return train, val, len(train.classes)
-
-
-def cap_per_class(dataset, per_class):
-    """The first per_class items of each class of an ImageFolder or a labelled synthetic set, as a Subset."""
-    labels = dataset.targets if hasattr(dataset, "targets") else [dataset[i][1] for i in range(len(dataset))]
-    seen, keep = {}, []
-    for index, label in enumerate(labels):
-        seen[label] = seen.get(label, 0) + 1
-        if seen[label] <= per_class:
-            keep.append(index)
-    return torch.utils.data.Subset(dataset, keep)
 
 
 def accuracy_counts(logits, targets):
@@ -851,7 +721,7 @@ def fit_classifier(model, trained, loss_fn, train_loader, val_loader, optimizer,
 
 def all_gather_rows(x):
     """Concatenate the (n_r, ...) tensors of all processes along dim 0, in rank order (n_r may differ)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if rank_world()[1] == 1:
         return x
     sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))

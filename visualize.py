@@ -25,6 +25,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import to_pil_image
 from torchvision.utils import make_grid
 
+import data
 import models
 import utils
 
@@ -67,12 +68,12 @@ def load_images(args):
     view = v2.Compose([v2.Resize(args.img_size, interpolation=v2.InterpolationMode.BICUBIC),
                        v2.CenterCrop(args.img_size), v2.PILToTensor()])
     if args.data == "synthetic":
-        images = utils.SyntheticImages(args.synthetic_size, args.img_size)
+        images = data.SyntheticImages(args.synthetic_size, args.img_size)
         return [(f"synthetic_{i}", view(images[i][0])) for i in range(len(images))]
     names = [os.path.splitext(os.path.basename(path))[0] for path in args.images]
     if len(set(names)) < len(names):
         utils.fail("two images have the same name; their pictures would overwrite each other")
-    return [(name, view(utils.load_rgb(path))) for name, path in zip(names, args.images)]
+    return [(name, view(data.load_rgb(path))) for name, path in zip(names, args.images)]
 
 
 def patch_attention(attention, grid):
