@@ -225,6 +225,30 @@ def test_load_encoder_resizes_and_names_mismatch(official):
         models.load_encoder(wrong, official["checkpoint"], "online")
 
 
+def test_pretrained_url_downloads_once_into_torch_hub_cache(official_file, tmp_path, monkeypatch):
+    """--pretrained file://... (as https://...): the file lands in torch.hub's cache under TORCH_HOME, loads the
+    same weights as the file itself, is read from the cache once the source is gone, and a failed download ends
+    in one line with nothing left in the cache."""
+    fixture, path = official_file
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    source = tmp_path / "server" / "extrema_tiny.pth"
+    source.parent.mkdir()
+    source.write_bytes(open(path, "rb").read())
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "extrema_tiny.pth"
+    expected = fixture_encoder(fixture, "online").state_dict()
+    for attempt in range(2):  # the second time from the cache alone
+        encoder = models.VisionTransformer(img_size=32, patch_size=8, **models.ARCHS["vit_fixture"])
+        logs = []
+        utils.load_pretrained_encoder(encoder, source.as_uri(), "online", log=logs.append)
+        assert cached.is_file() and logs == [f"loaded the online encoder from {source.as_uri()}"]
+        assert all(torch.equal(v, expected[k]) for k, v in encoder.state_dict().items())
+        source.unlink(missing_ok=True)
+    with pytest.raises(SystemExit, match=r"^error: cannot download file://.*missing\.pth: .*No such file") as e:
+        utils.load_checkpoint((tmp_path / "missing.pth").as_uri())
+    assert "\n" not in str(e.value)
+    assert sorted(os.listdir(cached.parent)) == ["extrema_tiny.pth"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Pretraining
 
