@@ -941,10 +941,10 @@ FIDELITY_STAGES = {"pretraining": pretrain, "linear probe": linprobe, "fine-tuni
 
 
 def test_fidelity_table_matches_defaults():
-    """Every `--flag value` in the "ours" column of the README's fidelity table is that stage's default (a
-    `--flag` alone: True; `--flag PLACEHOLDER`: no default), and the table has a row for each stage."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        section = f.read().split("\n## Fidelity")[1].split("\n## ")[0]
+    """Every `--flag value` in the "ours" column of the fidelity table (docs/FIDELITY.md) is that stage's default
+    (a `--flag` alone: True; `--flag PLACEHOLDER`: no default), and the table has a row for each stage."""
+    with open(os.path.join(ROOT, "docs", "FIDELITY.md")) as f:
+        section = f.read().split("\n## The table")[1].split("\n## ")[0]
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
             if line.startswith("| ") and not line.startswith("| stage |")]
     assert {"pretraining", "linear probe", "fine-tuning", "1% / 10% labels", "ADE20K", "COCO"} <= {r[0] for r in rows}
@@ -2182,3 +2182,46 @@ def test_predictor_lr_scale(tmp_path):
     assert lrs[1.0] > 0 and lrs[10.0] == pytest.approx(10 * lrs[1.0])
     with pytest.raises(SystemExit, match="predictor-lr-scale 10"):
         pretrain.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path), "--predictor-lr-scale", "5"])
+
+
+# ====================================================================================================
+# Documentation
+
+DOC_PAGES = ["README.md"] + sorted(os.path.join("docs", name) for name in os.listdir(os.path.join(ROOT, "docs"))
+                                   if name.endswith(".md"))
+OFFICIAL_NAME = "extrema_mask08x5_color_1k_300ep.pth"  # the checkpoint the examples name
+
+
+def doc_text(page):
+    with open(os.path.join(ROOT, page)) as f:
+        return f.read()
+
+
+def test_documentation_python_examples_run(tmp_path, monkeypatch):
+    """Every ```python block of README.md and docs/*.md runs as written, at tiny sizes: "vit_base" becomes the
+    fixture's widths, and the official checkpoint is a stand-in of those widths, in torch.hub's cache (as if
+    downloaded) and in the working folder, beside the timm export that the README's command writes."""
+    blocks = [(page, code) for page in DOC_PAGES
+              for code in re.findall(r"^```python\n(.*?)^```", doc_text(page), re.S | re.M)]
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    standin = {"model": models.ExtreMA(**models.ARCHS["vit_fixture"]).state_dict()}
+    for folder in (tmp_path / "torch" / "hub" / "checkpoints", tmp_path):
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(standin, folder / OFFICIAL_NAME)
+    visualize.main(["--pretrained", OFFICIAL_NAME, "--arch", "vit_fixture", "--branch", "online",
+                    "--export-timm", "output/vit_base_timm.pth"])
+    for page, code in blocks:
+        namespace = {"__name__": "__example__"}
+        exec(compile(code.replace('"vit_base"', '"vit_fixture"'), f"<{page} example>", "exec"), namespace)
+        assert all(torch.isfinite(v).all() for v in namespace.values() if isinstance(v, torch.Tensor)), page
+
+
+def test_documentation_links_and_length():
+    """The README stays at most 300 lines, and every relative link of README.md and docs/*.md names a file."""
+    assert doc_text("README.md").count("\n") <= 300
+    for page in DOC_PAGES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc_text(page)):
+            if not re.match(r"[a-z]+://", target):
+                assert os.path.exists(os.path.join(ROOT, os.path.dirname(page), target)), (page, target)
