@@ -788,15 +788,19 @@ def test_random_init_is_logged(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("script", ["linprobe"])  # finetune passes too (add it; +20 s on 2 cores)
-def test_torchrun_two_processes_exact_evaluation(official_file, tmp_path, script):
+def test_torchrun_two_processes_exact_evaluation(official_file, tmp_path, monkeypatch, script):
     """Under DDP (2 CPU processes, gloo) a validation set of 3 images is counted exactly: the same top-1,
-    top-5 and loss as one process evaluating the saved checkpoint."""
-    args = eval_args(tmp_path, "--pretrained", official_file[1], "--synthetic-size", "12")
+    top-5 and loss as one process evaluating the saved checkpoint. --pretrained is a file:// URL: the first
+    process downloads it into torch.hub's cache while the other waits."""
+    url = "file://" + os.path.abspath(official_file[1])
+    args = eval_args(tmp_path, "--pretrained", url, "--synthetic-size", "12")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--standalone", f"{script}.py", *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert os.listdir(tmp_path / "torch" / "hub" / "checkpoints") == [os.path.basename(official_file[1])]
     distributed = read_log(tmp_path)[-1]
     EVAL_SCRIPTS[script].main(args + ["--eval-only"])
     single = read_log(tmp_path)[-1]
