@@ -225,6 +225,30 @@ def test_load_encoder_resizes_and_names_mismatch(official):
         models.load_encoder(wrong, official["checkpoint"], "online")
 
 
+def test_pretrained_url_downloads_once_into_torch_hub_cache(official_file, tmp_path, monkeypatch):
+    """--pretrained file://... (as https://...): the file lands in torch.hub's cache under TORCH_HOME, loads the
+    same weights as the file itself, is read from the cache once the source is gone, and a failed download ends
+    in one line with nothing left in the cache."""
+    fixture, path = official_file
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    source = tmp_path / "server" / "extrema_tiny.pth"
+    source.parent.mkdir()
+    source.write_bytes(open(path, "rb").read())
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "extrema_tiny.pth"
+    expected = fixture_encoder(fixture, "online").state_dict()
+    for attempt in range(2):  # the second time from the cache alone
+        encoder = models.VisionTransformer(img_size=32, patch_size=8, **models.ARCHS["vit_fixture"])
+        logs = []
+        utils.load_pretrained_encoder(encoder, source.as_uri(), "online", log=logs.append)
+        assert cached.is_file() and logs == [f"loaded the online encoder from {source.as_uri()}"]
+        assert all(torch.equal(v, expected[k]) for k, v in encoder.state_dict().items())
+        source.unlink(missing_ok=True)
+    with pytest.raises(SystemExit, match=r"^error: cannot download file://.*missing\.pth: .*No such file") as e:
+        utils.load_checkpoint((tmp_path / "missing.pth").as_uri())
+    assert "\n" not in str(e.value)
+    assert sorted(os.listdir(cached.parent)) == ["extrema_tiny.pth"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Pretraining
 
@@ -764,15 +788,19 @@ def test_random_init_is_logged(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("script", ["linprobe"])  # finetune passes too (add it; +20 s on 2 cores)
-def test_torchrun_two_processes_exact_evaluation(official_file, tmp_path, script):
+def test_torchrun_two_processes_exact_evaluation(official_file, tmp_path, monkeypatch, script):
     """Under DDP (2 CPU processes, gloo) a validation set of 3 images is counted exactly: the same top-1,
-    top-5 and loss as one process evaluating the saved checkpoint."""
-    args = eval_args(tmp_path, "--pretrained", official_file[1], "--synthetic-size", "12")
+    top-5 and loss as one process evaluating the saved checkpoint. --pretrained is a file:// URL: the first
+    process downloads it into torch.hub's cache while the other waits."""
+    url = "file://" + os.path.abspath(official_file[1])
+    args = eval_args(tmp_path, "--pretrained", url, "--synthetic-size", "12")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--standalone", f"{script}.py", *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert os.listdir(tmp_path / "torch" / "hub" / "checkpoints") == [os.path.basename(official_file[1])]
     distributed = read_log(tmp_path)[-1]
     EVAL_SCRIPTS[script].main(args + ["--eval-only"])
     single = read_log(tmp_path)[-1]
@@ -917,10 +945,10 @@ FIDELITY_STAGES = {"pretraining": pretrain, "linear probe": linprobe, "fine-tuni
 
 
 def test_fidelity_table_matches_defaults():
-    """Every `--flag value` in the "ours" column of the README's fidelity table is that stage's default (a
-    `--flag` alone: True; `--flag PLACEHOLDER`: no default), and the table has a row for each stage."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        section = f.read().split("\n## Fidelity")[1].split("\n## ")[0]
+    """Every `--flag value` in the "ours" column of the fidelity table (docs/FIDELITY.md) is that stage's default
+    (a `--flag` alone: True; `--flag PLACEHOLDER`: no default), and the table has a row for each stage."""
+    with open(os.path.join(ROOT, "docs", "FIDELITY.md")) as f:
+        section = f.read().split("\n## The table")[1].split("\n## ")[0]
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
             if line.startswith("| ") and not line.startswith("| stage |")]
     assert {"pretraining", "linear probe", "fine-tuning", "1% / 10% labels", "ADE20K", "COCO"} <= {r[0] for r in rows}
@@ -2158,3 +2186,46 @@ def test_predictor_lr_scale(tmp_path):
     assert lrs[1.0] > 0 and lrs[10.0] == pytest.approx(10 * lrs[1.0])
     with pytest.raises(SystemExit, match="predictor-lr-scale 10"):
         pretrain.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path), "--predictor-lr-scale", "5"])
+
+
+# ====================================================================================================
+# Documentation
+
+DOC_PAGES = ["README.md"] + sorted(os.path.join("docs", name) for name in os.listdir(os.path.join(ROOT, "docs"))
+                                   if name.endswith(".md"))
+OFFICIAL_NAME = "extrema_mask08x5_color_1k_300ep.pth"  # the checkpoint the examples name
+
+
+def doc_text(page):
+    with open(os.path.join(ROOT, page)) as f:
+        return f.read()
+
+
+def test_documentation_python_examples_run(tmp_path, monkeypatch):
+    """Every ```python block of README.md and docs/*.md runs as written, at tiny sizes: "vit_base" becomes the
+    fixture's widths, and the official checkpoint is a stand-in of those widths, in torch.hub's cache (as if
+    downloaded) and in the working folder, beside the timm export that the README's command writes."""
+    blocks = [(page, code) for page in DOC_PAGES
+              for code in re.findall(r"^```python\n(.*?)^```", doc_text(page), re.S | re.M)]
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    standin = {"model": models.ExtreMA(**models.ARCHS["vit_fixture"]).state_dict()}
+    for folder in (tmp_path / "torch" / "hub" / "checkpoints", tmp_path):
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(standin, folder / OFFICIAL_NAME)
+    visualize.main(["--pretrained", OFFICIAL_NAME, "--arch", "vit_fixture", "--branch", "online",
+                    "--export-timm", "output/vit_base_timm.pth"])
+    for page, code in blocks:
+        namespace = {"__name__": "__example__"}
+        exec(compile(code.replace('"vit_base"', '"vit_fixture"'), f"<{page} example>", "exec"), namespace)
+        assert all(torch.isfinite(v).all() for v in namespace.values() if isinstance(v, torch.Tensor)), page
+
+
+def test_documentation_links_and_length():
+    """The README stays at most 300 lines, and every relative link of README.md and docs/*.md names a file."""
+    assert doc_text("README.md").count("\n") <= 300
+    for page in DOC_PAGES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc_text(page)):
+            if not re.match(r"[a-z]+://", target):
+                assert os.path.exists(os.path.join(ROOT, os.path.dirname(page), target)), (page, target)

@@ -12,6 +12,7 @@ import shutil
 import signal
 import threading
 import time
+import urllib.parse
 from contextlib import nullcontext, suppress
 
 import numpy as np
@@ -86,7 +87,8 @@ def add_encoder_args(parser, img_size, branch=None, img_help=None):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     if branch is not None:
         p.add_argument("--pretrained", default=None,
-                       help="pretrain.py or official ExtreMA checkpoint (none: random initialisation)")
+                       help="pretrain.py or official ExtreMA checkpoint: a file, or an http(s):// or file:// URL "
+                            "downloaded once into torch.hub's cache (none: random initialisation)")
         p.add_argument("--branch", choices=["online", "momentum"], default=branch,
                        help="the encoder of a pretraining checkpoint to use")
 
@@ -321,8 +323,35 @@ def save_checkpoint(state, path):
         fail(f"cannot write {path}: {cause.strerror if cause is not None and cause.strerror else e}{kept}")
 
 
+def download_once(url):
+    """The local copy of an http(s):// or file:// checkpoint in torch.hub's cache (<TORCH_HOME>/hub/checkpoints,
+    where torch.hub.load_state_dict_from_url keeps its files), downloaded on first use only; a failed download
+    ends in one line and leaves no partial file. Under torchrun the first process of each node downloads while
+    the others wait at a barrier."""
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    if not name:
+        fail(f"--pretrained {url} names no file")
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if distributed() and not first_on_node:
+        dist.barrier()
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        print(f"downloading {url} to {path}")
+        try:
+            torch.hub.download_url_to_file(url, path, progress=is_main())
+        except Exception as e:  # URLError, HTTPError, OSError: no network, a wrong address, a full disk
+            fail(f"cannot download {url}: {' '.join(str(e).split())}")
+    if distributed() and first_on_node:
+        dist.barrier()
+    return path
+
+
 def load_checkpoint(path):
-    """torch.load on CPU with a one-line error for a missing or unreadable file."""
+    """torch.load on CPU with a one-line error for a missing or unreadable file; an http(s):// or file:// URL is
+    read from torch.hub's cache, downloaded there the first time (download_once)."""
+    if re.match(r"(https?|file)://", path):
+        path = download_once(path)
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist")
     try:
