@@ -1447,6 +1447,29 @@ def test_seg_rel_pos_bias_heads_and_defaults():
     assert attn.relative_position_bias_table.grad.abs().sum() > 0  # trained
 
 
+def test_seg_head_init_as_mmcv_convmodule():
+    """Every UperNet and FCN conv is Kaiming-normal with the fan-out for ReLU, as mmcv's ConvModule initialises
+    it (std sqrt(2 / (out * k * k)), PyTorch's default would be 1 / sqrt(3 * in * k * k)); the two classifiers
+    are normal(0, 0.01) with bias 0, as mmseg's decode heads."""
+    args = transfer_seg.get_args(["--arch", "vit_fixture", "--img-size", "32", "--patch-size", "8",
+                                  "--decoder-channels", "32"])
+    torch.manual_seed(0)
+    model = transfer_seg.build_model(args, log=lambda *a: None)
+    classifiers = [model.decode_head.classifier[1], model.aux_head[1][1]]
+    convs = [m for head in (model.decode_head, model.aux_head) for m in head.modules()
+             if isinstance(m, nn.Conv2d) and all(m is not c for c in classifiers)]
+    assert len(convs) == 4 + 1 + 3 + 3 + 1 + 1  # ppm, ppm bottleneck, laterals, fpn convs, fpn bottleneck, aux
+    for conv in convs:
+        out_channels, in_channels, k, _ = conv.weight.shape
+        assert conv.bias is None
+        assert conv.weight.std().item() == pytest.approx((2 / (out_channels * k * k)) ** 0.5, rel=0.1)
+        assert abs(conv.weight.mean().item()) < 0.1 * (2 / (out_channels * k * k)) ** 0.5
+    for conv in classifiers:
+        assert conv.weight.std().item() == pytest.approx(0.01, rel=0.15) and not conv.bias.any()
+    norms = [m for m in model.aux_head.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(n.weight.eq(1).all() and not n.bias.any() for n in norms)
+
+
 def test_det_reference_heads_and_losses(det_small_heads):
     assert transfer_det.get_args([]).lr == pytest.approx(1.5e-4)
     assert transfer_det.get_args(["--batch-size", "32"]).lr == pytest.approx(3e-4)
