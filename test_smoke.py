@@ -1506,6 +1506,47 @@ def test_det_reference_heads_and_losses(det_small_heads):
     assert heads.box_predictor.bbox_pred.weight.grad.abs().sum() > 0
 
 
+def test_det_matcher_and_box_decoding_as_mmdet(det_small_heads):
+    """mmdetection's MaxIoUAssigner and delta2bbox, which torchvision's Matcher and BoxCoder differ from at the
+    boundaries: a low-quality match needs IoU >= min_pos_iou (0.3 in the RPN, 0.5 in the RoI heads), and takes the
+    prediction even from its own best box, a later box winning; dw, dh are clamped at -log(1000/16) too."""
+    backbone = nn.Identity()
+    backbone.out_channels = 8
+    detector = transfer_det.mask_rcnn(backbone, 4, transform=None)
+    rpn, heads = detector.rpn, detector.roi_heads
+    assert [(m.high_threshold, m.low_threshold, m.min_pos_iou) for m in (rpn.proposal_matcher,
+                                                                          heads.proposal_matcher)] == [
+        (0.7, 0.3, 0.3), (0.5, 0.5, 0.5)]
+    assert isinstance(rpn.box_coder, transfer_det.ClampedBoxCoder) and rpn.box_coder.weights == (1.0,) * 4
+    assert isinstance(heads.box_coder, transfer_det.ClampedBoxCoder) and heads.box_coder.weights == (10, 10, 5, 5)
+
+    iou = torch.tensor([[0.29, 0.1, 0.0, 0.0, 0.0, 0.0],  # box 0: best 0.29 < 0.3, no match
+                        [0.0, 0.3, 0.3, 0.0, 0.0, 0.1],  # box 1: best 0.3 (tied): both taken
+                        [0.0, 0.0, 0.0, 0.8, 0.5, 0.0],  # box 2: prediction 3 is positive with it (0.8) ...
+                        [0.0, 0.0, 0.0, 0.75, 0.2, 0.0]])  # ... box 3 takes it (its best, 0.75); 4: ignored (0.5)
+    assert rpn.proposal_matcher(iou.clone()).tolist() == [-1, 1, 1, 3, -2, -1]
+    assert transfer_det.Matcher(0.7, 0.3, allow_low_quality_matches=True)(iou.clone()).tolist() == [0, 1, 1, 2, -2, -1]
+    assert heads.proposal_matcher(iou.clone()).tolist() == [-1, -1, -1, 3, 2, -1]  # at 0.5: 0.3 is negative
+    assert rpn.proposal_matcher(torch.tensor([[0.0, 0.0]])).tolist() == [-1, -1]  # torchvision: [0, 0]
+
+    limit = math.log(1000 / 16)
+    anchors = torch.tensor([[10.0, 20.0, 42.0, 84.0]])  # 32 x 64
+    for coder, (ww, wh) in ((rpn.box_coder, (1, 1)), (heads.box_coder, (5, 5))):
+        for dw, dh in ((-limit - 0.01, limit + 0.01), (-limit + 0.01, -limit - 5), (-20.0, 0.5)):
+            box = coder.decode_single(torch.tensor([[0.0, 0.0, dw * ww, dh * wh]]), anchors)[0]
+            width, height = (box[2] - box[0]).item(), (box[3] - box[1]).item()
+            assert width == pytest.approx(32 * math.exp(min(max(dw, -limit), limit)), rel=1e-5)
+            assert height == pytest.approx(64 * math.exp(min(max(dh, -limit), limit)), rel=1e-5)
+            assert (box[:2] + box[2:]).tolist() == pytest.approx([52.0, 104.0], abs=1e-3)  # same centre
+    plain = transfer_det.BoxCoder((1.0,) * 4).decode_single(torch.tensor([[0.0, 0.0, -10.0, 0.0]]), anchors)[0]
+    assert (plain[2] - plain[0]).item() == pytest.approx(32 * math.exp(-10), rel=1e-2)  # torchvision: no floor
+    two_classes = heads.box_coder.decode_single(torch.tensor([[0.0, 0.0, -50.0, 0.0, 0.0, 0.0, 0.0, -50.0]]), anchors)
+    assert two_classes.shape == (1, 8)  # per class: dw of class 0 and dh of class 1 at the floor, 16/1000
+    assert (two_classes[0, 2] - two_classes[0, 0]).item() == pytest.approx(0.512, rel=1e-5)
+    assert (two_classes[0, 7] - two_classes[0, 5]).item() == pytest.approx(1.024, rel=1e-5)
+    assert heads.box_coder.decode_single(torch.zeros(0, 20), torch.zeros(0, 4)).shape == (0, 20)
+
+
 def test_det_detr_branch_crops_and_resizes():
     crop = transfer_det.RandomSizeCrop(384, 600)
     image = tv_tensors.Image(torch.zeros(3, 500, 700, dtype=torch.uint8))
