@@ -17,6 +17,7 @@ from collections import defaultdict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -79,8 +80,9 @@ class MeanPoolClassifier(nn.Module):
 
 
 class RandAugment:
-    """timm's RandAugment "rand-m9-mstd0.5-inc1" (the official fine-tuning's --aa), on PIL images through
-    torchvision.transforms.v2.functional, whose PIL kernels make the PIL calls that timm makes.
+    """timm's RandAugment "rand-m9-mstd0.5-inc1" (the official fine-tuning's --aa) on PIL images: the same PIL
+    calls with the same arguments as timm, so the same pixels, through torchvision.transforms.v2.functional
+    where its PIL kernel makes timm's call, and through PIL's affine transform for shear and translation.
 
     Each image gets `num_ops` ops drawn uniformly, with replacement, from timm's "increasing" set. Each is
     applied with probability `prob`, at a magnitude drawn for that application from N(magnitude,
@@ -121,19 +123,30 @@ class RandAugment:
         return ops
 
     def apply(self, image, name, magnitude):
-        """Op `name` at `magnitude` on a PIL image (signed ops take a random sign)."""
+        """Op `name` at `magnitude` on a PIL image; the signed ops negate their argument with probability 0.5."""
         v = self.level(name, magnitude)
         if name not in self.UNSIGNED and torch.rand(()).item() < 0.5:
             v = -v
+        return self.apply_level(image, name, v)
+
+    def apply_level(self, image, name, v):
+        """Op `name` with timm's (signed) argument `v` on a PIL image."""
         width, height = image.size
-        geometric = dict(interpolation=v2.InterpolationMode.BICUBIC, fill=list(self.MEAN_PIXEL))
-        # PIL's affine maps output (x, y) to input (x + v * y, y) for ShearX, as timm: a shear of atan(v)
-        # about the top-left corner; TranslateXRel reads input (x + v * width, y), a shift of -v * width
+
+        def affine(*coefficients):
+            # PIL reads output pixel (x, y) from input (a x + b y + c, d x + e y + f), for (a, b, c, d, e, f) the
+            # coefficients timm passes: ShearX (1, v, 0, 0, 1, 0) is a shear about the top-left corner,
+            # TranslateXRel (1, 0, v * width, 0, 1, 0) a shift by -v * width. TF.affine would invert a matrix
+            # built from angles, whose coefficients differ in the last bit and move some pixels across an edge.
+            return image.transform(image.size, Image.Transform.AFFINE, coefficients, Image.Resampling.BICUBIC,
+                                   fillcolor=self.MEAN_PIXEL)
+
         ops = {
             "AutoContrast": lambda: TF.autocontrast(image),
             "Equalize": lambda: TF.equalize(image),
             "Invert": lambda: TF.invert(image),
-            "Rotate": lambda: TF.rotate(image, v, **geometric),
+            "Rotate": lambda: TF.rotate(image, v, interpolation=v2.InterpolationMode.BICUBIC,
+                                        fill=list(self.MEAN_PIXEL)),
             # 0 bits (magnitude 10) keeps nothing: black, as the PIL of the official runs (current PIL refuses 0)
             "PosterizeIncreasing": lambda: TF.posterize(image, v) if v > 0 else image.point(lambda i: 0),
             "SolarizeIncreasing": lambda: TF.solarize(image, v),
@@ -142,12 +155,10 @@ class RandAugment:
             "ContrastIncreasing": lambda: TF.adjust_contrast(image, max(0.1, 1 + v)),
             "BrightnessIncreasing": lambda: TF.adjust_brightness(image, max(0.1, 1 + v)),
             "SharpnessIncreasing": lambda: TF.adjust_sharpness(image, max(0.1, 1 + v)),
-            "ShearX": lambda: TF.affine(image, 0.0, [0.0, 0.0], 1.0, [math.degrees(math.atan(v)), 0.0],
-                                       center=[0.0, 0.0], **geometric),
-            "ShearY": lambda: TF.affine(image, 0.0, [0.0, 0.0], 1.0, [0.0, math.degrees(math.atan(v))],
-                                       center=[0.0, 0.0], **geometric),
-            "TranslateXRel": lambda: TF.affine(image, 0.0, [-v * width, 0.0], 1.0, [0.0, 0.0], **geometric),
-            "TranslateYRel": lambda: TF.affine(image, 0.0, [0.0, -v * height], 1.0, [0.0, 0.0], **geometric),
+            "ShearX": lambda: affine(1, v, 0, 0, 1, 0),
+            "ShearY": lambda: affine(1, 0, 0, v, 1, 0),
+            "TranslateXRel": lambda: affine(1, 0, v * width, 0, 1, 0),
+            "TranslateYRel": lambda: affine(1, 0, 0, 0, 1, v * height),
         }
         return ops[name]()
 

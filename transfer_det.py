@@ -44,6 +44,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision import tv_tensors
+from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -67,6 +68,8 @@ RPN_SETTINGS = dict(fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=2
                     nms_thresh=0.7)
 ROI_SETTINGS = dict(fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=512, positive_fraction=0.25,
                     bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5, detections_per_img=100)
+# The reference assigners (MaxIoUAssigner, match_low_quality=True) take a low-quality match only at IoU >= min_pos_iou
+MIN_POS_IOU = dict(rpn=0.3, roi=0.5)
 HEAD_CHANNELS = dict(box_conv=256, box_fc=1024, mask=256)  # 4conv1fc box head; mask head of 4 convs + deconv
 GIOU_WEIGHT = 10.0
 
@@ -346,6 +349,36 @@ def scales(img_size):
     return tuple(sorted({round(s * img_size / 800) for s in range(480, 801, 32)})), round(1333 * img_size / 800)
 
 
+class ClampedBoxCoder(BoxCoder):
+    """torchvision's BoxCoder with the decoded log-scales dw, dh clamped to [-log(1000/16), log(1000/16)], as
+    mmdetection's delta2bbox (torchvision clamps them from above only): a decoded side is at most 1000/16 times
+    longer or shorter than its anchor's or proposal's."""
+
+    def decode_single(self, rel_codes, boxes):  # rel_codes (N, 4K): weights x (dx, dy, dw, dh) per class
+        limit_w, limit_h = (self.bbox_xform_clip * weight for weight in self.weights[2:])
+        floor = rel_codes.new_tensor([-math.inf, -math.inf, -limit_w, -limit_h]).repeat(rel_codes.shape[-1] // 4)
+        return super().decode_single(torch.maximum(rel_codes, floor), boxes)
+
+
+class MaxIoUMatcher(Matcher):
+    """mmdetection's MaxIoUAssigner (match_low_quality=True, gt_max_assign_all=True) on torchvision's Matcher:
+    a prediction is positive at IoU >= high_threshold with its best box, negative below low_threshold, ignored
+    in between; then, in box order, each ground-truth box whose best IoU is at least min_pos_iou takes every
+    prediction at that IoU, even from the prediction's best box (a later box wins a prediction two boxes share).
+    torchvision's low-quality matches have no minimum and give such a prediction its best box."""
+
+    def __init__(self, high_threshold, low_threshold, min_pos_iou):
+        super().__init__(high_threshold, low_threshold, allow_low_quality_matches=True)
+        self.min_pos_iou = min_pos_iou
+
+    def set_low_quality_matches_(self, matches, all_matches, match_quality_matrix):  # IoU (G, P)
+        best = match_quality_matrix.max(dim=1, keepdim=True).values  # (G, 1)
+        takes = (match_quality_matrix == best) & (best >= self.min_pos_iou)  # (G, P)
+        order = torch.arange(1, len(takes) + 1, device=takes.device)[:, None]  # (G, 1)
+        last = (takes * order).max(dim=0).values  # (P,): 1 + the last box that takes each prediction; 0: none
+        matches[last > 0] = last[last > 0] - 1
+
+
 class L1RegionProposalNetwork(RegionProposalNetwork):
     """torchvision's RPN with the reference's L1 box loss (mmdetection L1Loss) instead of smooth-L1 (beta 1/9);
     both are summed over the positive anchors and divided by the sampled anchors."""
@@ -398,7 +431,8 @@ def box_predictor(in_channels, num_classes):
 def mask_rcnn(backbone, num_classes, transform):
     """Mask R-CNN of the reference config on backbone (its FPN levels '0'..'3', 'pool'); classes with background.
     Anchors 32..512 (one size per level) x ratios 0.5, 1, 2; RoIAlign 7 (boxes) and 14 (masks) with adaptive
-    sampling; box head 4 x (3x3 conv, BatchNorm, ReLU) + fc 1024 (its fc Xavier-initialised as mmdetection)."""
+    sampling; box head 4 x (3x3 conv, BatchNorm, ReLU) + fc 1024 (its fc Xavier-initialised as mmdetection);
+    mmdetection's matching (low-quality matches at IoU >= MIN_POS_IOU) and box decoding in the RPN and RoI heads."""
     channels, levels = backbone.out_channels, ["0", "1", "2", "3"]
     anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
     rpn = L1RegionProposalNetwork(anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]), **RPN_SETTINGS)
@@ -414,6 +448,10 @@ def mask_rcnn(backbone, num_classes, transform):
                              mask_roi_pool=MultiScaleRoIAlign(levels, 14, sampling_ratio=0),
                              mask_head=MaskRCNNHeads(channels, [mask] * 4, 1),
                              mask_predictor=MaskRCNNPredictor(mask, mask, num_classes))
+    for stage, min_pos_iou in ((rpn, MIN_POS_IOU["rpn"]), (roi_heads, MIN_POS_IOU["roi"])):  # mmdet's assigner, coder
+        matcher = stage.proposal_matcher
+        stage.proposal_matcher = MaxIoUMatcher(matcher.high_threshold, matcher.low_threshold, min_pos_iou)
+        stage.box_coder = ClampedBoxCoder(stage.box_coder.weights)
     return GeneralizedRCNN(backbone, rpn, roi_heads, transform)
 
 

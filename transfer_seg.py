@@ -271,8 +271,11 @@ def build_datasets(args):
 
 
 def conv_bn_relu(in_channels, out_channels, kernel_size):
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+    """mmcv's ConvModule with BatchNorm and ReLU: the conv Kaiming-normal for ReLU with the fan-out (std
+    sqrt(2 / (out_channels * k * k))), as ConvModule re-initialises it, no bias; BatchNorm 1 and 0."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 def classifier(channels, num_classes):
