@@ -594,8 +594,11 @@ class Reporter:
             if start_step > 0 and os.path.exists(id_path):
                 with open(id_path) as f:
                     run_id = f.read().strip()
-            self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_name, id=run_id, resume="allow",
-                                    config=vars(args), dir=os.environ.get("WANDB_DIR", args.output_dir))
+            try:
+                self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_name, id=run_id, resume="allow",
+                                        config=vars(args), dir=os.environ.get("WANDB_DIR", args.output_dir))
+            except wandb.errors.Error as e:  # not logged in, no network: one line
+                fail(f"--report-to wandb: {str(e).strip().splitlines()[-1]} (WANDB_MODE=offline logs offline)")
             with open(id_path, "w") as f:
                 f.write(self.wandb.id + "\n")
 
