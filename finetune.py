@@ -53,6 +53,8 @@ def get_args(argv=None):
     p.add_argument("--mixup", type=float, default=0.8, help="MixUp alpha; 0: off")
     p.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha; 0: off")
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    p.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
+                   help="clip the gradients' total norm to NORM (default: no clipping, as the official recipe)")
     return utils.parse_args(p, argv)
 
 

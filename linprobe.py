@@ -97,7 +97,8 @@ class LARS(torch.optim.Optimizer):
 
 
 def knn(probe, train_set, val_set, num_classes, batch_size, device, args, log):
-    """k-NN evaluation of the probe's frozen features; one line per k and one JSON line in log.jsonl."""
+    """k-NN evaluation of the probe's frozen features; one line per k, one JSON line in log.jsonl and, with
+    --report-to, eval/k{k}_acc1 and eval/k{k}_acc5 at step 0."""
     loaders = [data.make_loader(dataset, batch_size, False, args.num_workers, args.seed, device)
                for dataset in (train_set, val_set)]
     results = utils.knn_evaluate(probe.features, *loaders, num_classes, device, args.amp, args.knn_k,
@@ -108,6 +109,9 @@ def knn(probe, train_set, val_set, num_classes, batch_size, device, args, log):
             f"({len(train_set)} training / {len(val_set)} validation images)")
         record.update({f"k{k}_acc1": acc1, f"k{k}_acc5": acc5})
     utils.log_json(args.output_dir, record)
+    reporter = utils.Reporter(args)
+    reporter.scalars(0, {f"eval/{key}": value for key, value in record.items() if key.endswith(("_acc1", "_acc5"))})
+    reporter.close()
 
 
 def main(argv=None):

@@ -43,6 +43,8 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="InfoNCE temperature")
     p.add_argument("--predictor-lr-scale", type=float, default=1.0, help="predictor lr = lr x this")
     p.add_argument("--ema", type=float, default=0.996, help="initial momentum, cosine to 1")
+    p.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
+                   help="clip the gradients' total norm to NORM (default: no clipping, as the official recipe)")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile the forward of the model, in torch.compile's MODE (default: default)")
@@ -245,11 +247,13 @@ def step_updates(args, learner, optimizer, device, amp):
     return GraphedUpdates(learner, optimizer)
 
 
-def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, color_aug=True, keeps=None):
+def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, color_aug=True, keeps=None,
+               clip_grad=None):
     """One ExtreMA optimizer step over accum-iter micro-batches of uint8 crops (b, 3, H, W) on the device, each
     coloured into its two views here (two_views); masks drawn unless `keeps` gives one (M, b, K) tensor per
-    micro-batch; optimizer may be GraphedUpdates, which also does the momentum update. Returns the mean loss
-    and the mean target_std of the micro-batches, as device tensors (no host synchronisation)."""
+    micro-batch; optimizer may be GraphedUpdates, which also does the momentum update; gradients clipped to the
+    norm clip_grad (None: not clipped). Returns the mean loss and the mean target_std of the micro-batches and the
+    gradient norm before clipping, as device tensors (no host synchronisation)."""
     learner = model.module if isinstance(model, DDP) else model
     utils.set_lr(optimizer, lr)
     # as the official code: the EMA step precedes the forward
@@ -262,8 +266,9 @@ def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, color
         spreads.append(models.target_std(k))
         return loss
 
-    loss = utils.accumulate_step(model, optimizer, scaler, batches, loss_fn, micro_batches[0].device, amp)
-    return loss, sum(spreads) / len(spreads)
+    loss, grad_norm = utils.accumulate_step(model, optimizer, scaler, batches, loss_fn, micro_batches[0].device, amp,
+                                            clip_grad)
+    return loss, sum(spreads) / len(spreads), grad_norm
 
 
 def main(argv=None):
@@ -314,11 +319,14 @@ def main(argv=None):
         return utils.knn_evaluate(lambda images: encoder.forward_features(images)[1], *monitor, monitor_classes,
                                   device, amp, (MONITOR_K,), MONITOR_TEMPERATURE)[MONITOR_K][0]
 
+    reporter = utils.Reporter(args, start_epoch * steps_per_epoch + start_step)
     knn_init = None  # the monitor's value at initialisation, the baseline that knn_acc1 has to beat
     if args.monitor is not None:
         knn_init = monitor_knn() if checkpoint is None else checkpoint.get("knn_acc1_init")  # None: began unmonitored
         if knn_init is not None:
             log(f"monitor: {MONITOR_K}-NN acc1 {knn_init:.2f} at initialisation")
+        if checkpoint is None:
+            reporter.scalars(0, {"monitor/knn_acc1": knn_init})
 
     def state(epoch, step):
         return utils.epoch_state(learner, optimizer, scaler, args, epoch, step, knn_acc1_init=knn_init)
@@ -327,7 +335,7 @@ def main(argv=None):
         first = start_step if epoch == start_epoch else 0  # steps done before a mid-epoch resume
         learner.train()
         batches = utils.epoch_batches(loader, epoch, first * args.accum_iter)
-        sums = checkpointer.partial_sums(torch.zeros(2, device=device))  # loss, target_std
+        sums = checkpointer.partial_sums(torch.zeros(4, device=device))  # loss, target_std, finite grad norms, count
         meter = utils.Meter(steps_per_epoch - first)
         for step in range(first, steps_per_epoch):
             checkpointer.boundary(lambda: state(epoch, step), sums, f"epoch {epoch} step {step}/{steps_per_epoch}")
@@ -336,22 +344,30 @@ def main(argv=None):
             micro_batches = [next(batches)[0].to(device, non_blocking=True) for _ in range(args.accum_iter)]
             lr = utils.cosine_schedule(it, total_steps, warmup_steps, base_lr)
             momentum = models.momentum_at(it / steps_per_epoch, args.epochs, args.ema)
-            loss, spread = train_step(model, updates, scaler, micro_batches, lr, momentum, amp, args.color_aug)
-            sums += torch.stack([loss.detach(), spread])
+            loss, spread, grad_norm = train_step(model, updates, scaler, micro_batches, lr, momentum, amp,
+                                                 args.color_aug, clip_grad=args.clip_grad)
+            sums += torch.cat([torch.stack([loss.detach(), spread]), utils.finite_and_count(grad_norm)])
             if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
-                value = loss.item()
+                value, std, norm = torch.stack([loss.float(), spread.float(), grad_norm.float()]).tolist()
                 if not math.isfinite(value):
                     utils.fail(f"non-finite loss {value} at epoch {epoch} step {step}; "
                                f"the last good checkpoint is kept")
                 log(f"epoch {epoch} step {step + 1}/{steps_per_epoch} loss {value:.4f} lr {lr:.3e} "
-                    f"m {momentum:.5f} {meter.line(step + 1 - first, (step + 1 - first) * args.batch_size)}")
+                    f"m {momentum:.5f} grad_norm {norm:.3f} "
+                    f"{meter.line(step + 1 - first, (step + 1 - first) * args.batch_size)}")
+                reporter.scalars(it + 1, {
+                    "train/loss": value, "train/lr": lr, "train/momentum": momentum, "train/grad_norm": norm,
+                    "train/loss_scale": scaler.get_scale() if amp == "fp16" else None, "train/target_std": std,
+                    "train/images_per_s": meter.rate((step + 1 - first) * args.batch_size)})
 
-        epoch_loss, epoch_std = (utils.all_reduce_sum(sums) / (steps_per_epoch * world_size)).tolist()
+        totals = utils.all_reduce_sum(sums).tolist()
+        epoch_loss, epoch_std = (total / (steps_per_epoch * world_size) for total in totals[:2])
+        grad_norm = totals[2] / totals[3] if totals[3] else None  # the mean of the steps not skipped (fp16)
         if not math.isfinite(epoch_loss):
             utils.fail(f"non-finite loss at epoch {epoch}; the last good checkpoint is kept")
         elapsed = time.time() - meter.start
         record = {"epoch": epoch, "train_loss": epoch_loss, "target_std": epoch_std, "lr": lr, "momentum": momentum,
-                  "time_s": round(elapsed, 2),
+                  "grad_norm": grad_norm, "time_s": round(elapsed, 2),
                   "images_per_s": round((steps_per_epoch - first) * args.batch_size / elapsed, 1)}
         if epoch_std < COLLAPSE_STD:
             log(f"warning: target_std {epoch_std:.3f} < {COLLAPSE_STD} in epoch {epoch}: the target representation "
@@ -365,8 +381,12 @@ def main(argv=None):
             + (f" {MONITOR_K}-NN acc1 {record['knn_acc1']:.2f}" if "knn_acc1" in record else "")
             + (f" (at initialisation {knn_init:.2f})" if "knn_acc1_init" in record else ""))
         checkpointer.save(state(epoch + 1, 0), record)
+        reporter.scalars((epoch + 1) * steps_per_epoch, {"epoch/loss": epoch_loss, "epoch/target_std": epoch_std,
+                                                         "epoch/grad_norm": grad_norm,
+                                                         "monitor/knn_acc1": record.get("knn_acc1")})
         if rank == 0 and args.save_every and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
             utils.keep_copy(checkpointer.path, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+    reporter.close()
 
 
 if __name__ == "__main__":

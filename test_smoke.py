@@ -311,7 +311,7 @@ def test_gradient_accumulation_matches_full_batch():
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the update is lr * gradient: comparable
         scaler = utils.grad_scaler(torch.device("cpu"), "none")
         for _ in range(2):
-            loss, spread = pretrain.train_step(model, optimizer, scaler, batches, 1.0, 0.99, "none", False, keeps)
+            loss, spread, _ = pretrain.train_step(model, optimizer, scaler, batches, 1.0, 0.99, "none", False, keeps)
             assert 0 < spread.item() < 1.5
         assert torch.isfinite(loss)
     for (name, a), b in zip(full.state_dict().items(), accum.state_dict().values()):
@@ -946,8 +946,8 @@ def test_min_lr_floor(tmp_path):
         args = argparse.Namespace(accum_iter=1, epochs=2, warmup_epochs=0, lr=1.0, amp="none", print_freq=100,
                                   batch_size=1, seed=0, output_dir=str(tmp_path), save_interval=0,
                                   **({} if min_lr is None else {"min_lr": min_lr}))
-        _, lr = utils.train_one_epoch(loss_fn, model, loader, optimizer, utils.grad_scaler(cpu, "none"), 1, args, cpu,
-                                      utils.Checkpointer(args), lambda step: {}, log=lambda *a: None)
+        _, lr, _ = utils.train_one_epoch(loss_fn, model, loader, optimizer, utils.grad_scaler(cpu, "none"), 1, args,
+                                         cpu, utils.Checkpointer(args), lambda step: {}, log=lambda *a: None)
         floor = min_lr or 0.0
         assert lr == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
         assert optimizer.param_groups[0]["lr"] == lr
@@ -2306,3 +2306,187 @@ def test_documentation_links_and_length():
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc_text(page)):
             if not re.match(r"[a-z]+://", target):
                 assert os.path.exists(os.path.join(ROOT, os.path.dirname(page), target)), (page, target)
+
+
+# Watching a run: TensorBoard and W&B curves, the gradient norm, --clip-grad, visualize --curves (issue 27)
+
+
+def event_scalars(folder):
+    """{tag: [(step, value), ...]} of the TensorBoard event files in folder, read by TensorBoard's own reader
+    (which hides what a restarted writer purged)."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = event_accumulator.EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_pretrain_tags_and_steps_continue_after_resume(tmp_path, monkeypatch):
+    """Killed mid-epoch one step after its last checkpoint, then resumed: every tag has one point per print step
+    or epoch, numbered by optimizer steps across the restart (what the killed run wrote past the checkpoint is
+    hidden); the logged gradient norm is the one clip_grad_norm_ returned (before clipping to --clip-grad)."""
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    command = TINY + ["--arch", "vit_fixture", "--synthetic-size", "48", "--epochs", "2", "--print-freq", "2",
+                      "--output-dir", str(out), "--report-to", "tensorboard", "--clip-grad", "1e-3",
+                      "--monitor", "synthetic", "--monitor-per-class", "3", "--save-interval", "1e-9"]
+    clip, norms = torch.nn.utils.clip_grad_norm_, []
+
+    def recorded_clip(params, max_norm, *a, **k):
+        norms.append((max_norm, clip(params, max_norm, *a, **k)))
+        return norms[-1][1]
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recorded_clip)
+    save = utils.save_checkpoint
+
+    def die_before_saving(state, path):  # the checkpoint after 4 steps is on disk, step 5 was logged
+        if (state["epoch"], state["step"]) == (0, 2):
+            raise KeyboardInterrupt
+        save(state, path)
+
+    monkeypatch.setattr(utils, "save_checkpoint", die_before_saving)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(command)
+    assert [step for step, _ in event_scalars(out / "tensorboard")["train/loss"]] == [2, 3, 5]
+    monkeypatch.setattr(utils, "save_checkpoint", save)
+    pretrain.main(command)  # resumes after step 4 (3 steps per epoch)
+    scalars, records = event_scalars(out / "tensorboard"), read_log(out)
+    assert set(scalars) == {"train/loss", "train/lr", "train/momentum", "train/grad_norm", "train/target_std",
+                            "train/images_per_s", "epoch/loss", "epoch/target_std", "epoch/grad_norm",
+                            "monitor/knn_acc1"}  # no train/loss_scale without fp16
+    for tag in ("train/loss", "train/lr", "train/momentum", "train/grad_norm", "train/target_std"):
+        assert [step for step, _ in scalars[tag]] == [2, 3, 5, 6], tag
+    assert scalars["epoch/loss"] == [(3, pytest.approx(records[0]["train_loss"])),
+                                     (6, pytest.approx(records[1]["train_loss"]))]
+    assert [v for _, v in scalars["epoch/grad_norm"]] == pytest.approx([r["grad_norm"] for r in records])
+    assert scalars["monitor/knn_acc1"] == [(0, pytest.approx(records[0]["knn_acc1_init"])),
+                                           (3, pytest.approx(records[0]["knn_acc1"])),
+                                           (6, pytest.approx(records[1]["knn_acc1"]))]
+    assert all(max_norm == 1e-3 for max_norm, _ in norms) and len(norms) == 5 + 2  # steps 1-5, then 5-6 again
+    before = [norm.item() for _, norm in norms[:4] + norms[5:]]  # the norms of steps 1-4, 5, 6 as finally run
+    assert [v for _, v in scalars["train/grad_norm"]] == pytest.approx([before[i] for i in (1, 2, 4, 5)])
+    assert min(before) > 1e-2  # far above the clip: the logged norm is the one before clipping
+    assert records[1]["grad_norm"] == pytest.approx(sum(before[3:]) / 3)
+    fp16 = tmp_path / "fp16"
+    pretrain.main(TINY + ["--arch", "vit_fixture", "--synthetic-size", "16", "--epochs", "1", "--amp", "fp16",
+                          "--output-dir", str(fp16), "--report-to", "tensorboard"])
+    assert [step for step, _ in event_scalars(fp16 / "tensorboard")["train/loss_scale"]] == [1]
+
+
+@pytest.mark.parametrize("stage", ["finetune", "det"])
+def test_tensorboard_training_and_evaluation_tags_of_the_stages(tmp_path, det_small_heads, stage):
+    """Fine-tuning (linear probing shares its loop) and detection write their loss, lr and gradient norm at print
+    steps and their metrics at each evaluation, against the optimizer step; fine-tuning takes --clip-grad."""
+    pytest.importorskip("tensorboard")
+    extra = ["--report-to", "tensorboard"] + (["--clip-grad", "1.0"] if stage == "finetune" else [])
+    stage_runs(tmp_path, det_small_heads)[stage](tmp_path, *extra)
+    scalars, records = event_scalars(tmp_path / "tensorboard"), read_log(tmp_path)
+    for tag in ("train/loss", "train/lr", "train/grad_norm"):
+        assert [step for step, _ in scalars[tag]] == ([2, 4] if stage == "finetune" else [1, 2, 3, 4]), tag
+    metric = "eval/acc1" if stage == "finetune" else "eval/segm_AP"
+    assert scalars[metric] == [(2, pytest.approx(records[0][metric[5:]])), (4, pytest.approx(records[1][metric[5:]]))]
+    assert [step for step, _ in scalars["epoch/loss"]] == [2, 4]
+    if stage == "finetune":
+        assert {"eval/acc5", "eval/loss"} <= set(scalars) and all(r["grad_norm"] > 0 for r in records)
+
+
+def test_wandb_offline_run_resumes_its_id_and_knn_reports(tmp_path, monkeypatch, pretrained):
+    """W&B offline leaves its run folder; the resumed run continues the same run id. Segmentation writes its
+    metrics to both writers; linprobe --knn writes its accuracies."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("tensorboard")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    (tmp_path / "wandb_dir").mkdir()
+    out = tmp_path / "seg"
+    command = SEG_TINY + ["--batch-size", "4", "--eval-every", "2", "--output-dir", str(out),
+                          "--report-to", "tensorboard,wandb", "--wandb-name", "tiny-seg"]
+    transfer_seg.main(command + ["--iters", "2"])
+    run_id = (out / "wandb-run-id").read_text().strip()
+    transfer_seg.main(command + ["--iters", "4"])  # resumed
+    assert (out / "wandb-run-id").read_text().strip() == run_id
+    runs = sorted((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all((run / f"run-{run_id}.wandb").stat().st_size > 0 for run in runs)
+    scalars = event_scalars(out / "tensorboard")
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert [v for _, v in scalars["eval/mIoU"]] == pytest.approx([r["mIoU"] for r in read_log(out)])
+    knn_out = tmp_path / "knn"
+    linprobe.main(eval_args(knn_out, "--arch", "vit_tiny", "--pretrained", str(pretrained), "--synthetic-size", "30",
+                            "--knn", "--knn-k", "20", "--report-to", "tensorboard"))
+    assert event_scalars(knn_out / "tensorboard")["eval/k20_acc1"] == [(0, pytest.approx(read_log(knn_out)[0]["k20_acc1"]))]
+
+
+@pytest.mark.parametrize("amp", ["none", "fp16"])
+def test_clip_grad_bounds_the_update_and_returns_the_norm_before(amp):
+    """accumulate_step over two micro-batches: the returned norm is the total norm of the (unscaled, under fp16)
+    gradients, computed here by hand; with SGD at lr 1 the update is the gradient clipped to the norm 0.5."""
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    x, y = torch.randn(6, 8), torch.randn(6, 4)
+    loss_fn = lambda a, b: 10 * F.mse_loss(model(a).float(), b)
+    with utils.autocast(cpu, amp):
+        (loss_fn(x[:3], y[:3]) / 2 + loss_fn(x[3:], y[3:]) / 2).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = torch.cat([g.flatten() for g in grads]).norm().item()
+    model.zero_grad()
+    assert norm > 1
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=amp == "fp16")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    _, returned = utils.accumulate_step(model, optimizer, scaler, [(x[:3], y[:3]), (x[3:], y[3:])], loss_fn, cpu, amp,
+                                        clip_grad=0.5)
+    assert returned.item() == pytest.approx(norm, rel=1e-3)
+    updates = [b - p.detach() for b, p in zip(before, model.parameters())]
+    assert torch.cat([u.flatten() for u in updates]).norm().item() == pytest.approx(0.5, rel=1e-4)
+    for update, grad in zip(updates, grads):
+        torch.testing.assert_close(update, grad * 0.5 / norm, rtol=1e-3, atol=1e-6)
+
+
+def test_report_to_without_its_package_and_bad_values_are_one_line(tmp_path, monkeypatch):
+    """A missing tensorboard, wandb or matplotlib stops the run in one line naming the package, before anything is
+    built or written; so do a --report-to or --clip-grad that no run can use."""
+    tiny = TINY + ["--output-dir", str(tmp_path / "out")]
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` now fails as if not installed
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    for target in ("tensorboard", "wandb"):
+        assert stage_error("pretrain", tiny + ["--report-to", target]) == \
+               f"error: --report-to {target} needs the {target} package: pip install {target}"
+    assert stage_error("transfer_seg", SEG_TINY + ["--output-dir", str(tmp_path / "out"), "--report-to",
+                                                   "wandb,tensorboard"]) == \
+           "error: --report-to wandb needs the wandb package: pip install wandb"
+    assert stage_error("pretrain", tiny + ["--report-to", "tensorbord"]) == \
+           "error: --report-to takes none, tensorboard, wandb or tensorboard,wandb, got 'tensorbord'"
+    assert stage_error("finetune", eval_args(tmp_path / "out", "--clip-grad", "0")) == \
+           "error: --clip-grad must be positive, got 0.0"
+    assert not os.path.exists(tmp_path / "out")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    (tmp_path / "log.jsonl").write_text('{"epoch": 0, "train_loss": 1.0}\n')
+    with pytest.raises(SystemExit) as error:
+        utils.run_main(lambda: visualize.main(["--curves", str(tmp_path / "log.jsonl")]))
+    assert str(error.value) == "error: --curves needs the matplotlib package: pip install matplotlib"
+
+
+def test_curves_of_two_logs(tmp_path):
+    """visualize.py --curves: one 1000 x 700 PNG with a colour per run (matplotlib's first two); a log's folder
+    stands for it; missing logs and lines that are not JSON are one-line errors."""
+    pytest.importorskip("matplotlib")
+    for name, knn in (("run_a", True), ("run_b", False)):
+        (tmp_path / name).mkdir()
+        records = [{"epoch": e, "train_loss": 2 - e / 10, "target_std": 0.5 + e / 50, "lr": 1e-4 * e,
+                    **({"knn_acc1": 20.0 + e, "knn_acc1_init": 15.0} if knn else {})} for e in range(5)]
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records)
+                                                    + '{"epoch": 4, "eval_only": true}\n\n')
+    output = tmp_path / "pictures" / "curves.png"
+    visualize.main(["--curves", str(tmp_path / "run_a" / "log.jsonl"), str(tmp_path / "run_b"),
+                    "--output", str(output)])
+    with Image.open(output) as picture:
+        assert picture.size == (1000, 700)
+        pixels = {tuple(p) for p in np.asarray(picture.convert("RGB")).reshape(-1, 3)}
+    assert {(0x1f, 0x77, 0xb4), (0xff, 0x7f, 0x0e)} <= pixels  # C0 and C1: both runs are drawn
+    with pytest.raises(SystemExit, match=r"^error: log .*run_c.* does not exist$"):
+        visualize.main(["--curves", str(tmp_path / "run_c")])
+    (tmp_path / "run_a" / "log.jsonl").write_text('{"epoch": 0}\nnot json\n')
+    with pytest.raises(SystemExit, match=r"^error: .*log.jsonl line 2 is not JSON$"):
+        visualize.main(["--curves", str(tmp_path / "run_a")])

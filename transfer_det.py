@@ -611,7 +611,7 @@ def main(argv=None):
     def state(epoch, step):
         return utils.epoch_state(detector, optimizer, scaler, args, epoch, step)
 
-    stats = {}
+    stats, reporter = {}, utils.Reporter(args, start_epoch * steps_per_epoch + start_step)
     for epoch in range(start_epoch, args.epochs):
         first = start_step if epoch == start_epoch else 0  # steps done before a mid-epoch resume
         model.train()
@@ -624,7 +624,7 @@ def main(argv=None):
             lr = lr_at(epoch * steps_per_epoch + step, epoch, args)
             utils.set_lr(optimizer, lr)
             micro_batches = [to_device(*next(batches), device) for _ in range(args.accum_iter)]
-            loss = utils.accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, amp)
+            loss, grad_norm = utils.accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, amp)
             loss_sum += torch.stack([loss.float(), torch.ones((), device=device)])
             if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
                 terms = "  ".join(f"{k} {v.item():.4f}" for k, v in parts.items())
@@ -632,14 +632,19 @@ def main(argv=None):
                     utils.fail(f"loss is {loss.item()} at epoch {epoch} step {step} ({terms}); stopping")
                 log(f"epoch {epoch} [{step + 1}/{steps_per_epoch}] loss {loss.item():.4f}  {terms}  lr {lr:.3g}  "
                     f"{meter.line(step + 1 - first, (step + 1 - first) * args.batch_size)}")
+                reporter.scalars(epoch * steps_per_epoch + step + 1,
+                                 {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm})
         utils.all_reduce_sum(loss_sum)
         stats = {"epoch": epoch, "train_loss": (loss_sum[0] / loss_sum[1]).item(), "lr": lr}
         if not math.isfinite(stats["train_loss"]):
             utils.fail(f"training loss is {stats['train_loss']} in epoch {epoch}; stopping")
         stats.update(evaluate(detector, val_loader, val_set.coco, val_set.cat_ids, device, amp))
         checkpointer.save(state(epoch + 1, 0), stats)
+        reporter.scalars((epoch + 1) * steps_per_epoch, {"epoch/loss": stats["train_loss"], **{
+            f"eval/{k}": v for k, v in stats.items() if k.startswith(("bbox_", "segm_"))}})
         log(f"epoch {epoch}: train loss {stats['train_loss']:.4f}  box AP {stats.get('bbox_AP', 0):.3f}  "
             f"mask AP {stats.get('segm_AP', 0):.3f}")
+    reporter.close()
     if world > 1:
         dist.barrier()
     return stats

@@ -519,6 +519,7 @@ def main(argv=None):
 
     it, metrics = start_iter, None
     meter = utils.Meter(args.iters - start_iter)
+    reporter = utils.Reporter(args, start_iter)
     while it < args.iters:  # blocks of --eval-every iterations, each one's data stream fixed by its start
         block_start = it // args.eval_every * args.eval_every
         block_end = min(block_start + args.eval_every, args.iters)
@@ -532,7 +533,7 @@ def main(argv=None):
             utils.set_lr(optimizer, lr)
             micro_batches = [[t.to(device, non_blocking=True) for t in next(batches)]  # (b, 3, c, c), (b, c, c)
                              for _ in range(args.accum_iter)]
-            loss = utils.accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, amp)
+            loss, grad_norm = utils.accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, amp)
             losses += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device)])
             if (it + 1) % args.print_freq == 0 or it + 1 == block_end:
                 step_loss = loss.item()
@@ -541,6 +542,7 @@ def main(argv=None):
                 done = it + 1 - start_iter
                 log(f"iter {it + 1}/{args.iters}  loss {step_loss:.4f}  lr {lr:.3e}  "
                     f"{meter.line(done, done * args.batch_size)}")
+                reporter.scalars(it + 1, {"train/loss": step_loss, "train/lr": lr, "train/grad_norm": grad_norm})
         it = block_end
         metrics = evaluate(model_without_ddp, val_loader, args, device, amp)
         loss_sum, count = utils.all_reduce_sum(losses).tolist()
@@ -551,7 +553,9 @@ def main(argv=None):
                   **summary(metrics), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_per_class(args.output_dir, metrics)
         checkpointer.save(state(it), record)
+        reporter.scalars(it, {f"eval/{k}": v for k, v in summary(metrics).items()})
         log(json.dumps(record))
+    reporter.close()
     if start_iter >= args.iters:
         log(f"already trained for {start_iter} iterations; --eval-only evaluates the checkpoint")
     return metrics

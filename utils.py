@@ -1,8 +1,9 @@
 """Plumbing shared by the stage scripts: errors, distributed set-up, precision, schedules, optimizer
-groups, checkpoints, logs, device-side normalisation and the training and evaluation loops. Model code lives in
-models.py, datasets and loaders in data.py."""
+groups, checkpoints, logs (log.jsonl, TensorBoard, W&B), device-side normalisation and the training and evaluation
+loops. Model code lives in models.py, datasets and loaders in data.py."""
 import argparse
 import copy
+import importlib
 import json
 import math
 import os
@@ -35,6 +36,14 @@ class DataError(Exception):
 def fail(message):
     """Stop with a one-line error on stderr and exit status 1."""
     raise SystemExit(f"error: {message}")
+
+
+def optional_import(module, package, purpose):
+    """importlib.import_module(module), or a one-line error saying that `purpose` needs `package`."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        fail(f"{purpose} needs the {package} package: pip install {package}")
 
 
 def run_main(main):
@@ -110,6 +119,11 @@ def add_common_args(parser, data_help, output_dir, img_size, batch_size, num_wor
     p.add_argument("--print-freq", type=int, default=print_freq, help="steps between progress lines and loss checks")
     p.add_argument("--save-interval", type=float, default=30,
                    help="minutes between checkpoints written during an epoch (0: only at epoch ends)")
+    p.add_argument("--report-to", default="none", metavar="TARGETS",
+                   help="also write the curves for tensorboard (<output-dir>/tensorboard), wandb, or both "
+                        "(tensorboard,wandb); none: log.jsonl only")
+    p.add_argument("--wandb-project", default="extrema", help="W&B project of --report-to wandb")
+    p.add_argument("--wandb-name", default=None, help="W&B run name (none: W&B's own)")
     if branch is not None:
         p.add_argument("--eval-only", action="store_true", help="evaluate <output-dir>/checkpoint-last.pth")
 
@@ -124,6 +138,10 @@ def parse_args(parser, argv=None):
             fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if getattr(args, "num_workers", 0) < 0:
         fail(f"--num-workers must be at least 0, got {args.num_workers}")
+    if getattr(args, "clip_grad", None) is not None and not args.clip_grad > 0:
+        fail(f"--clip-grad must be positive, got {args.clip_grad}")
+    for target in report_targets(getattr(args, "report_to", "none")):  # a missing package stops the run here
+        optional_import(*REPORT_PACKAGES[target], f"--report-to {target}")
     if args.device not in (None, "cuda", "cpu"):
         fail(f"--device must be cuda or cpu, got {args.device!r} (choose GPUs with CUDA_VISIBLE_DEVICES; "
              f"under torchrun each process takes GPU LOCAL_RANK)")
@@ -408,8 +426,9 @@ def load_resumed(module, state_dict, path):
 
 
 ARCH_FLAGS = ("arch", "patch_size", "img_size")  # shape the encoder (the grid sizes pos_embed): fixed on resume
+# how a run executes, not what it computes: free to change on resume
 RUN_FLAGS = ("output_dir", "device", "num_workers", "print_freq", "save_interval", "save_every", "eval_only",
-             "compile")  # how a run executes, not what it computes: free to change on resume
+             "compile", "report_to", "wandb_project", "wandb_name")
 
 
 def check_resumed_args(saved, args, fixed, path, log=print):
@@ -571,16 +590,80 @@ def log_json(output_dir, record):
             f.write(json.dumps(record) + "\n")
 
 
+REPORT_PACKAGES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def report_targets(report_to):
+    """The writers that --report-to names (none, tensorboard, wandb, tensorboard,wandb), or a one-line error."""
+    targets = [] if report_to == "none" else report_to.split(",")
+    if any(t not in REPORT_PACKAGES for t in targets) or len(set(targets)) < len(targets):
+        fail(f"--report-to takes none, tensorboard, wandb or tensorboard,wandb, got {report_to!r}")
+    return targets
+
+
+class Reporter:
+    """The curves of a run for TensorBoard (event files in <output-dir>/tensorboard) and Weights & Biases, as
+    --report-to asks; written by the main process only, against the optimizer step (step n: after n optimizer
+    steps), so a run resumed after `start_step` steps continues its curves. TensorBoard hides what an earlier run
+    wrote past start_step (a killed run's steps after the checkpoint; everything when start_step is 0); W&B resumes
+    the run whose id <output-dir>/wandb-run-id keeps, its files under <output-dir>/wandb (or $WANDB_DIR). The
+    packages are imported here only (parse_args checked them).
+    """
+
+    def __init__(self, args, start_step=0):
+        targets = report_targets(args.report_to) if is_main() else []
+        self.tensorboard = self.wandb = None
+        if "tensorboard" in targets:
+            tensorboard = optional_import(*REPORT_PACKAGES["tensorboard"], "--report-to tensorboard")
+            self.tensorboard = tensorboard.SummaryWriter(os.path.join(args.output_dir, "tensorboard"),
+                                                         purge_step=start_step + 1 if start_step else 0)
+        if "wandb" in targets:
+            wandb = optional_import(*REPORT_PACKAGES["wandb"], "--report-to wandb")
+            id_path, run_id = os.path.join(args.output_dir, "wandb-run-id"), None
+            if start_step > 0 and os.path.exists(id_path):
+                with open(id_path) as f:
+                    run_id = f.read().strip()
+            try:
+                self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_name, id=run_id, resume="allow",
+                                        config=vars(args), dir=os.environ.get("WANDB_DIR", args.output_dir))
+            except wandb.errors.Error as e:  # not logged in, no network: one line
+                fail(f"--report-to wandb: {str(e).strip().splitlines()[-1]} (WANDB_MODE=offline logs offline)")
+            with open(id_path, "w") as f:
+                f.write(self.wandb.id + "\n")
+
+    def scalars(self, step, values):
+        """Write {tag: number or one-element tensor} at optimizer step `step`; None values are left out. A
+        device tensor is read here, so call this where the loss is read (print steps, evaluations)."""
+        if self.tensorboard is None and self.wandb is None:
+            return
+        values = {tag: float(v) for tag, v in values.items() if v is not None}
+        if self.tensorboard is not None:
+            for tag, value in values.items():
+                self.tensorboard.add_scalar(tag, value, step)
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 class Meter:
     """Throughput and ETA for progress lines."""
 
     def __init__(self, total_steps):
         self.total, self.start = total_steps, time.time()
 
+    def rate(self, images):
+        """Images per second since the start."""
+        return images / max(time.time() - self.start, 1e-9)
+
     def line(self, step, images):
-        elapsed = time.time() - self.start
-        eta = elapsed / max(step, 1) * (self.total - step)
-        return f"{images / max(elapsed, 1e-9):.1f} img/s  eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+        eta = (time.time() - self.start) / max(step, 1) * (self.total - step)
+        return f"{self.rate(images):.1f} img/s  eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -614,13 +697,14 @@ def epoch_batches(loader, epoch, skip_batches=0):
 # Training steps and classification evaluation (linear probe, fine-tuning)
 
 
-def accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, amp):
+def accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, amp, clip_grad=None):
     """One optimizer step over micro-batches (lists of arguments on the device): loss_fn(*micro_batch) under
-    autocast.
+    autocast, then the gradients' total norm, clipped to clip_grad (None: not clipped), then the step.
 
     The same update as one large batch for a loss that is a mean over images: each micro-batch's loss is
     divided by their number, and a DDP model all-reduces gradients only on the last one.
-    Returns the mean loss as a device tensor (no host synchronisation).
+    Returns the mean loss and the gradient norm before clipping (under fp16 of the unscaled gradients; not finite
+    where the scaler skips the step), as device tensors (no host synchronisation).
     """
     total = 0.0
     for i, batch in enumerate(micro_batches):
@@ -630,22 +714,32 @@ def accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, am
                 loss = loss_fn(*batch)
             scaler.scale(loss / len(micro_batches)).backward()
         total = total + loss.detach()
+    scaler.unscale_(optimizer)  # fp16: the gradients' true values (a no-op for a disabled scaler)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, math.inf if clip_grad is None else clip_grad)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total / len(micro_batches)
+    return total / len(micro_batches), grad_norm
+
+
+def finite_and_count(x):
+    """(x, 1) for a finite scalar tensor x, else (0, 0): summed over steps, the mean of the finite values."""
+    finite = x.isfinite()
+    return torch.stack([torch.where(finite, x, 0.0), finite.to(x.dtype)])
 
 
 def train_one_epoch(loss_fn, model, loader, optimizer, scaler, epoch, args, device, checkpointer, state_fn,
-                    start_step=0, log=print):
+                    start_step=0, log=print, reporter=None):
     """One epoch of optimizer steps of args.accum_iter micro-batches each, from step start_step on (resumed
-    mid-epoch); returns (mean loss, last lr).
+    mid-epoch); returns (mean loss, last lr, mean gradient norm before clipping of the steps taken).
 
     loss_fn(images, targets) -> scalar loss through `model` (DDP-wrapped or not), with the loader's uint8
     images normalised on the device (to_device). The lr follows the
     per-iteration warm-up + cosine schedule from args.lr to args.min_lr (0 where a stage has no --min-lr) over
     args.epochs, scaled by each group's lr_scale. Before each step, checkpointer.boundary may save
-    state_fn(step). Uses args.accum_iter, epochs, warmup_epochs, lr, min_lr, amp, print_freq, batch_size, seed.
+    state_fn(step); at print steps, `reporter` writes the loss, lr and gradient norm. Uses args.accum_iter, epochs,
+    warmup_epochs, lr, min_lr, clip_grad (None where a stage has no --clip-grad), amp, print_freq, batch_size, seed.
     """
     rank = rank_world()[0]
     steps = len(loader) // args.accum_iter
@@ -653,7 +747,8 @@ def train_one_epoch(loss_fn, model, loader, optimizer, scaler, epoch, args, devi
         fail(f"{len(loader.sampler)} training images per process make no full step of --batch-size "
              f"{args.batch_size} with --accum-iter {args.accum_iter}")
     meter = Meter(steps - start_step)
-    sums = checkpointer.partial_sums(torch.zeros(2, dtype=torch.float64, device=device))  # loss sum, steps
+    # loss sum, steps, sum and count of the finite gradient norms
+    sums = checkpointer.partial_sums(torch.zeros(4, dtype=torch.float64, device=device))
     batches = epoch_batches(loader, epoch, start_step * args.accum_iter)
     for step in range(start_step, steps):
         checkpointer.boundary(lambda: state_fn(step), sums, f"epoch {epoch} step {step}/{steps}")
@@ -662,18 +757,23 @@ def train_one_epoch(loss_fn, model, loader, optimizer, scaler, epoch, args, devi
                              getattr(args, "min_lr", 0.0))
         set_lr(optimizer, lr)
         micro_batches = [to_device(next(batches), device) for _ in range(args.accum_iter)]
-        loss = accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, args.amp)
-        sums += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device)])
+        loss, grad_norm = accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, args.amp,
+                                          getattr(args, "clip_grad", None))
+        sums += torch.cat([torch.stack([loss.double(), torch.ones_like(sums[0])]),
+                           finite_and_count(grad_norm.double())])
         if (step + 1) % args.print_freq == 0:
-            value = loss.item()
+            value, norm = torch.stack([loss.float(), grad_norm.float()]).tolist()
             if not math.isfinite(value):
                 fail(f"loss is {value} at epoch {epoch} step {step + 1}; stopping")
-            log(f"epoch {epoch} [{step + 1}/{steps}] loss {value:.4f} lr {lr:.3e} "
+            log(f"epoch {epoch} [{step + 1}/{steps}] loss {value:.4f} lr {lr:.3e} grad_norm {norm:.3f} "
                 f"{meter.line(step + 1 - start_step, (step + 1 - start_step) * args.batch_size)}")
-    loss_sum, count = all_reduce_sum(sums).tolist()
+            if reporter is not None:
+                reporter.scalars(epoch * steps + step + 1,
+                                 {"train/loss": value, "train/lr": lr, "train/grad_norm": norm})
+    loss_sum, count, norm_sum, norm_count = all_reduce_sum(sums).tolist()
     if not math.isfinite(loss_sum):
         fail(f"training loss is {loss_sum / count} in epoch {epoch}; stopping")
-    return loss_sum / count, lr
+    return loss_sum / count, lr, norm_sum / norm_count if norm_count else None
 
 
 def accuracy_counts(logits, targets):
@@ -729,19 +829,25 @@ def fit_classifier(model, trained, loss_fn, train_loader, val_loader, optimizer,
     def state(epoch, step):
         return epoch_state(model, optimizer, scaler, args, epoch, step, best_acc1=best_acc1)
 
+    steps = len(train_loader) // args.accum_iter
+    reporter = Reporter(args, start_epoch * steps + start_step)
     for epoch in range(start_epoch, args.epochs):
         model.train()
-        train_loss, lr = train_one_epoch(loss_fn, trained, train_loader, optimizer, scaler, epoch, args, device,
-                                         checkpointer, lambda step: state(epoch, step),
-                                         start_step if epoch == start_epoch else 0, log)
+        train_loss, lr, grad_norm = train_one_epoch(loss_fn, trained, train_loader, optimizer, scaler, epoch, args,
+                                                    device, checkpointer, lambda step: state(epoch, step),
+                                                    start_step if epoch == start_epoch else 0, log, reporter)
         model.eval()
         if before_eval is not None:
             before_eval()
         acc1, acc5, val_loss = evaluate(model, val_loader, device, args.amp)
         best_acc1 = max(best_acc1, acc1)
         log(f"epoch {epoch}: train loss {train_loss:.4f} acc1 {acc1:.2f} acc5 {acc5:.2f} (best {best_acc1:.2f})")
-        checkpointer.save(state(epoch + 1, 0), dict(epoch=epoch, train_loss=train_loss, lr=lr, acc1=acc1, acc5=acc5,
-                                                    val_loss=val_loss, best_acc1=best_acc1, **record))
+        checkpointer.save(state(epoch + 1, 0), dict(epoch=epoch, train_loss=train_loss, lr=lr, grad_norm=grad_norm,
+                                                    acc1=acc1, acc5=acc5, val_loss=val_loss, best_acc1=best_acc1,
+                                                    **record))
+        reporter.scalars((epoch + 1) * steps, {"epoch/loss": train_loss, "eval/acc1": acc1, "eval/acc5": acc5,
+                                               "eval/loss": val_loss})
+    reporter.close()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""What a pretrained ExtreMA encoder looks at, and its weights in timm's ViT layout.
+"""What a pretrained ExtreMA encoder looks at, its weights in timm's ViT layout, and the curves of runs.
 
 Pictures: for each image one PNG, a row of panels: the input (resized and centre-cropped to --img-size), the
 first three principal components of its patch tokens (after the final norm) as RGB, then the attention of the
@@ -14,8 +14,15 @@ the state_dict of timm's VisionTransformer with class_token=False, global_pool="
 the arguments that build it, and names what that layout cannot hold (the class-attention blocks, ...):
 
     python visualize.py --pretrained CKPT --branch online --export-timm output/vit_base_timm.pth
+
+Curves: --curves LOG [LOG ...] draws the per-epoch records of one or more log.jsonl files (or the folders that
+hold them) into one PNG: training loss, target_std, k-NN top-1 of the monitor (dotted: at initialisation) and lr
+against epoch, one colour per run, labelled by its folder. Needs matplotlib (pip install matplotlib):
+
+    python visualize.py --curves output/pretrain output/pretrain_infonce --output curves.png
 """
 import argparse
+import json
 import os
 
 import torch
@@ -41,6 +48,10 @@ def get_args(argv=None):
                            img_help="side of the square the images are resized and cropped to (pictures)")
     p.add_argument("--export-timm", default=None, metavar="FILE",
                    help="write the encoder of --pretrained in timm's ViT layout to FILE instead of pictures")
+    p.add_argument("--curves", nargs="+", default=None, metavar="LOG",
+                   help="draw the curves of these log.jsonl files (or their folders) instead of pictures")
+    p.add_argument("--output", default=None, metavar="FILE", help="the PNG of --curves (default: "
+                                                                   "<output-dir>/curves.png)")
     return utils.parse_args(p, argv)
 
 
@@ -61,6 +72,62 @@ def export_timm(args):
     print(f"left out (no place in timm's ViT): {', '.join(left_out) or 'nothing'}")
     print(f"load: timm.create_model('vit_base_patch16_224', **export['timm_kwargs']).load_state_dict("
           f"export['state_dict']) with export = torch.load('{args.export_timm}')")
+
+
+CURVES = (("train_loss", "training loss"), ("target_std", "target_std (collapse below 0.1)"),
+          ("knn_acc1", "monitor: k-NN top-1 % (dotted: at initialisation)"), ("lr", "learning rate"))
+
+
+def read_epochs(path):
+    """The per-epoch records (lines with an 'epoch', --eval-only lines left out) of a log.jsonl, or of the one
+    in folder `path`; a one-line error for a missing file, a line that is not JSON or a log without epochs."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "log.jsonl")
+    if not os.path.isfile(path):
+        utils.fail(f"log {path} does not exist")
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line) if line.strip() else {}
+            except json.JSONDecodeError:
+                utils.fail(f"{path} line {number} is not JSON")
+            if isinstance(record, dict) and "epoch" in record and not record.get("eval_only"):
+                records.append(record)
+    if not records:
+        utils.fail(f"{path} holds no per-epoch records")
+    return records
+
+
+def plot_curves(args):
+    """One PNG of 2 x 2 panels (1000 x 700 pixels): each CURVES entry against epoch, one colour per run."""
+    figure_module = utils.optional_import("matplotlib.figure", "matplotlib", "--curves")
+    runs = [read_epochs(path) for path in args.curves]
+    folders = [os.path.abspath(path if os.path.isdir(path) else os.path.dirname(path) or ".") for path in args.curves]
+    labels = [os.path.basename(folder) for folder in folders]
+    if len(set(labels)) < len(labels):  # two runs in folders of the same name: their whole paths
+        labels = folders
+    figure = figure_module.Figure(figsize=(10, 7), dpi=100)
+    for axes, (key, title) in zip(figure.subplots(2, 2).flat, CURVES):
+        for i, (records, label) in enumerate(zip(runs, labels)):
+            points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+            if points:
+                axes.plot(*zip(*points), color=f"C{i % 10}", label=label, marker="." if len(points) < 50 else None)
+            start = next((r["knn_acc1_init"] for r in records if r.get("knn_acc1_init") is not None), None)
+            if key == "knn_acc1" and start is not None:
+                axes.axhline(start, color=f"C{i % 10}", linestyle=":")
+        if not axes.lines:
+            axes.text(0.5, 0.5, f"no {key} in these logs", ha="center", va="center", transform=axes.transAxes)
+        axes.set_title(title, fontsize=10)
+        axes.set_xlabel("epoch")
+        axes.locator_params(axis="x", integer=True)
+        axes.grid(alpha=0.3)
+    figure.axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    output = args.output or os.path.join(args.output_dir, "curves.png")
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    figure.savefig(output)
+    print(f"wrote {output}")
 
 
 def load_images(args):
@@ -112,6 +179,8 @@ def main(argv=None):
     args = get_args(argv)
     if args.export_timm is not None:
         return export_timm(args)
+    if args.curves is not None:
+        return plot_curves(args)
     utils.check_image_size(args)
     if (args.data is None) == (not args.images):
         utils.fail("give image files or --data synthetic (one of the two)")
