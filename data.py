@@ -234,10 +234,11 @@ class ShardBatches(torch.utils.data.IterableDataset):
     """Pretraining batches of WebDataset shards, made in the loader's workers (len: batches per process).
 
     Each epoch the shards are split over (process, worker) readers by split_shards. A process takes
-    epoch_samples // world samples in whole batches; DataLoader takes its workers' batches in turn, so worker w
-    of K makes batches w, w + K, ... of its process (counted from the first batch of a resumed epoch). A reader reads its shards in order through a seeded shuffle
-    buffer of undecoded samples, the same for the same (seed, epoch, reader): after a mid-epoch resume it passes
-    over the samples its batches already used without decoding them. A reader whose shards run out before its
+    epoch_samples // world samples in whole batches; DataLoader takes its workers' batches in turn, so reader w
+    of K makes batches w, w + K, ... of its process (a resumed epoch's first batch comes from the worker that
+    reads for the reader whose turn it is). A reader reads its shards in order through a seeded shuffle buffer of
+    undecoded samples, the same for the same (seed, epoch, reader): after a mid-epoch resume it passes over the
+    samples its batches already used without decoding them. A reader whose shards run out before its
     share starts them again in a new order, with a warning (those samples are then read twice in the epoch).
     set_epoch writes the epoch in shared memory, which the persistent workers read when an epoch starts.
     """
@@ -313,6 +314,8 @@ def pretraining_loader(args, transform, batch_size, device):
     world = utils.rank_world()[1]
     if args.train_num_samples is None:
         utils.fail("--data over shards needs --train-num-samples N, the images of an epoch (shards have no length)")
+    if args.train_num_samples < 1:
+        utils.fail(f"--train-num-samples must be at least 1, got {args.train_num_samples}")
     if len(urls) < world * max(1, args.num_workers):
         utils.fail(f"{len(urls)} shards for {world} process(es) x {max(1, args.num_workers)} loader worker(s): "
                    f"each needs a shard of its own (write more shards or lower --num-workers)")

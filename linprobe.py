@@ -7,7 +7,7 @@ them; no labels needed) are written to <output-dir>/instance.npy, tokens.npy and
 
     python linprobe.py --data synthetic --device cpu ...                                   # one process
     torchrun --nproc_per_node 8 linprobe.py --data /path/to/imagenet --pretrained CKPT    # official recipe
-    torchrun --nproc_per_node 8 linprobe.py --extract --data 'in22k/{000000..001023}.tar' --pretrained CKPT
+    torchrun --nproc_per_node 8 linprobe.py --extract --data 'in22k/{000000..014197}.tar' --pretrained CKPT
 """
 import argparse
 import os
@@ -149,7 +149,10 @@ def extract(probe, transform, batch_size, device, args, log):
         os.makedirs(parts)
     barrier = torch.distributed.barrier if utils.distributed() else (lambda: None)
     barrier()
-    part_path = lambda part, kind: os.path.join(parts, f"{part:06d}.{kind}")
+
+    def part_path(part, kind):
+        return os.path.join(parts, f"{part:06d}.{kind}")
+
     for images, names, part in loader:
         with utils.autocast(device, args.amp):
             rows = probe.features(utils.normalize(images.to(device, non_blocking=True)), with_tokens=True)

@@ -2,7 +2,7 @@
 
     python pretrain.py --data synthetic --device cpu ...                 # one process
     torchrun --nproc_per_node 8 pretrain.py --data /path/to/imagenet     # official ViT-B recipe (defaults)
-    torchrun ... pretrain.py --data 'in22k/{000000..001023}.tar' --train-num-samples 14197087   # shards
+    torchrun ... pretrain.py --data 'in22k/{000000..014197}.tar' --train-num-samples 14197122   # shards
 """
 import argparse
 import math
@@ -368,9 +368,9 @@ def main(argv=None):
             lr = utils.cosine_schedule(it, total_steps, warmup_steps, base_lr)
             momentum = models.momentum_at(it / steps_per_epoch, args.epochs, args.ema)
             loss, spread = train_step(model, updates, scaler, micro_batches, lr, momentum, amp, args.color_aug)
-            sums += torch.stack([loss.detach().double(), spread.double(),
-                                 torch.tensor(sum(len(b.names) for b in loaded), dtype=torch.float64, device=device),
-                                 torch.tensor(sum(len(b.skipped) for b in loaded), dtype=torch.float64, device=device)])
+            counts = torch.tensor([sum(len(b.names) for b in loaded), sum(len(b.skipped) for b in loaded)],
+                                  dtype=torch.float64)
+            sums += torch.cat([torch.stack([loss.detach(), spread]).double(), counts.to(device, non_blocking=True)])
             if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
                 value = loss.item()
                 if not math.isfinite(value):

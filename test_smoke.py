@@ -2203,7 +2203,8 @@ def test_folder_at_any_depth_and_symlinks(sources, tmp_path, monkeypatch):
     """Every image at any depth is a sample, in sorted path order; a symlinked folder is followed, a loop is not
     (also in the labelled folders of the evaluation stages); pretraining reads them all."""
     names = data.folder_images(str(sources / "folder"))
-    assert len(names) == 24 and names == sorted(names) and {"img000.png", "a/img001.png", "a/b/img002.png"} <= set(names)
+    assert len(names) == 24 and names == sorted(names)
+    assert {"img000.png", "a/img001.png", "a/b/img002.png"} <= set(names)
     tree, other = tmp_path / "tree", tmp_path / "other"
     shutil.copytree(sources / "folder", tree)
     other.mkdir()
@@ -2215,8 +2216,8 @@ def test_folder_at_any_depth_and_symlinks(sources, tmp_path, monkeypatch):
     os.symlink(tree, tmp_path / "labelled" / "class_a")
     assert len(data.image_folder(str(tmp_path / "labelled"), None)) == 25
     seen = record_batches(monkeypatch)
-    pretrain.main(TINY + ["--arch", "vit_fixture", "--epochs", "1", "--batch-size", "8", "--data", str(sources / "folder"),
-                          "--output-dir", str(tmp_path / "out")])
+    pretrain.main(TINY + ["--arch", "vit_fixture", "--epochs", "1", "--batch-size", "8",
+                          "--data", str(sources / "folder"), "--output-dir", str(tmp_path / "out")])
     assert sorted(sum(seen[0], [])) == names  # 3 steps of 8: each image once
     assert read_log(tmp_path / "out")[0]["samples"] == 24 and read_log(tmp_path / "out")[0]["skipped_images"] == 0
 
@@ -2225,7 +2226,8 @@ def test_list_file_missing_and_corrupt_images_are_skipped(sources, tmp_path, mon
     """A list file with relative and absolute paths, a missing entry and a corrupt image: both skipped in a batch
     that keeps its size, named in warnings, counted in the epoch's log line; above --max-skipped one line stops."""
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    good = [os.path.relpath(sources / "folder" / name, tmp_path) for name in data.folder_images(str(sources / "folder"))]
+    folder = str(sources / "folder")
+    good = [os.path.relpath(os.path.join(folder, name), tmp_path) for name in data.folder_images(folder)]
     lines = good[:13] + [str(sources / "folder" / "img003.png"), "", "missing.png", "broken.png"]
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
     command = TINY + ["--arch", "vit_fixture", "--epochs", "1", "--data", str(tmp_path / "list.txt"), "--output-dir"]
@@ -2243,8 +2245,8 @@ def test_list_file_missing_and_corrupt_images_are_skipped(sources, tmp_path, mon
     assert re.fullmatch(r"error: cannot read image .*: .* \(1 unreadable images in epoch 0: more than --max-skipped "
                         r"0\.01 of the 16 images a process reads per epoch\)", message)
     (tmp_path / "empty.txt").write_text("\n\n")
-    assert stage_error("pretrain", TINY + ["--data", str(tmp_path / "empty.txt"), "--output-dir", str(tmp_path / "e")]) \
-        == f"error: list file {tmp_path / 'empty.txt'} names no images"
+    empty = TINY + ["--data", str(tmp_path / "empty.txt"), "--output-dir", str(tmp_path / "e")]
+    assert stage_error("pretrain", empty) == f"error: list file {tmp_path / 'empty.txt'} names no images"
 
 
 def test_shard_errors_are_one_line(sources, tmp_path):
@@ -2336,7 +2338,8 @@ def test_extract_folder_and_shards(sources, tmp_path, official_file):
     shard_instance, shard_tokens, keys = read_extract(tmp_path / "shards")
     assert keys == [f"img{i:03d}" for i in range(24)]  # shard 0's samples, then shard 1's, ...
     order = [keys.index(os.path.basename(name)[:-4]) for name in names]
-    assert np.allclose(shard_instance[order], instance, atol=1e-5) and np.allclose(shard_tokens[order], tokens, atol=1e-5)
+    assert np.allclose(shard_instance[order], instance, atol=1e-5)
+    assert np.allclose(shard_tokens[order], tokens, atol=1e-5)
 
 
 def test_torchrun_shards_equal_steps_and_extract(sources, tmp_path, official_file):
@@ -2375,7 +2378,8 @@ def test_torchrun_shards_equal_steps_and_extract(sources, tmp_path, official_fil
     assert [(r["samples"], r["skipped_images"]) for r in read_log(out)] == [(16, 0), (16, 0)]
     assert "starts them again" not in results[0][1]
     linprobe.main(extract_args(tmp_path / "one", shards(sources), "--pretrained", checkpoint))
-    (one_instance, one_tokens, one_names), (instance, tokens, names) = (read_extract(tmp_path / d) for d in ("one", "two"))
+    one_instance, one_tokens, one_names = read_extract(tmp_path / "one")
+    instance, tokens, names = read_extract(tmp_path / "two")
     assert names == one_names and len(names) == 24
     assert np.allclose(instance, one_instance, atol=1e-6) and np.allclose(tokens, one_tokens, atol=1e-6)
 
