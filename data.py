@@ -43,13 +43,18 @@ def load_rgb(path):
 
 
 def decode_image(source, name=None):
-    """An image file (a path) or its bytes as a uint8 RGB tensor (3, H, W), the one decoder of the pretraining
-    and extraction sources. name (default: the path) is what an error names, and its extension says the format:
-    torchvision.io for JPEG, PNG, WebP and GIF (about 15% less CPU than PIL for a JPEG, and no copy from PIL), else
-    PIL. An unreadable or missing image raises DataError naming it."""
+    """An image file (a path) or its bytes as a uint8 RGB tensor (3, H, W): the one decoder of every pretraining
+    and extraction source (folders, lists, shards), so a new format is added here. name: the path, or a shard
+    sample's key with its image's extension (default: the path), which an error names. torchvision.io for JPEG,
+    PNG, WebP and GIF (about 15% less CPU than PIL for a JPEG, and no copy from PIL), else PIL. An unreadable or
+    missing image raises DataError naming it."""
     name = source if name is None else name
     try:
-        raw = source if isinstance(source, bytes) else open(source, "rb").read()
+        if isinstance(source, bytes):
+            raw = source
+        else:
+            with open(source, "rb") as f:
+                raw = f.read()
         try:
             return decode_tensor(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:
@@ -288,8 +293,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         epoch, skip = self.position.tolist()
-        # DataLoader asks its workers in turn from worker 0, which therefore makes batch `skip`: it reads for worker
-        # skip % K of the epoch's split, the next for the one after, ...
+        # DataLoader asks its workers in turn from worker 0, which therefore makes batch `skip`: it reads for reader
+        # skip % K of the epoch's split, worker 1 for the next reader, ...
         worker = ((0 if info is None else info.id) + skip) % self.workers
         done, share = len(range(worker, skip, self.workers)), len(range(worker, self.batches, self.workers))
         samples = itertools.islice(self.reader_samples(epoch, worker), done * self.batch_size, None)

@@ -2249,7 +2249,23 @@ def test_list_file_missing_and_corrupt_images_are_skipped(sources, tmp_path, mon
     assert stage_error("pretrain", empty) == f"error: list file {tmp_path / 'empty.txt'} names no images"
 
 
-def test_shard_errors_are_one_line(sources, tmp_path):
+def test_unreadable_shard_samples_are_skipped(sources, tmp_path, monkeypatch):
+    """In shards too: a corrupt image and a sample without one are skipped and counted, the batch keeps its size."""
+    import webdataset as wds
+    with wds.ShardWriter(str(tmp_path / "bad-%d.tar"), maxcount=8, verbose=0) as sink:
+        for i, name in enumerate(data.folder_images(str(sources / "folder"))[:14]):
+            sink.write({"__key__": f"img{i:03d}", "png": (sources / "folder" / name).read_bytes()})
+        sink.write({"__key__": "corrupt", "jpg": b"not an image"})
+        sink.write({"__key__": "text_only", "txt": b"no image here"})
+    seen = record_batches(monkeypatch)
+    pretrain.main(TINY + ["--arch", "vit_fixture", "--epochs", "1", "--data", f"{tmp_path}/bad-{{0..1}}.tar",
+                          "--train-num-samples", "16", "--max-skipped", "0.2", "--output-dir", str(tmp_path / "out")])
+    assert {"corrupt", "text_only"} <= set(seen[0][0]) and len(seen[0][0]) == 16
+    record = read_log(tmp_path / "out")[0]
+    assert (record["samples"], record["skipped_images"]) == (16, 2)
+
+
+def test_shard_errors_are_one_line(sources, tmp_path, monkeypatch):
     command = TINY + ["--data", shards(sources), "--output-dir", str(tmp_path / "out")]
     assert stage_error("pretrain", command) == ("error: --data over shards needs --train-num-samples N, the images of "
                                                 "an epoch (shards have no length)")
@@ -2259,6 +2275,9 @@ def test_shard_errors_are_one_line(sources, tmp_path):
     nothing = f"{tmp_path}/none-{{00..02}}.tar::{tmp_path}/other.tar"
     assert stage_error("pretrain", TINY + ["--data", nothing, "--train-num-samples", "24"]) == (
         f"error: --data {nothing}: 4 of its 4 shards do not exist, e.g. {tmp_path}/none-00.tar")
+    monkeypatch.setitem(sys.modules, "webdataset", None)  # not installed
+    assert stage_error("pretrain", command + ["--train-num-samples", "24"]) == \
+        "error: reading shards needs the webdataset package (pip install webdataset)"
 
 
 def test_shards_mid_epoch_resume_reads_no_sample_twice(sources, tmp_path, monkeypatch, capsys):
