@@ -6,6 +6,7 @@ the two steps are timed in turns, so that a shared machine's slow spells hit bot
     python bench.py --arch vit_base --img-size 224 --batch-size 256 --amp bf16 --device cuda --steps 20
     python bench.py --arch vit_small --batch-size 16 --amp none --device cpu --steps 5 --warmup-steps 1 --baseline
     python bench.py --data /path/to/imagenet --num-workers 10 ...     # is the loader or the model the bottleneck?
+    python bench.py --data 'shards/{0000..0007}.tar' --train-num-samples 2000 --num-workers 2 ...   # over shards
     python bench.py --make-jpegs output/jpegs --count 2000            # ImageNet-sized JPEGs to time the loader on
 
 Every flag of pretrain.py is accepted with its meaning and default (--arch, --img-size, --batch-size, --accum-iter,
@@ -49,7 +50,8 @@ def get_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak for MFU (default: known for H100/H200/A100 with --amp bf16/fp16)")
     p.add_argument("--data", default=None,
-                   help="DIR or 'synthetic': also time decode + two-view augmentation through a DataLoader")
+                   help="also time decode + crop through pretrain.py's loader of this --data (a folder, list file, "
+                        "shards with --train-num-samples, or 'synthetic')")
     p.add_argument("--data-batches", type=int, default=10, help="loader batches timed after the first")
     p.add_argument("--make-jpegs", default=None, metavar="DIR",
                    help="only write --count JPEGs of 500x375 (quality 90) as DIR/train/<class>/<image>.JPEG")
@@ -138,50 +140,23 @@ def peak_tflops(args, device, amp):
     return None
 
 
-class TimedItems(torch.utils.data.Dataset):
-    """A dataset whose items come with the CPU seconds (time.process_time, in the loading process) they took."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        start = time.process_time()
-        item = self.dataset[index]
-        return item, time.process_time() - start
-
-
-def timed_collate(items):
-    """Collate TimedItems into (batch, CPU seconds of its items and of collating them)."""
-    start = time.process_time()
-    batch = torch.utils.data.default_collate([item for item, _ in items])
-    return batch, sum(seconds for _, seconds in items) + time.process_time() - start
-
-
-def time_loader(args, local_batch, device):
-    """The pretraining input pipeline (decode + shared crop as uint8; the colouring is part of the step) through
-    a DataLoader of --num-workers workers:
-    wall-clock images/s of batches 2.. (the first includes the workers' start-up) and the CPU milliseconds
-    per image that the loading processes spent on loading and collating (all batches)."""
-    if args.data == "synthetic":  # enough images for the timed batches
-        args.synthetic_size = max(args.synthetic_size, local_batch * (args.data_batches + 1))
-    dataset = TimedItems(pretrain.build_dataset(args, pretrain.crop_transform(args.img_size, args.crop_min)))
-    loader = data.make_loader(dataset, local_batch, train=True, num_workers=args.num_workers, seed=args.seed,
-                               device=device, collate_fn=timed_collate)
-    batches = min(args.data_batches + 1, len(loader))
+def time_loader(loader, device, data_batches):
+    """The pretraining input pipeline (decode + shared crop as uint8; the colouring is part of the step) of a
+    data.pretraining_loader: wall-clock images/s of batches 2.. (the first includes the workers' start-up) and
+    the CPU milliseconds per image that the loading processes spent making the batches (all batches)."""
+    batches = min(data_batches + 1, len(loader))
     if batches < 2:
-        utils.fail(f"{len(dataset)} images give fewer than 2 batches of {local_batch}; lower --batch-size")
-    it = iter(loader)
-    _, cpu_seconds = next(it)
+        utils.fail("--data gives fewer than 2 batches per epoch; lower --batch-size")
+    it = utils.epoch_batches(loader, 0)
+    first = next(it)
+    cpu_seconds, images = first.cpu_s, len(first.names)
     start = time.perf_counter()
     for _ in range(batches - 1):
-        (images, _), seconds = next(it)
-        images.to(device, non_blocking=True)
-        cpu_seconds += seconds
+        batch = next(it)
+        batch.images.to(device, non_blocking=True)
+        cpu_seconds, images = cpu_seconds + batch.cpu_s, images + len(batch.names)
     synchronize(device)
-    return (batches - 1) * local_batch / (time.perf_counter() - start), 1000 * cpu_seconds / (batches * local_batch)
+    return (images - len(first.names)) / (time.perf_counter() - start), 1000 * cpu_seconds / images
 
 
 def make_jpegs(root, count, classes=10, seed=0):
@@ -418,11 +393,14 @@ def main(argv=None):
     pretrain.check_args(args)
     if min(args.steps, args.warmup_steps, args.data_batches) < 1:
         utils.fail("--steps, --warmup-steps and --data-batches must be at least 1")
-    if args.data not in (None, "synthetic") and not os.path.isdir(args.data):
-        utils.fail(f"data folder {args.data} does not exist")
     _, _, device = utils.init_distributed(args.device)
     amp = utils.resolve_amp(args.amp, device)
     local_batch = utils.local_batch_size(args.batch_size, 1, args.accum_iter)
+    if args.data is not None:  # built first: a bad --data stops before the timing
+        if args.data == "synthetic":  # enough images for the timed batches
+            args.synthetic_size = max(args.synthetic_size, local_batch * (args.data_batches + 1))
+        loader, _ = data.pretraining_loader(args, pretrain.crop_transform(args.img_size, args.crop_min), local_batch,
+                                            device)
     utils.set_seed(args.seed)
     micro_batches = [torch.randint(0, 256, (local_batch, 3, args.img_size, args.img_size), dtype=torch.uint8,
                                    device=device) for _ in range(args.accum_iter)]  # crops, as the loader's
@@ -478,7 +456,7 @@ def main(argv=None):
         print(f"speedup ours/baseline: {summary['speedup']:.2f}x (mean step times), "
               f"{summary['speedup_median_pair']:.2f}x (median of the {args.steps} in-turn pairs)")
     if args.data is not None:
-        loader_rate, cpu_ms = time_loader(args, local_batch, device)
+        loader_rate, cpu_ms = time_loader(loader, device, args.data_batches)
         bottleneck = "loader" if loader_rate < ours["images_per_s"] else "step"
         summary.update(loader_images_per_s=loader_rate, loader_cpu_ms_per_image=cpu_ms,
                        loader_images_per_s_per_worker=1000 / cpu_ms,

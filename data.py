@@ -1,20 +1,36 @@
-"""Datasets, decoding and loaders of the stages: image folders, the synthetic set, labelled classification
-sets and the per-process DataLoader with its resumable sampler.
+"""Datasets, decoding and loaders of the stages: the pretraining sources (synthetic, a folder, a list file,
+WebDataset shards) behind pretraining_loader, the sources of `linprobe.py --extract` behind extraction_loader,
+labelled classification sets, and the per-process DataLoader with its resumable sampler.
 
 A file of its own, beside utils.py (which it imports for errors and the process layout) and imported by the
 stages: the data sources are a concern of their own, and utils.py holds the rest of the plumbing."""
+import io
 import itertools
 import os
+import re
 import signal
+import sys
+import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision import datasets
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.io import ImageReadMode, decode_image as decode_tensor
 from torchvision.transforms import v2
 
 import utils
+
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # a shard sample's image, first found
+SHUFFLE_BUFFER = 1000  # undecoded shard samples each loader worker shuffles among (about 110 MB of ImageNet JPEGs)
+WARN_SKIPPED = 5  # unreadable images named in warnings, per process
+EXTRACT_PART = 10000  # rows of a folder or list per part of --extract (a shard is one part)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoding
 
 
 def load_rgb(path):
@@ -26,21 +42,371 @@ def load_rgb(path):
         raise utils.DataError(f"cannot read image {path}: {e}") from None
 
 
-def decode_rgb(path):
-    """An image file as a uint8 RGB tensor (3, H, W): torchvision.io for JPEG, PNG, WebP and GIF (about 15% less
-    CPU than PIL for a JPEG, and no copy from PIL), else load_rgb; an unreadable file raises DataError naming it."""
+def decode_image(source, name=None):
+    """An image file (a path) or its bytes as a uint8 RGB tensor (3, H, W): the one decoder of every pretraining
+    and extraction source (folders, lists, shards), so a new format is added here. name: the path, or a shard
+    sample's key with its image's extension (default: the path), which an error names. torchvision.io for JPEG,
+    PNG, WebP and GIF (about 15% less CPU than PIL for a JPEG, and no copy from PIL), else PIL. An unreadable or
+    missing image raises DataError naming it."""
+    name = source if name is None else name
     try:
-        return decode_image(path, mode=ImageReadMode.RGB)
-    except RuntimeError:
-        return v2.functional.pil_to_tensor(load_rgb(path))
+        if isinstance(source, bytes):
+            raw = source
+        else:
+            with open(source, "rb") as f:
+                raw = f.read()
+        try:
+            return decode_tensor(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            with Image.open(io.BytesIO(raw)) as img:
+                return v2.functional.pil_to_tensor(img.convert("RGB"))
+    except Exception as e:
+        reason = "not an image PIL can identify" if isinstance(e, Image.UnidentifiedImageError) else e
+        raise utils.DataError(f"cannot read image {name}: {reason}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finding images: folders, list files, shards
+
+
+def folder_images(root):
+    """The images at any depth under root (torchvision's extensions, any case), as sorted paths relative to root.
+    Symlinked folders are followed, except a link back into a folder above it (a loop), which would repeat
+    images without end."""
+    names = []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        here = os.path.realpath(folder)
+        subfolders[:] = [d for d in subfolders
+                         if not (here + os.sep).startswith(os.path.realpath(os.path.join(folder, d)) + os.sep)]
+        relative = os.path.relpath(folder, root)
+        names += [os.path.normpath(os.path.join(relative, f)) for f in files if f.lower().endswith(IMG_EXTENSIONS)]
+    return sorted(names)
+
+
+def list_images(path):
+    """The image paths of a list file, one a line (blank lines ignored), relative ones taken from the file's
+    folder: (the list's folder, the lines). A missing image is found when read (pretraining skips it)."""
+    with open(path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    if not names:
+        utils.fail(f"list file {path} names no images")
+    return os.path.dirname(os.path.abspath(path)), names
+
+
+def is_shards(data):
+    """Whether --data names WebDataset shards: a brace pattern, several joined by '::', a pipe: command, a URL or
+    a .tar file."""
+    return ("::" in data or "{" in data or data.startswith("pipe:") or re.match(r"^\w+://", data) is not None
+            or data.endswith((".tar", ".tar.gz", ".tgz")))
+
+
+def source_kind(data):
+    """What --data names: 'synthetic', 'folder', 'shards' (is_shards) or 'list' (any other file); a one-line error
+    when it does not exist."""
+    if data == "synthetic":
+        return data
+    if os.path.isdir(data):
+        return "folder"
+    if is_shards(data):
+        return "shards"
+    if os.path.isfile(data):
+        return "list"
+    utils.fail(f"--data {data} does not exist")
+
+
+def shard_urls(data):
+    """The shards of a brace pattern (several joined by '::'); one-line error when a local one does not exist."""
+    urls = import_webdataset().shardlists.expand_urls(data)
+    missing = [url for url in urls if not re.match(r"^(pipe:|\w+://)", url) and not os.path.isfile(url)]
+    if missing:
+        utils.fail(f"--data {data}: {len(missing)} of its {len(urls)} shards do not exist, e.g. {missing[0]}")
+    return urls
+
+
+def import_webdataset():
+    """webdataset, imported only where shards are read; a one-line error when it is not installed."""
+    try:
+        import webdataset
+    except ImportError:
+        utils.fail("reading shards needs the webdataset package (pip install webdataset)")
+    return webdataset
+
+
+def shard_samples(urls):
+    """(name, bytes, extension) of every sample of the shards, in order, undecoded; the name is the sample's key
+    and the extension is that of its image (None when it has none of SHARD_IMAGE_KEYS)."""
+    wds = import_webdataset()
+    for sample in wds.tarfile_samples(iter([{"url": url} for url in urls])):
+        ext = next((key for key in SHARD_IMAGE_KEYS if key in sample), None)
+        yield sample["__key__"], sample.get(ext), ext
+
+
+def split_shards(urls, seed, epoch, slots):
+    """Each of `slots` readers' shards in an epoch (reader rank * workers + worker): the shards shuffled from
+    (seed, epoch), then dealt round-robin, so every shard goes to exactly one reader."""
+    order = np.random.default_rng([seed % 2**64, epoch]).permutation(len(urls))
+    return [[urls[i] for i in order[slot::slots]] for slot in range(slots)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pretraining batches: every source, unreadable images skipped
+
+
+class Batch(NamedTuple):
+    """A pretraining batch: uint8 crops (B, 3, H, W); the B sample names read (paths relative to the data root,
+    shard keys, synthetic indices); the errors of the unreadable ones among them, whose places hold copies of
+    readable crops of the batch; the CPU seconds the loading process spent on it (bench.py)."""
+    images: torch.Tensor
+    names: list
+    skipped: list
+    cpu_s: float
+
+
+def collate_skipping(items, start=None):
+    """(crop or None, name, error) items -> Batch, each unreadable image's place taken by a readable crop of the
+    batch, so the batch size stays; start: time.process_time() when its first item began (default: now)."""
+    start = time.process_time() if start is None else start
+    good = [crop for crop, _, _ in items if crop is not None]
+    skipped = [error for _, _, error in items if error is not None]
+    if not good:
+        raise utils.DataError(f"all {len(items)} images of a batch are unreadable, e.g. {skipped[0]}")
+    images = [crop if crop is not None else good[i % len(good)] for i, (crop, _, _) in enumerate(items)]
+    return Batch(torch.stack(images), [name for _, name, _ in items], skipped, time.process_time() - start)
+
+
+def timed_collate(items):
+    """collate_skipping of Samples items (item, CPU seconds): the batch's CPU time includes the items'."""
+    batch = collate_skipping([item for item, _ in items])
+    return batch._replace(cpu_s=batch.cpu_s + sum(seconds for _, seconds in items))
+
+
+class Samples(torch.utils.data.Dataset):
+    """A map-style pretraining source: item i is ((transform(read(i)) or None when unreadable, names[i], error),
+    the CPU seconds it took). read: index -> PIL image or uint8 tensor, raising DataError."""
+
+    def __init__(self, names, read, transform):
+        self.names, self.read, self.transform = names, read, transform
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, index):
+        start = time.process_time()
+        try:
+            item = self.transform(self.read(index)), self.names[index], None
+        except utils.DataError as e:
+            item = None, self.names[index], str(e)
+        return item, time.process_time() - start
+
+
+class FileReader:
+    """read(i): the image root/names[i], decoded (a picklable callable, for loader workers)."""
+
+    def __init__(self, root, names):
+        self.root, self.names = root, names
+
+    def __call__(self, index):
+        return decode_image(os.path.join(self.root, self.names[index]))
+
+
+class SyntheticReader:
+    """read(i): the i-th image of a synthetic set (PIL)."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __call__(self, index):
+        return self.images[index][0]
+
+
+def indexed_source(data, kind, synthetic_size, img_size, seed):
+    """(names, read) of a synthetic set ('0', '1', ...), a folder (DIR/train when it exists; every image at any
+    depth, paths relative to it) or a list file (its lines); read(i) gives image i."""
+    if kind == "synthetic":
+        return [str(i) for i in range(synthetic_size)], SyntheticReader(SyntheticImages(synthetic_size, img_size,
+                                                                                        seed=seed))
+    if kind == "folder":
+        root = os.path.join(data, "train") if os.path.isdir(os.path.join(data, "train")) else data
+        names = folder_images(root)
+        if not names:
+            utils.fail(f"no images found in {root}")
+    else:
+        root, names = list_images(data)
+    return names, FileReader(root, names)
+
+
+class ShardBatches(torch.utils.data.IterableDataset):
+    """Pretraining batches of WebDataset shards, made in the loader's workers (len: batches per process).
+
+    Each epoch the shards are split over (process, worker) readers by split_shards. A process takes
+    epoch_samples // world samples in whole batches; DataLoader takes its workers' batches in turn, so reader w
+    of K makes batches w, w + K, ... of its process (a resumed epoch's first batch comes from the worker that
+    reads for the reader whose turn it is). A reader reads its shards in order through a seeded shuffle buffer of
+    undecoded samples, the same for the same (seed, epoch, reader): after a mid-epoch resume it passes over the
+    samples its batches already used without decoding them. A reader whose shards run out before its
+    share starts them again in a new order, with a warning (those samples are then read twice in the epoch).
+    set_epoch writes the epoch in shared memory, which the persistent workers read when an epoch starts.
+    """
+
+    def __init__(self, urls, epoch_samples, batch_size, transform, seed, workers):
+        self.rank, self.world = utils.rank_world()
+        self.urls, self.batch_size, self.transform, self.seed = urls, batch_size, transform, seed
+        self.workers = max(1, workers)
+        self.batches = epoch_samples // self.world // batch_size
+        self.position = torch.zeros(2, dtype=torch.long).share_memory_()  # epoch, batches of it already used
+
+    def __len__(self):
+        return self.batches
+
+    def set_epoch(self, epoch, skip_batches=0):
+        self.position[:] = torch.tensor([epoch, skip_batches])
+
+    def reader_samples(self, epoch, worker):
+        """The endless undecoded sample stream of reader (rank, worker) in an epoch: its shards, pass after pass."""
+        wds = import_webdataset()
+        slot = self.rank * self.workers + worker
+        shards = split_shards(self.urls, self.seed, epoch, self.world * self.workers)[slot]
+        for repeat in itertools.count():
+            order = np.random.default_rng([self.seed % 2**64, epoch, slot, repeat]).permutation(len(shards))
+            stream = shard_samples([shards[i] for i in order] if repeat else shards)
+            count = 0
+            seed = int(np.random.SeedSequence([self.seed % 2**64, epoch, slot, repeat]).generate_state(1)[0])
+            for sample in wds.shuffle(SHUFFLE_BUFFER, seed=seed)(stream):
+                count += 1
+                yield sample
+            if count == 0:
+                raise utils.DataError(f"shards {', '.join(shards)} hold no samples")
+            print(f"warning: process {self.rank} loader worker {worker} has read all {count} samples of its shards "
+                  f"in epoch {epoch} and starts them again (its share of --train-num-samples is larger)",
+                  file=sys.stderr)
+
+    def load(self, sample):
+        """(crop or None, name, error) of an undecoded shard sample."""
+        name, raw, ext = sample
+        if ext is None:
+            return None, name, f"cannot read image {name}: no {'/'.join(SHARD_IMAGE_KEYS)} in the sample"
+        try:
+            return self.transform(decode_image(raw, f"{name}.{ext}")), name, None
+        except utils.DataError as e:
+            return None, name, str(e)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        epoch, skip = self.position.tolist()
+        # DataLoader asks its workers in turn from worker 0, which therefore makes batch `skip`: it reads for reader
+        # skip % K of the epoch's split, worker 1 for the next reader, ...
+        worker = ((0 if info is None else info.id) + skip) % self.workers
+        done, share = len(range(worker, skip, self.workers)), len(range(worker, self.batches, self.workers))
+        samples = itertools.islice(self.reader_samples(epoch, worker), done * self.batch_size, None)
+        for _ in range(share - done):
+            start = time.process_time()
+            yield collate_skipping([self.load(next(samples)) for _ in range(self.batch_size)], start)
+
+
+def pretraining_loader(args, transform, batch_size, device):
+    """(per-process loader of Batch, images per epoch) of --data: 'synthetic', a folder (DIR/train when it
+    exists; every image at any depth), a list file of image paths, or WebDataset shards (args.train_num_samples
+    images per epoch). Uses args.data, num_workers, seed, synthetic_size, img_size, train_num_samples.
+
+    Every process takes the same number of batches per epoch; utils.epoch_batches starts an epoch, part-way
+    after a resume without reading the images already used."""
+    kind = source_kind(args.data)
+    if kind != "shards":
+        names, read = indexed_source(args.data, kind, args.synthetic_size, args.img_size, args.seed)
+        dataset = Samples(names, read, transform)
+        return make_loader(dataset, batch_size, True, args.num_workers, args.seed, device, timed_collate), len(names)
+    urls = shard_urls(args.data)
+    world = utils.rank_world()[1]
+    if args.train_num_samples is None:
+        utils.fail("--data over shards needs --train-num-samples N, the images of an epoch (shards have no length)")
+    if args.train_num_samples < 1:
+        utils.fail(f"--train-num-samples must be at least 1, got {args.train_num_samples}")
+    if len(urls) < world * max(1, args.num_workers):
+        utils.fail(f"{len(urls)} shards for {world} process(es) x {max(1, args.num_workers)} loader worker(s): "
+                   f"each needs a shard of its own (write more shards or lower --num-workers)")
+    dataset = ShardBatches(urls, args.train_num_samples, batch_size, transform, args.seed, args.num_workers)
+    return make_loader(dataset, batch_size, True, args.num_workers, args.seed, device), args.train_num_samples
+
+
+# ----------------------------------------------------------------------------------------------------
+# Extraction: every image once, in the source's order
+
+
+class ExtractionBatches(torch.utils.data.IterableDataset):
+    """Batches (uint8 images (b, 3, H, W), names, part) of the parts of a source: a shard, or EXTRACT_PART
+    consecutive images of a folder, list or synthetic set. Process r of W reads parts r, r + W, ..., and its
+    worker w of K every K-th of those, each part in order; a part's last batch may be short. An unreadable image
+    stops the run (DataError), as in every evaluation."""
+
+    def __init__(self, parts, read, transform, batch_size, workers):
+        self.parts, self.read, self.transform, self.batch_size = parts, read, transform, batch_size
+        self.rank, self.world = utils.rank_world()
+        self.workers = max(1, workers)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        for part in range(self.rank + self.world * worker, len(self.parts), self.world * self.workers):
+            samples = iter(self.read(self.parts[part]))
+            while batch := list(itertools.islice(samples, self.batch_size)):
+                yield (torch.stack([self.transform(image) for _, image in batch]), [name for name, _ in batch], part)
+
+
+def read_shard(url):
+    """(name, uint8 image) of every sample of a shard, in order; a sample without a readable image raises."""
+    for name, raw, ext in shard_samples([url]):
+        if ext is None:
+            raise utils.DataError(f"cannot read image {name} of {url}: no {'/'.join(SHARD_IMAGE_KEYS)} in the sample")
+        yield name, decode_image(raw, f"{name}.{ext}")
+
+
+class ReadPart:
+    """(name, image) of each item of a part (a range of indices) of an indexed source, in order."""
+
+    def __init__(self, names, read):
+        self.names, self.read = names, read
+
+    def __call__(self, part):
+        return ((self.names[i], self.read(i)) for i in part)
+
+
+def extraction_loader(data, transform, batch_size, num_workers, seed, device, synthetic_size=256, img_size=224):
+    """(per-process loader of ExtractionBatches, number of parts) of --data as pretraining_loader reads it
+    (no labels needed): every image once, an unreadable one an error."""
+    kind = source_kind(data)
+    if kind == "shards":
+        parts, read = shard_urls(data), read_shard
+    else:
+        names, read_item = indexed_source(data, kind, synthetic_size, img_size, seed)
+        parts = [range(i, min(i + EXTRACT_PART, len(names))) for i in range(0, len(names), EXTRACT_PART)]
+        read = ReadPart(names, read_item)
+    dataset = ExtractionBatches(parts, read, transform, batch_size, num_workers)
+    return make_loader(dataset, batch_size, False, num_workers, seed, device), len(parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Labelled sets and loaders
+
+
+class LabelledFolder(datasets.ImageFolder):
+    """ImageFolder whose images in each class folder are found by folder_images (symlinked folders followed,
+    loops not)."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        samples = [(os.path.join(directory, name, image), index) for name, index in sorted(class_to_idx.items())
+                   for image in folder_images(os.path.join(directory, name))]
+        if not samples and not allow_empty:
+            raise FileNotFoundError(f"no images in {directory}")
+        return samples
 
 
 def image_folder(root, transform, loader=load_rgb):
-    """ImageFolder with a one-line error for a missing or empty folder; loader: load_rgb (PIL) or decode_rgb."""
+    """LabelledFolder with a one-line error for a missing or empty folder."""
     if not os.path.isdir(root):
         utils.fail(f"data folder {root} does not exist")
     try:
-        return datasets.ImageFolder(root, transform=transform, loader=loader)
+        return LabelledFolder(root, transform=transform, loader=loader)
     except FileNotFoundError:
         utils.fail(f"no images found in {root} (expected {root}/<class>/<image>)")
 
@@ -100,19 +466,23 @@ def ignore_stop_signals(worker_id):
 def make_loader(dataset, batch_size, train, num_workers, seed, device, collate_fn=None):
     """Per-process DataLoader.
 
+    An IterableDataset makes its own batches and split (batch_size is its business).
     train: a shuffling ResumableSampler that drops the last partial batch (also in one process, so the order
     depends only on seed and epoch: start each epoch with epoch_batches()).
     Otherwise every process takes the indices rank, rank + world, ...: each item is seen exactly once
     over all processes, with no padding, so evaluation sums are exact.
     """
     rank, world = utils.rank_world()
-    if train:
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # ShardBatches, ExtractionBatches: batches made there
+        sampler = batch_size = None
+    elif train:
         sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     else:
         sampler = range(rank, len(dataset), world)
     # its own generator for the workers' seeds: starting an epoch draws nothing from the seeded global RNG
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed % 2**64, rank]).generate_state(1)[0]))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                       drop_last=train and batch_size is not None,
                                        num_workers=num_workers, pin_memory=device.type == "cuda",
                                        persistent_workers=num_workers > 0, collate_fn=collate_fn,
                                        worker_init_fn=ignore_stop_signals, generator=generator)

@@ -2,11 +2,18 @@
 on its instance representation (the class-attention output; by default before the final norm and from the
 momentum encoder, as the official probe). With --knn, the same frozen features are evaluated without
 training instead: the weighted k-nearest-neighbour classifier of DINO (cosine similarity, votes exp(sim / T)).
+With --extract, the features of every image of --data (a folder, a list file or shards, as pretrain.py reads
+them; no labels needed) are written to <output-dir>/instance.npy, tokens.npy and names.txt instead.
 
     python linprobe.py --data synthetic --device cpu ...                                   # one process
     torchrun --nproc_per_node 8 linprobe.py --data /path/to/imagenet --pretrained CKPT    # official recipe
+    torchrun --nproc_per_node 8 linprobe.py --extract --data 'in22k/{000000..014197}.tar' --pretrained CKPT
 """
 import argparse
+import os
+import shutil
+
+import numpy as np
 
 import torch
 import torch.nn as nn
@@ -36,6 +43,11 @@ def get_args(argv=None):
                    help="weighted k-NN evaluation of the frozen features instead of training a probe")
     p.add_argument("--knn-k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbours, one result each")
     p.add_argument("--knn-temperature", type=float, default=0.07, help="votes weigh exp(similarity / T)")
+    p.add_argument("--extract", action="store_true",
+                   help="write the features of every image of --data (a folder at any depth, a list file, shards) "
+                        "to <output-dir>/instance.npy (N, D) float32 (the probe's feature), tokens.npy (N, D) (the "
+                        "mean patch token after the final norm) and names.txt (one line per row), in the source's "
+                        "order, instead of training")
     return utils.parse_args(p, argv)
 
 
@@ -58,10 +70,12 @@ class LinearProbe(nn.Module):
         return self
 
     @torch.no_grad()
-    def features(self, images):
-        """(B, 3, H, W) -> class-attention output (B, D), before the final norm unless final_norm."""
-        _, instance = self.encoder.forward_features(images)
-        return self.encoder.norm(instance) if self.final_norm else instance
+    def features(self, images, with_tokens=False):
+        """(B, 3, H, W) -> class-attention output (B, D), before the final norm unless final_norm; with_tokens:
+        (that, the mean of the patch tokens after the final norm (B, D))."""
+        tokens, instance = self.encoder.forward_features(images)  # (B, N, D), (B, D)
+        instance = self.encoder.norm(instance) if self.final_norm else instance
+        return (instance, self.encoder.norm(tokens).mean(1)) if with_tokens else instance
 
     def forward(self, images):
         return self.head(self.features(images))  # (B, C)
@@ -96,6 +110,19 @@ class LARS(torch.optim.Optimizer):
                 p.add_(state["momentum_buffer"], alpha=-group["lr"])
 
 
+def load_encoder(args, rank, log):
+    """The frozen encoder: --pretrained's --branch, else random (the same in every process)."""
+    utils.set_seed(args.seed)  # every process draws the same random encoder (used without --pretrained)
+    encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch],
+                                       ca_depth=2, layer_scale=0.1)
+    utils.set_seed(args.seed + rank)
+    # --knn and --extract train nothing, so they always read --pretrained, even where a probe's checkpoint-last.pth
+    # exists
+    trains = not (args.knn or args.extract)
+    utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir if trains else None)
+    return encoder
+
+
 def knn(probe, train_set, val_set, num_classes, batch_size, device, args, log):
     """k-NN evaluation of the probe's frozen features; one line per k, one JSON line in log.jsonl and, with
     --report-to, eval/k{k}_acc1 and eval/k{k}_acc5 at step 0."""
@@ -114,6 +141,54 @@ def knn(probe, train_set, val_set, num_classes, batch_size, device, args, log):
     reporter.close()
 
 
+def extract(probe, transform, batch_size, device, args, log):
+    """--extract: every process writes the rows of its parts of the source (data.extraction_loader) to files of
+    their own as the batches come; then rank 0 joins them in the source's order into instance.npy and tokens.npy
+    (numpy.lib.format.open_memmap: no copy of the whole array in memory) and names.txt."""
+    loader, num_parts = data.extraction_loader(args.data, transform, batch_size, args.num_workers, args.seed, device,
+                                               args.synthetic_size, args.img_size)
+    parts = os.path.join(args.output_dir, "extract-parts")
+    if utils.is_main():
+        shutil.rmtree(parts, ignore_errors=True)  # of an earlier, stopped run
+        os.makedirs(parts)
+    barrier = torch.distributed.barrier if utils.distributed() else (lambda: None)
+    barrier()
+
+    def part_path(part, kind):
+        return os.path.join(parts, f"{part:06d}.{kind}")
+
+    for images, names, part in loader:
+        with utils.autocast(device, args.amp):
+            rows = probe.features(utils.normalize(images.to(device, non_blocking=True)), with_tokens=True)
+        for kind, values in zip(("instance", "tokens"), rows):
+            with open(part_path(part, kind), "ab") as f:
+                f.write(values.float().cpu().numpy().tobytes())
+        with open(part_path(part, "names"), "a") as f:
+            f.write("".join(name + "\n" for name in names))
+    barrier()
+    if not utils.is_main():
+        return
+    dim = probe.encoder.embed_dim
+    sizes = [os.path.getsize(part_path(p, "instance")) // (4 * dim) if os.path.exists(part_path(p, "instance"))
+             else 0 for p in range(num_parts)]
+    for kind in ("instance", "tokens"):
+        out = np.lib.format.open_memmap(os.path.join(args.output_dir, f"{kind}.npy"), mode="w+", dtype=np.float32,
+                                        shape=(sum(sizes), dim))
+        for p, start in zip(range(num_parts), np.cumsum([0] + sizes)):
+            if sizes[p]:
+                out[start:start + sizes[p]] = np.fromfile(part_path(p, kind), dtype=np.float32).reshape(-1, dim)
+        out.flush()
+        del out
+    with open(os.path.join(args.output_dir, "names.txt"), "w") as f:
+        for p in range(num_parts):
+            if sizes[p]:
+                with open(part_path(p, "names")) as part:
+                    shutil.copyfileobj(part, f)
+    shutil.rmtree(parts)
+    log(f"wrote the {args.branch} encoder's features of {sum(sizes)} images of {args.data} to {args.output_dir}: "
+        f"instance.npy and tokens.npy ({sum(sizes)}, {dim}), names.txt")
+
+
 def main(argv=None):
     args = get_args(argv)
     utils.check_image_size(args)
@@ -125,8 +200,11 @@ def main(argv=None):
     utils.make_output_dir(args.output_dir)
 
     # torchvision's default bilinear resizing for training and evaluation, as the official probe
-    train_transform = v2.Compose([v2.RandomResizedCrop(args.img_size), v2.RandomHorizontalFlip(), v2.PILToTensor()])
     val_transform = data.eval_transform(args.img_size, v2.InterpolationMode.BILINEAR)
+    if args.extract:
+        probe = LinearProbe(load_encoder(args, rank, log), 1, args.final_norm).to(device)
+        return extract(probe, val_transform, local_batch, device, args, log)
+    train_transform = v2.Compose([v2.RandomResizedCrop(args.img_size), v2.RandomHorizontalFlip(), v2.PILToTensor()])
     if args.knn:  # neighbours are looked up among the training images as evaluated
         train_transform = val_transform
     train_set, val_set, num_classes = data.classification_datasets(
@@ -136,13 +214,7 @@ def main(argv=None):
     if args.knn and max(args.knn_k) > len(train_set):
         utils.fail(f"--knn-k {max(args.knn_k)} is more than the {len(train_set)} training images")
 
-    utils.set_seed(args.seed)  # every process draws the same random encoder (used without --pretrained)
-    encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch],
-                                       ca_depth=2, layer_scale=0.1)
-    utils.set_seed(args.seed + rank)
-    # --knn trains nothing, so it always reads --pretrained, even where a probe's checkpoint-last.pth exists
-    utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, None if args.knn else args.output_dir)
-    probe = LinearProbe(encoder, num_classes, args.final_norm).to(device)
+    probe = LinearProbe(load_encoder(args, rank, log), num_classes, args.final_norm).to(device)
     if args.knn:
         knn(probe, train_set, val_set, num_classes, local_batch, device, args, log)
         return

@@ -2,10 +2,12 @@
 
     python pretrain.py --data synthetic --device cpu ...                 # one process
     torchrun --nproc_per_node 8 pretrain.py --data /path/to/imagenet     # official ViT-B recipe (defaults)
+    torchrun ... pretrain.py --data 'in22k/{000000..014197}.tar' --train-num-samples 14197122   # shards
 """
 import argparse
 import math
 import os
+import sys
 import time
 
 import torch
@@ -22,8 +24,14 @@ COLLAPSE_STD = 0.1  # target_std below this: the target representation is collap
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
-    utils.add_common_args(p, "ImageNet root (uses ROOT/train)", "output/pretrain", 224, 2048, 10)
+    utils.add_common_args(p, "a folder of images at any depth (ROOT/train when it exists), a text file of image "
+                             "paths (one a line, relative to its folder), WebDataset shards ('dir/{000..099}.tar', "
+                             "several joined by '::', pipe: commands)", "output/pretrain", 224, 2048, 10)
     p.add_argument("--synthetic-size", type=int, default=256, help="images in the synthetic set")
+    p.add_argument("--train-num-samples", type=int, default=None,
+                   help="images per epoch over shards (required there: shards have no length)")
+    p.add_argument("--max-skipped", type=float, default=0.01,
+                   help="unreadable images are skipped; stop when more than this fraction of a process's epoch is")
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--warmup-epochs", type=float, default=40)
     p.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * batch-size / 256")
@@ -178,11 +186,24 @@ def monitor_loaders(args, batch_size, device):
     return loaders, num_classes
 
 
-def build_dataset(args, transform):
-    if args.data == "synthetic":
-        return data.SyntheticImages(args.synthetic_size, args.img_size, transform=transform, seed=args.seed)
-    train = os.path.join(args.data, "train")
-    return data.image_folder(train if os.path.isdir(train) else args.data, transform, data.decode_rgb)
+class SkippedImages:
+    """This process's unreadable images, skipped by the loader (data.Batch.skipped): warns about the first
+    data.WARN_SKIPPED of the run, and stops with one line when an epoch's count passes --max-skipped of the
+    images the process reads in an epoch (`share`). Set `count` to 0 when an epoch starts."""
+
+    def __init__(self, max_skipped, share):
+        self.max_skipped, self.share, self.count, self.warned = max_skipped, share, 0, 0
+
+    def add(self, batch, epoch):
+        for error in batch.skipped:
+            self.count += 1
+            if self.count > self.max_skipped * self.share:
+                utils.fail(f"{error} ({self.count} unreadable images in epoch {epoch}: more than --max-skipped "
+                           f"{self.max_skipped} of the {self.share} images a process reads per epoch)")
+            if self.warned < data.WARN_SKIPPED:
+                self.warned += 1
+                print(f"warning: skipped {error}" + (" (further ones are only counted)"
+                                                      if self.warned == data.WARN_SKIPPED else ""), file=sys.stderr)
 
 
 def compile_model(learner, mode="default"):
@@ -281,12 +302,14 @@ def main(argv=None):
     utils.set_seed(args.seed + rank)
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    dataset = build_dataset(args, crop_transform(args.img_size, args.crop_min))
-    loader = data.make_loader(dataset, local_batch, train=True, num_workers=args.num_workers, seed=args.seed,
-                               device=device)
+    if not 0 <= args.max_skipped <= 1:
+        utils.fail(f"--max-skipped is a fraction of the epoch, 0 to 1, got {args.max_skipped}")
+    loader, epoch_images = data.pretraining_loader(args, crop_transform(args.img_size, args.crop_min), local_batch,
+                                                   device)
     steps_per_epoch = len(loader) // args.accum_iter
     if steps_per_epoch == 0:
-        utils.fail(f"{len(dataset)} images give no full batch of {args.batch_size}; lower --batch-size")
+        utils.fail(f"{epoch_images} images give no full batch of {args.batch_size}; lower --batch-size")
+    skipped = SkippedImages(args.max_skipped, steps_per_epoch * args.accum_iter * local_batch)
 
     if args.monitor is not None:
         monitor, monitor_classes = monitor_loaders(args, local_batch, device)
@@ -302,6 +325,10 @@ def main(argv=None):
     checkpointer = utils.Checkpointer(args, log=log)
     checkpoint = checkpointer.resume(learner, optimizer, scaler, args, ARCH_FLAGS)
     start_epoch, start_step = utils.resume_position(checkpoint)
+    if start_step and data.is_shards(args.data) and checkpoint["args"].get("num_workers") != args.num_workers:
+        log(f"warning: resumed mid-epoch over shards with --num-workers {args.num_workers}, not "
+            f"{checkpoint['args'].get('num_workers')}: the shards of the rest of epoch {start_epoch} are split "
+            f"anew, so it may read images the run has already used in it")
     if args.compile:
         compile_model(learner, args.compile)
     updates = step_updates(args, learner, optimizer, device, amp)
@@ -310,7 +337,7 @@ def main(argv=None):
     base_lr = args.blr * args.batch_size / 256
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     n_params = sum(p.numel() for p in learner.online_params()) / 1e6
-    log(f"{args.arch} {n_params:.1f}M online params | {len(dataset)} images, {world_size} process(es) x "
+    log(f"{args.arch} {n_params:.1f}M online params | {epoch_images} images, {world_size} process(es) x "
         f"{local_batch} x {args.accum_iter} = batch {args.batch_size} | lr {base_lr:.2e} | amp {amp} | "
         f"{steps_per_epoch} steps/epoch on {device}")
 
@@ -335,18 +362,25 @@ def main(argv=None):
         first = start_step if epoch == start_epoch else 0  # steps done before a mid-epoch resume
         learner.train()
         batches = utils.epoch_batches(loader, epoch, first * args.accum_iter)
-        sums = checkpointer.partial_sums(torch.zeros(4, device=device))  # loss, target_std, finite grad norms, count
-        meter = utils.Meter(steps_per_epoch - first)
+        # loss, target_std, finite grad norms and their count, images read, unreadable ones skipped
+        sums = checkpointer.partial_sums(torch.zeros(6, dtype=torch.float64, device=device))
+        meter, skipped.count = utils.Meter(steps_per_epoch - first), 0
         for step in range(first, steps_per_epoch):
             checkpointer.boundary(lambda: state(epoch, step), sums, f"epoch {epoch} step {step}/{steps_per_epoch}")
             utils.seed_step(args.seed, rank, epoch, step)  # the same masks and augmentations when resumed
             it = epoch * steps_per_epoch + step
-            micro_batches = [next(batches)[0].to(device, non_blocking=True) for _ in range(args.accum_iter)]
+            loaded = [next(batches) for _ in range(args.accum_iter)]
+            for batch in loaded:
+                skipped.add(batch, epoch)
+            micro_batches = [batch.images.to(device, non_blocking=True) for batch in loaded]
             lr = utils.cosine_schedule(it, total_steps, warmup_steps, base_lr)
             momentum = models.momentum_at(it / steps_per_epoch, args.epochs, args.ema)
             loss, spread, grad_norm = train_step(model, updates, scaler, micro_batches, lr, momentum, amp,
                                                  args.color_aug, clip_grad=args.clip_grad)
-            sums += torch.cat([torch.stack([loss.detach(), spread]), utils.finite_and_count(grad_norm)])
+            counts = torch.tensor([sum(len(b.names) for b in loaded), sum(len(b.skipped) for b in loaded)],
+                                  dtype=torch.float64)
+            sums += torch.cat([torch.stack([loss.detach(), spread]).double(),
+                               utils.finite_and_count(grad_norm.double()), counts.to(device, non_blocking=True)])
             if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
                 value, std, norm = torch.stack([loss.float(), spread.float(), grad_norm.float()]).tolist()
                 if not math.isfinite(value):
@@ -363,11 +397,13 @@ def main(argv=None):
         totals = utils.all_reduce_sum(sums).tolist()
         epoch_loss, epoch_std = (total / (steps_per_epoch * world_size) for total in totals[:2])
         grad_norm = totals[2] / totals[3] if totals[3] else None  # the mean of the steps not skipped (fp16)
+        images_read, images_skipped = int(totals[4]), int(totals[5])
         if not math.isfinite(epoch_loss):
             utils.fail(f"non-finite loss at epoch {epoch}; the last good checkpoint is kept")
         elapsed = time.time() - meter.start
         record = {"epoch": epoch, "train_loss": epoch_loss, "target_std": epoch_std, "lr": lr, "momentum": momentum,
-                  "grad_norm": grad_norm, "time_s": round(elapsed, 2),
+                  "grad_norm": grad_norm, "samples": images_read, "skipped_images": images_skipped,
+                  "time_s": round(elapsed, 2),
                   "images_per_s": round((steps_per_epoch - first) * args.batch_size / elapsed, 1)}
         if epoch_std < COLLAPSE_STD:
             log(f"warning: target_std {epoch_std:.3f} < {COLLAPSE_STD} in epoch {epoch}: the target representation "
@@ -377,7 +413,8 @@ def main(argv=None):
             record.update(knn_acc1=monitor_knn(), knn_time_s=round(time.time() - start, 2))
             if knn_init is not None:
                 record["knn_acc1_init"] = knn_init
-        log(f"epoch {epoch}: loss {epoch_loss:.4f} target_std {epoch_std:.3f}"
+        log(f"epoch {epoch}: loss {epoch_loss:.4f} target_std {epoch_std:.3f} | {images_read} images read, "
+            f"{images_skipped} unreadable skipped"
             + (f" {MONITOR_K}-NN acc1 {record['knn_acc1']:.2f}" if "knn_acc1" in record else "")
             + (f" (at initialisation {knn_init:.2f})" if "knn_acc1_init" in record else ""))
         checkpointer.save(state(epoch + 1, 0), record)

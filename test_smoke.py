@@ -7,6 +7,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -379,7 +380,8 @@ def test_device_colouring_probabilities_and_independent_views():
 def test_pretrain_views_share_one_crop(tmp_path, monkeypatch):
     """The loader ships one uint8 crop per image; the two views differ only by their colouring."""
     args = pretrain.get_args(TINY)
-    crop = pretrain.build_dataset(args, pretrain.crop_transform(32, 0.2))[0][0]
+    loader, _ = data.pretraining_loader(args, pretrain.crop_transform(32, 0.2), 4, torch.device("cpu"))
+    crop = next(iter(loader)).images[0]
     assert crop.dtype == torch.uint8 and crop.shape == (3, 32, 32)
     seen, forward = [], models.ExtreMA.forward
     monkeypatch.setattr(models.ExtreMA, "forward", lambda self, x1, x2, **kwargs: seen.append((x1, x2)) or
@@ -2490,3 +2492,249 @@ def test_curves_of_two_logs(tmp_path):
     (tmp_path / "run_a" / "log.jsonl").write_text('{"epoch": 0}\nnot json\n')
     with pytest.raises(SystemExit, match=r"^error: .*log.jsonl line 2 is not JSON$"):
         visualize.main(["--curves", str(tmp_path / "run_a")])
+
+
+# Data sources: folders at any depth, list files, WebDataset shards; unreadable images; --extract
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """24 synthetic 32x32 PNGs as an unlabelled folder (img<i>.png at depth 0, 1 and 2 in turn) and the same bytes
+    as 4 WebDataset shards of 6 (keys img000 .. img023) written with webdataset.ShardWriter."""
+    wds = pytest.importorskip("webdataset")
+    root = tmp_path_factory.mktemp("sources")
+    images = data.SyntheticImages(24, 32, seed=1)
+    with wds.ShardWriter(str(root / "shard-%d.tar"), maxcount=6, verbose=0) as sink:
+        for i in range(24):
+            path = root / "folder" / ("", "a", "a/b")[i % 3] / f"img{i:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            images[i][0].save(path)
+            sink.write({"__key__": f"img{i:03d}", "png": path.read_bytes()})
+    return root
+
+
+def shards(root):
+    return f"{root}/shard-{{0..3}}.tar"
+
+
+def record_batches(monkeypatch):
+    """The names of the images of every batch the pretraining loop takes, by epoch ({epoch: [[names], ...]})."""
+    seen, start = {}, utils.epoch_batches
+
+    def recording(loader, epoch, skip_batches=0):
+        for batch in start(loader, epoch, skip_batches):
+            seen.setdefault(epoch, []).append(batch.names)
+            yield batch
+
+    monkeypatch.setattr(utils, "epoch_batches", recording)
+    return seen
+
+
+def test_folder_at_any_depth_and_symlinks(sources, tmp_path, monkeypatch):
+    """Every image at any depth is a sample, in sorted path order; a symlinked folder is followed, a loop is not
+    (also in the labelled folders of the evaluation stages); pretraining reads them all."""
+    names = data.folder_images(str(sources / "folder"))
+    assert len(names) == 24 and names == sorted(names)
+    assert {"img000.png", "a/img001.png", "a/b/img002.png"} <= set(names)
+    tree, other = tmp_path / "tree", tmp_path / "other"
+    shutil.copytree(sources / "folder", tree)
+    other.mkdir()
+    shutil.copy(tree / "img000.png", other / "x.png")
+    os.symlink("..", tree / "a" / "loop")  # would repeat the tree without end
+    os.symlink(other, tree / "linked")
+    assert data.folder_images(str(tree)) == sorted(names + ["linked/x.png"])
+    (tmp_path / "labelled").mkdir()
+    os.symlink(tree, tmp_path / "labelled" / "class_a")
+    assert len(data.image_folder(str(tmp_path / "labelled"), None)) == 25
+    seen = record_batches(monkeypatch)
+    pretrain.main(TINY + ["--arch", "vit_fixture", "--epochs", "1", "--batch-size", "8",
+                          "--data", str(sources / "folder"), "--output-dir", str(tmp_path / "out")])
+    assert sorted(sum(seen[0], [])) == names  # 3 steps of 8: each image once
+    assert read_log(tmp_path / "out")[0]["samples"] == 24 and read_log(tmp_path / "out")[0]["skipped_images"] == 0
+
+
+def test_list_file_missing_and_corrupt_images_are_skipped(sources, tmp_path, monkeypatch, capsys):
+    """A list file with relative and absolute paths, a missing entry and a corrupt image: both skipped in a batch
+    that keeps its size, named in warnings, counted in the epoch's log line; above --max-skipped one line stops."""
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    folder = str(sources / "folder")
+    good = [os.path.relpath(os.path.join(folder, name), tmp_path) for name in data.folder_images(folder)]
+    lines = good[:13] + [str(sources / "folder" / "img003.png"), "", "missing.png", "broken.png"]
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    command = TINY + ["--arch", "vit_fixture", "--epochs", "1", "--data", str(tmp_path / "list.txt"), "--output-dir"]
+    seen, shapes, step = record_batches(monkeypatch), [], pretrain.train_step
+    monkeypatch.setattr(pretrain, "train_step", lambda model, opt, scaler, micro_batches, *a, **k:
+                        shapes.append(micro_batches[0].shape) or step(model, opt, scaler, micro_batches, *a, **k))
+    pretrain.main(command + [str(tmp_path / "skip"), "--max-skipped", "0.2"])
+    assert shapes == [(16, 3, 32, 32)] and sorted(seen[0][0]) == sorted(line for line in lines if line)
+    record = read_log(tmp_path / "skip")[0]
+    assert record["samples"] == 16 and record["skipped_images"] == 2
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: skipped")]
+    assert len(warnings) == 2 and any(f"{tmp_path / 'missing.png'}: " in w for w in warnings)
+    assert any(f"cannot read image {tmp_path / 'broken.png'}: " in w for w in warnings)
+    message = stage_error("pretrain", command + [str(tmp_path / "stop")])
+    assert re.fullmatch(r"error: cannot read image .*: .* \(1 unreadable images in epoch 0: more than --max-skipped "
+                        r"0\.01 of the 16 images a process reads per epoch\)", message)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    empty = TINY + ["--data", str(tmp_path / "empty.txt"), "--output-dir", str(tmp_path / "e")]
+    assert stage_error("pretrain", empty) == f"error: list file {tmp_path / 'empty.txt'} names no images"
+
+
+def test_unreadable_shard_samples_are_skipped(sources, tmp_path, monkeypatch):
+    """In shards too: a corrupt image and a sample without one are skipped and counted, the batch keeps its size."""
+    import webdataset as wds
+    with wds.ShardWriter(str(tmp_path / "bad-%d.tar"), maxcount=8, verbose=0) as sink:
+        for i, name in enumerate(data.folder_images(str(sources / "folder"))[:14]):
+            sink.write({"__key__": f"img{i:03d}", "png": (sources / "folder" / name).read_bytes()})
+        sink.write({"__key__": "corrupt", "jpg": b"not an image"})
+        sink.write({"__key__": "text_only", "txt": b"no image here"})
+    seen = record_batches(monkeypatch)
+    pretrain.main(TINY + ["--arch", "vit_fixture", "--epochs", "1", "--data", f"{tmp_path}/bad-{{0..1}}.tar",
+                          "--train-num-samples", "16", "--max-skipped", "0.2", "--output-dir", str(tmp_path / "out")])
+    assert {"corrupt", "text_only"} <= set(seen[0][0]) and len(seen[0][0]) == 16
+    record = read_log(tmp_path / "out")[0]
+    assert (record["samples"], record["skipped_images"]) == (16, 2)
+
+
+def test_shard_errors_are_one_line(sources, tmp_path, monkeypatch):
+    command = TINY + ["--data", shards(sources), "--output-dir", str(tmp_path / "out")]
+    assert stage_error("pretrain", command) == ("error: --data over shards needs --train-num-samples N, the images of "
+                                                "an epoch (shards have no length)")
+    assert stage_error("pretrain", command + ["--train-num-samples", "24", "--num-workers", "5"]) == (
+        "error: 4 shards for 1 process(es) x 5 loader worker(s): each needs a shard of its own (write more shards or "
+        "lower --num-workers)")
+    nothing = f"{tmp_path}/none-{{00..02}}.tar::{tmp_path}/other.tar"
+    assert stage_error("pretrain", TINY + ["--data", nothing, "--train-num-samples", "24"]) == (
+        f"error: --data {nothing}: 4 of its 4 shards do not exist, e.g. {tmp_path}/none-00.tar")
+    monkeypatch.setitem(sys.modules, "webdataset", None)  # not installed
+    assert stage_error("pretrain", command + ["--train-num-samples", "24"]) == \
+        "error: reading shards needs the webdataset package (pip install webdataset)"
+
+
+def test_shards_mid_epoch_resume_reads_no_sample_twice(sources, tmp_path, monkeypatch, capsys):
+    """Over shards, killed after a --save-interval checkpoint mid-epoch and resumed: with --num-workers 0 the log and
+    weights of a straight run; with 2 workers the same images in the same order, none read twice in the epoch.
+    An epoch larger than the shards starts them again, with a warning."""
+    save = utils.save_checkpoint
+    for workers, stop in (("0", (0, 2)), ("2", (0, 3))):
+        command = TINY + ["--arch", "vit_fixture", "--data", shards(sources), "--train-num-samples", "24",
+                          "--batch-size", "4", "--epochs", "2" if workers == "0" else "1", "--num-workers", workers]
+        seen = record_batches(monkeypatch)
+        pretrain.main(command + ["--output-dir", str(tmp_path / f"straight{workers}")])
+        straight = {epoch: sum(names, []) for epoch, names in seen.items()}
+        assert all(len(set(names)) == 24 for names in straight.values())  # 6 steps: every image once per epoch
+
+        def save_then_die(state, path):
+            save(state, path)
+            if (state["epoch"] + 1, state["step"]) == stop:  # a checkpoint's epoch is the last finished one
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(utils, "save_checkpoint", save_then_die)
+        resumed = command + ["--output-dir", str(tmp_path / f"resumed{workers}"), "--save-interval", "1e-9"]
+        seen.clear()
+        with pytest.raises(KeyboardInterrupt):
+            pretrain.main(resumed)
+        monkeypatch.setattr(utils, "save_checkpoint", save)
+        killed = sum(seen.pop(0), [])
+        assert len(killed) == 4 * stop[1]  # died before reading the batch of step stop[1]
+        pretrain.main(resumed)
+        assert killed + sum(seen[0], []) == straight[0]
+        assert {epoch: sum(names, []) for epoch, names in seen.items() if epoch} == \
+               {epoch: names for epoch, names in straight.items() if epoch}
+        clock = lambda out: [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")} for r in read_log(out)]
+        if workers == "0":  # in the main process the crops, too, are the same
+            assert clock(tmp_path / "resumed0") == clock(tmp_path / "straight0")
+            a, b = (torch.load(tmp_path / d / "checkpoint-last.pth", weights_only=False)["model"]
+                    for d in ("straight0", "resumed0"))
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    seen = record_batches(monkeypatch)
+    pretrain.main(TINY + ["--arch", "vit_fixture", "--data", shards(sources), "--train-num-samples", "32",
+                          "--batch-size", "8", "--epochs", "1", "--output-dir", str(tmp_path / "more")])
+    names = sum(seen[0], [])
+    assert len(names) == 32 and len(set(names)) == 24
+    assert "has read all 24 samples of its shards in epoch 0 and starts them again" in capsys.readouterr().err
+
+
+def extract_args(out, source, *extra):
+    return ["--extract", "--data", source, "--arch", "vit_fixture", "--img-size", "32", "--patch-size", "8",
+            "--batch-size", "4", "--device", "cpu", "--num-workers", "0", "--output-dir", str(out), *extra]
+
+
+def read_extract(out):
+    with open(os.path.join(out, "names.txt")) as f:
+        names = f.read().splitlines()
+    return np.load(os.path.join(out, "instance.npy")), np.load(os.path.join(out, "tokens.npy")), names
+
+
+def test_extract_folder_and_shards(sources, tmp_path, official_file):
+    """--extract writes a row per image in the source's order: the probe's instance feature and the mean token after
+    the final norm, float32; names are paths for a folder and keys for shards, the same image the same rows."""
+    _, checkpoint = official_file
+    linprobe.main(extract_args(tmp_path / "folder", str(sources / "folder"), "--pretrained", checkpoint))
+    linprobe.main(extract_args(tmp_path / "shards", shards(sources), "--pretrained", checkpoint, "--num-workers", "2"))
+    instance, tokens, names = read_extract(tmp_path / "folder")
+    assert names == data.folder_images(str(sources / "folder"))
+    assert instance.shape == tokens.shape == (24, 64) and instance.dtype == tokens.dtype == np.float32
+    assert sorted(os.listdir(tmp_path / "folder")) == ["instance.npy", "names.txt", "tokens.npy"]
+    encoder = linprobe.load_encoder(linprobe.get_args(extract_args(tmp_path, "x", "--pretrained", checkpoint)), 0,
+                                    lambda *a: None).eval()
+    image = data.eval_transform(32, v2.InterpolationMode.BILINEAR)(data.decode_image(
+        str(sources / "folder" / names[5])))
+    with torch.no_grad():
+        patch_tokens, expected = encoder.forward_features(utils.normalize(image[None]))
+    assert torch.allclose(torch.from_numpy(instance[5]), expected[0], atol=1e-5)
+    assert torch.allclose(torch.from_numpy(tokens[5]), encoder.norm(patch_tokens).mean(1)[0], atol=1e-5)
+    shard_instance, shard_tokens, keys = read_extract(tmp_path / "shards")
+    assert keys == [f"img{i:03d}" for i in range(24)]  # shard 0's samples, then shard 1's, ...
+    order = [keys.index(os.path.basename(name)[:-4]) for name in names]
+    assert np.allclose(shard_instance[order], instance, atol=1e-5)
+    assert np.allclose(shard_tokens[order], tokens, atol=1e-5)
+
+
+def test_torchrun_shards_equal_steps_and_extract(sources, tmp_path, official_file):
+    """Two processes x 2 loader workers over 4 shards: every process takes the same steps, an epoch reads no image
+    twice and logs the images read; then --extract over the shards in two processes writes the one-process rows."""
+    _, checkpoint = official_file
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import json, os, sys, torch\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import pretrain, utils\n"
+        "seen, start = {}, utils.epoch_batches\n"
+        "def recording(loader, epoch, skip_batches=0):\n"
+        "    for batch in start(loader, epoch, skip_batches):\n"
+        "        seen.setdefault(epoch, []).append(batch.names)\n"
+        "        yield batch\n"
+        "utils.epoch_batches = recording\n"
+        "pretrain.main(json.loads(sys.argv[1]))\n"
+        "json.dump(seen, open(sys.argv[2] + os.environ['RANK'], 'w'))\n")
+    out = tmp_path / "pre"
+    pretraining = TINY + ["--arch", "vit_fixture", "--data", shards(sources), "--train-num-samples", "16",
+                          "--batch-size", "8", "--num-workers", "2", "--epochs", "2", "--output-dir", str(out)]
+    extraction = extract_args(tmp_path / "two", shards(sources), "--pretrained", checkpoint, "--batch-size", "8")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    runs = [subprocess.Popen(torchrun + command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # the two runs side by side
+            for command in ([str(driver), json.dumps(pretraining), str(tmp_path / "names")],
+                            ["linprobe.py", *extraction])]
+    results = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-3000:] for _, err in results]
+    ranks = [json.loads((tmp_path / f"names{r}").read_text()) for r in (0, 1)]
+    for epoch in ("0", "1"):
+        assert [len(rank[epoch]) for rank in ranks] == [2, 2]  # 16 images / (2 processes x 4) each epoch
+        names = sum(ranks[0][epoch] + ranks[1][epoch], [])
+        assert len(names) == len(set(names)) == 16
+    assert [(r["samples"], r["skipped_images"]) for r in read_log(out)] == [(16, 0), (16, 0)]
+    assert "starts them again" not in results[0][1]
+    linprobe.main(extract_args(tmp_path / "one", shards(sources), "--pretrained", checkpoint))
+    one_instance, one_tokens, one_names = read_extract(tmp_path / "one")
+    instance, tokens, names = read_extract(tmp_path / "two")
+    assert names == one_names and len(names) == 24
+    assert np.allclose(instance, one_instance, atol=1e-6) and np.allclose(tokens, one_tokens, atol=1e-6)
+
+
+def test_bench_times_the_loader_over_shards(sources, capsys):
+    out = run_bench(capsys, BENCH_TINY + ["--batch-size", "4", "--data", shards(sources), "--train-num-samples", "24",
+                                          "--data-batches", "2"])
+    assert out["loader_images_per_s"] > 0 and out["loader_cpu_ms_per_image"] > 0

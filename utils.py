@@ -688,8 +688,12 @@ def to_device(batch, device):
 
 
 def epoch_batches(loader, epoch, skip_batches=0):
-    """The batches of one epoch of a make_loader(train=True) loader, from batch `skip_batches` on."""
-    loader.sampler.set_epoch(epoch, skip_batches * loader.batch_size)
+    """The batches of one epoch of a make_loader(train=True) loader, from batch `skip_batches` on (over shards,
+    data.ShardBatches makes the batches and skips them)."""
+    if isinstance(loader.dataset, torch.utils.data.IterableDataset):
+        loader.dataset.set_epoch(epoch, skip_batches)
+    else:
+        loader.sampler.set_epoch(epoch, skip_batches * loader.batch_size)
     return iter(loader)
 
 
