@@ -3,6 +3,8 @@ sets and the per-process DataLoader with its resumable sampler.
 
 A file of its own, beside utils.py (which it imports for errors and the process layout) and imported by the
 stages: the data sources are a concern of their own, and utils.py holds the rest of the plumbing."""
+import functools
+import io
 import itertools
 import os
 import signal
@@ -26,33 +28,111 @@ def load_rgb(path):
         raise utils.DataError(f"cannot read image {path}: {e}") from None
 
 
-def decode_rgb(path):
-    """An image file as a uint8 RGB tensor (3, H, W): torchvision.io for JPEG, PNG, WebP and GIF (about 15% less
-    CPU than PIL for a JPEG, and no copy from PIL), else load_rgb; an unreadable file raises DataError naming it."""
+ARRAY_DTYPES = (np.uint8, np.uint16, np.float32)  # of .npy inputs, kept as they are (normalize scales each)
+# the files decode() reads: torchvision's image extensions and arrays
+EXTENSIONS = (*datasets.folder.IMG_EXTENSIONS, ".npy")
+# 16-bit and floating-point PIL modes (TIFF) read as arrays: I;16* -> uint16, I -> int32 (cast to uint16), F -> float32
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I", "F")
+
+
+def decode_array(raw, in_chans):
+    """A .npy file's bytes: an array (H, W, C) or, for one channel, (H, W) of uint8, uint16 or float32 -> a
+    tensor (C, H, W) of the same dtype (one copy, into channel-first order)."""
+    array = np.load(io.BytesIO(raw), allow_pickle=False)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    array = array[:, :, None] if array.ndim == 2 else array
+    if array.ndim != 3 or array.shape[2] != in_chans or array.dtype not in ARRAY_DTYPES:
+        raise ValueError(f"expected an array (H, W, {in_chans}) of uint8, uint16 or float32, got {array.dtype} "
+                         f"{array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def decode_pil(raw, in_chans):
+    """What torchvision.io does not decode (TIFF, BMP, ...), through PIL: one channel keeps 16-bit and float
+    data (WIDE_MODES) as uint16 or float32, else grey uint8; three channels RGB uint8."""
+    with Image.open(io.BytesIO(raw)) as img:
+        if in_chans == 1 and img.mode in WIDE_MODES:
+            array = np.asarray(img)
+            if array.dtype == np.int32:
+                array = array.clip(0, 65535).astype(np.uint16)
+            return torch.from_numpy(array.astype(array.dtype.newbyteorder("="))[None].copy())
+        if in_chans not in (1, 3):
+            raise ValueError(f"an image file has 1 or 3 channels, not {in_chans}: store such data as .npy (H, W, C)")
+        return v2.functional.pil_to_tensor(img.convert("L" if in_chans == 1 else "RGB"))
+
+
+def decode(raw, ext, in_chans=3):
+    """An image file's bytes and extension (".png", ".npy", ...) -> a compact tensor (in_chans, H, W) in the
+    stored dtype, which normalize later maps to [0, 1] on the device: uint8 / 255, uint16 / 65535, float32 as
+    stored.
+
+    .npy: see decode_array. Image files: in_chans 1 gives one grey channel (a grey image is kept as it is, a
+    colour one converted; 16-bit PNG and TIFF stay uint16, never replicated), in_chans 3 RGB (a grey image
+    replicated), any other count the image's own channels if it has that many (RGBA for 4). JPEG, PNG, WebP and
+    GIF through torchvision.io (about 15% less CPU than PIL for a JPEG), the rest through PIL. Raises DataError
+    for a file that cannot give in_chans channels."""
     try:
-        return decode_image(path, mode=ImageReadMode.RGB)
-    except RuntimeError:
-        return v2.functional.pil_to_tensor(load_rgb(path))
+        if ext.lower() == ".npy":
+            return decode_array(raw, in_chans)
+        mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}.get(in_chans, ImageReadMode.UNCHANGED)
+        try:
+            image = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=mode)
+        except RuntimeError:
+            image = decode_pil(raw, in_chans)
+        if image.shape[0] != in_chans:
+            raise ValueError(f"{image.shape[0]} channel(s), not --in-chans {in_chans}")
+        return image
+    except Exception as e:
+        raise utils.DataError(f"cannot decode a {ext} file with {in_chans} channel(s): {e}") from None
 
 
-def image_folder(root, transform, loader=load_rgb):
-    """ImageFolder with a one-line error for a missing or empty folder; loader: load_rgb (PIL) or decode_rgb."""
+def decode_file(path, in_chans=3):
+    """decode() of the file at path; an unreadable file raises DataError naming it."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        return decode(raw, os.path.splitext(path)[1], in_chans)
+    except (OSError, utils.DataError) as e:
+        raise utils.DataError(f"cannot read image {path}: {e}") from None
+
+
+def image_folder(root, transform, loader=load_rgb, extensions=datasets.folder.IMG_EXTENSIONS):
+    """ImageFolder (as torchvision's DatasetFolder, which takes the extensions) with a one-line error for a missing
+    or empty folder; loader: load_rgb (PIL) or a decode_file (with EXTENSIONS: arrays too)."""
     if not os.path.isdir(root):
         utils.fail(f"data folder {root} does not exist")
     try:
-        return datasets.ImageFolder(root, transform=transform, loader=loader)
+        return datasets.DatasetFolder(root, loader, extensions, transform=transform)
     except FileNotFoundError:
         utils.fail(f"no images found in {root} (expected {root}/<class>/<image>)")
 
 
+def channel_stats(dataset, max_images=10_000, num_workers=0):
+    """Per-channel mean and standard deviation (lists of floats) of the pixels of up to max_images items of a
+    dataset of decoded tensors (C, H, W) in [0, 1] units (utils.normalize's scaling), over all their pixels: the
+    first max_images of a fixed random order (the same in every process and on resume). Sums in float64."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:max_images].tolist()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=None,
+                                         num_workers=num_workers, worker_init_fn=ignore_stop_signals)
+    sums = 0
+    for image, _ in loader:
+        x = utils.normalize(image, (0.0,) * len(image), (1.0,) * len(image)).double().flatten(1)  # (C, H*W)
+        sums = sums + torch.stack([x.sum(1), x.square().sum(1), torch.full_like(x[:, 0], x.shape[1])])
+    mean = sums[0] / sums[2]
+    std = (sums[1] / sums[2] - mean.square()).clamp_min(0).sqrt()
+    return mean.tolist(), std.tolist()
+
+
 class SyntheticImages(torch.utils.data.Dataset):
     """A small random labelled image set, the same for every run: each image is its class's colour plus
-    noise, so there is something to learn. Items are PIL images, so real transforms apply."""
+    noise, so there is something to learn. Items are PIL images (RGB, or grey for in_chans 1), so real
+    transforms apply; with other in_chans, uint8 tensors (C, H, W), as decode() gives."""
 
-    def __init__(self, size, img_size, num_classes=10, transform=None, seed=0):
+    def __init__(self, size, img_size, num_classes=10, transform=None, seed=0, in_chans=3):
         self.size, self.img_size, self.num_classes = size, img_size, num_classes
-        self.transform, self.seed = transform, seed
-        self.colours = np.random.default_rng(seed).integers(0, 256, (num_classes, 3))
+        self.transform, self.seed, self.in_chans = transform, seed, in_chans
+        self.colours = np.random.default_rng(seed).integers(0, 256, (num_classes, in_chans))
 
     def __len__(self):
         return self.size
@@ -64,14 +144,19 @@ class SyntheticImages(torch.utils.data.Dataset):
     def __getitem__(self, index):
         label = index % self.num_classes
         rng = np.random.default_rng((self.seed, index))
-        noise = rng.normal(0, 40, (self.img_size, self.img_size, 3))
-        img = Image.fromarray(np.clip(self.colours[label] + noise, 0, 255).astype(np.uint8))
+        noise = rng.normal(0, 40, (self.img_size, self.img_size, self.in_chans))
+        pixels = np.clip(self.colours[label] + noise, 0, 255).astype(np.uint8)  # (H, W, C)
+        if self.in_chans in (1, 3):
+            img = Image.fromarray(pixels[:, :, 0] if self.in_chans == 1 else pixels)
+        else:
+            img = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
         return (self.transform(img) if self.transform else img), label
 
 
 def eval_transform(img_size, interpolation=v2.InterpolationMode.BICUBIC):
     """Resize(256/224 of the crop) + CenterCrop, the ImageNet evaluation protocol: bicubic as timm's fine-tuning
-    pipeline, bilinear (torchvision's default) for the official linear probe; uint8 (3, H, W) for to_device."""
+    pipeline, bilinear (torchvision's default) for the official linear probe; a PIL image or a decoded tensor
+    -> (C, H, W) in its stored dtype (uint8 for PIL) for to_device."""
     return v2.Compose([v2.Resize(int(img_size * 256 / 224), interpolation=interpolation),
                        v2.CenterCrop(img_size), v2.PILToTensor()])
 
@@ -118,26 +203,31 @@ def make_loader(dataset, batch_size, train, num_workers, seed, device, collate_f
                                        worker_init_fn=ignore_stop_signals, generator=generator)
 
 
-def classification_datasets(data, img_size, train_transform, val_transform, num_classes=None, synthetic_size=256):
+def classification_datasets(data, img_size, train_transform, val_transform, num_classes=None, synthetic_size=256,
+                            in_chans=3):
     """(train set, val set, number of classes).
 
     data "synthetic": SyntheticImages items 0..synthetic_size-1 for training and the next synthetic_size // 4
-    (at least 1) of the same set for validation, num_classes default 10. Otherwise ImageFolder
-    DATA/train and DATA/val, which must hold the same classes.
+    (at least 1) of the same set for validation, num_classes default 10, in_chans channels. Otherwise
+    ImageFolder DATA/train and DATA/val, which must hold the same classes: PIL RGB images for 3 channels (the
+    official pipelines' decoding), else decode_file's tensors of in_chans channels (arrays too).
     """
     if data == "synthetic":
         if synthetic_size < 1:
             utils.fail(f"--synthetic-size must be positive, got {synthetic_size}")
         num_classes = num_classes or 10
         num_val = max(1, synthetic_size // 4)
-        train = SyntheticImages(synthetic_size, img_size, num_classes, train_transform)
-        val = torch.utils.data.Subset(SyntheticImages(synthetic_size + num_val, img_size, num_classes, val_transform),
+        train = SyntheticImages(synthetic_size, img_size, num_classes, train_transform, in_chans=in_chans)
+        val = torch.utils.data.Subset(SyntheticImages(synthetic_size + num_val, img_size, num_classes, val_transform,
+                                                      in_chans=in_chans),
                                       range(synthetic_size, synthetic_size + num_val))
         return train, val, num_classes
     if not os.path.isdir(data):
         utils.fail(f"data folder {data} does not exist")
-    train = image_folder(os.path.join(data, "train"), train_transform)
-    val = image_folder(os.path.join(data, "val"), val_transform)
+    files = (load_rgb, datasets.folder.IMG_EXTENSIONS) if in_chans == 3 else \
+        (functools.partial(decode_file, in_chans=in_chans), EXTENSIONS)
+    train = image_folder(os.path.join(data, "train"), train_transform, *files)
+    val = image_folder(os.path.join(data, "val"), val_transform, *files)
     if train.classes != val.classes:
         utils.fail(f"{data}/train and {data}/val hold different classes ({len(train.classes)} vs {len(val.classes)})")
     if num_classes not in (None, len(train.classes)):

@@ -86,7 +86,8 @@ class RandAugment:
     applied with probability `prob`, at a magnitude drawn for that application from N(magnitude,
     magnitude_std) and clipped to timm's scale [0, 10]; level() maps it to the op's argument as timm does,
     and the signed ops (rotate, shear, translate, the enhancements) take a random sign. Geometric ops resample
-    bicubically (the official --train_interpolation) and fill with the ImageNet mean pixel, as timm.
+    bicubically (the official --train_interpolation) and fill with `fill` (default the ImageNet mean pixel, as
+    timm; finetune.py gives the run's mean).
     """
 
     OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
@@ -97,8 +98,9 @@ class RandAugment:
     MAX_MAGNITUDE = 10.0  # timm's _LEVEL_DENOM
     MEAN_PIXEL = tuple(round(255 * m) for m in utils.IMAGENET_MEAN)  # (124, 116, 104)
 
-    def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5):
+    def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5, fill=MEAN_PIXEL):
         self.num_ops, self.magnitude, self.magnitude_std, self.prob = num_ops, magnitude, magnitude_std, prob
+        self.fill = list(fill)  # one value per channel of the images
 
     @classmethod
     def level(cls, name, magnitude):
@@ -126,7 +128,7 @@ class RandAugment:
         if name not in self.UNSIGNED and torch.rand(()).item() < 0.5:
             v = -v
         width, height = image.size
-        geometric = dict(interpolation=v2.InterpolationMode.BICUBIC, fill=list(self.MEAN_PIXEL))
+        geometric = dict(interpolation=v2.InterpolationMode.BICUBIC, fill=self.fill)
         # PIL's affine maps output (x, y) to input (x + v * y, y) for ShearX, as timm: a shear of atan(v)
         # about the top-left corner; TranslateXRel reads input (x + v * width, y), a shift of -v * width
         ops = {
@@ -158,10 +160,12 @@ class RandAugment:
 
 
 def train_transform(args):
-    """RandomResizedCrop (bicubic), flip, RandAugment, colour jitter, as uint8 (3, H, W): normalisation, random
+    """RandomResizedCrop (bicubic), flip, RandAugment (on PIL: a decoded grey tensor becomes a PIL image first; its
+    geometric ops fill with the run's mean pixel), colour jitter, as uint8 (C, H, W): normalisation, random
     erasing and MixUp/CutMix follow on the device (utils.to_device, loss_fn)."""
+    fill = [round(255 * m) for m in args.mean]
     steps = [v2.RandomResizedCrop(args.img_size, interpolation=v2.InterpolationMode.BICUBIC),
-             v2.RandomHorizontalFlip(), RandAugment()]
+             v2.RandomHorizontalFlip(), v2.ToPILImage(), RandAugment(fill=fill)]
     if args.color_jitter > 0:
         steps.append(v2.ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter))
     return v2.Compose(steps + [v2.PILToTensor()])
@@ -245,12 +249,13 @@ def main(argv=None):
     local_batch = utils.local_batch_size(args.batch_size, world_size, args.accum_iter)
     args.lr = args.blr * args.batch_size / 256
     log = print if rank == 0 else (lambda *a: None)
+    utils.input_stats(args, log, channels=(1, 3))  # RandAugment works on PIL images: grey or RGB
     utils.make_output_dir(args.output_dir)
     utils.set_seed(args.seed + rank)
 
     train_set, val_set, num_classes = data.classification_datasets(
         args.data, args.img_size, train_transform(args), data.eval_transform(args.img_size), args.num_classes,
-        args.synthetic_size)
+        args.synthetic_size, args.in_chans)
     indices = subset_indices(train_set, args.train_subset, args.label_fraction)
     if indices is not None:
         log(f"semi-supervised: {len(indices)} of {len(train_set)} training images")
@@ -259,8 +264,8 @@ def main(argv=None):
     val_loader = data.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device)
     mixing = batch_mixing(args, num_classes)
 
-    encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch],
-                                       ca_depth=2, layer_scale=0.1, drop_path=args.drop_path)
+    encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
+                                       **models.ARCHS[args.arch], ca_depth=2, layer_scale=0.1, drop_path=args.drop_path)
     utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir)
     model = MeanPoolClassifier(encoder, num_classes).to(device)
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model

@@ -59,7 +59,7 @@ class LinearProbe(nn.Module):
 
     @torch.no_grad()
     def features(self, images):
-        """(B, 3, H, W) -> class-attention output (B, D), before the final norm unless final_norm."""
+        """(B, C, H, W) -> class-attention output (B, D), before the final norm unless final_norm."""
         _, instance = self.encoder.forward_features(images)
         return self.encoder.norm(instance) if self.final_norm else instance
 
@@ -101,7 +101,7 @@ def knn(probe, train_set, val_set, num_classes, batch_size, device, args, log):
     loaders = [data.make_loader(dataset, batch_size, False, args.num_workers, args.seed, device)
                for dataset in (train_set, val_set)]
     results = utils.knn_evaluate(probe.features, *loaders, num_classes, device, args.amp, args.knn_k,
-                                 args.knn_temperature)
+                                 args.knn_temperature, args.mean, args.std)
     record = dict(knn=True, branch=args.branch, pretrained=args.pretrained, temperature=args.knn_temperature)
     for k, (acc1, acc5) in results.items():
         log(f"{k}-NN of the {args.branch} encoder: acc1 {acc1:.2f} acc5 {acc5:.2f} "
@@ -118,6 +118,7 @@ def main(argv=None):
     local_batch = utils.local_batch_size(args.batch_size, world_size, args.accum_iter)
     args.lr = args.blr * args.batch_size / 256
     log = print if rank == 0 else (lambda *a: None)
+    utils.input_stats(args, log)
     utils.make_output_dir(args.output_dir)
 
     # torchvision's default bilinear resizing for training and evaluation, as the official probe
@@ -126,15 +127,15 @@ def main(argv=None):
     if args.knn:  # neighbours are looked up among the training images as evaluated
         train_transform = val_transform
     train_set, val_set, num_classes = data.classification_datasets(
-        args.data, args.img_size, train_transform, val_transform, args.num_classes, args.synthetic_size)
+        args.data, args.img_size, train_transform, val_transform, args.num_classes, args.synthetic_size, args.in_chans)
     if args.knn and min(args.knn_k) < 1:
         utils.fail(f"--knn-k must be at least 1, got {min(args.knn_k)}")
     if args.knn and max(args.knn_k) > len(train_set):
         utils.fail(f"--knn-k {max(args.knn_k)} is more than the {len(train_set)} training images")
 
     utils.set_seed(args.seed)  # every process draws the same random encoder (used without --pretrained)
-    encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch],
-                                       ca_depth=2, layer_scale=0.1)
+    encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
+                                       **models.ARCHS[args.arch], ca_depth=2, layer_scale=0.1)
     utils.set_seed(args.seed + rank)
     # --knn trains nothing, so it always reads --pretrained, even where a probe's checkpoint-last.pth exists
     utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, None if args.knn else args.output_dir)
