@@ -159,13 +159,23 @@ class RandAugment:
         return image
 
 
+def eight_bit_pil(image):
+    """A decoded uint8 grey tensor (1, H, W) as a PIL image for RandAugment (a PIL image as it is); 16-bit and
+    floating-point inputs are refused: RandAugment's PIL operations are 8-bit."""
+    if not isinstance(image, torch.Tensor):
+        return image
+    if image.dtype != torch.uint8:
+        raise utils.DataError(f"fine-tuning's RandAugment works on 8-bit images, not {image.dtype}")
+    return TF.to_pil_image(image)
+
+
 def train_transform(args):
-    """RandomResizedCrop (bicubic), flip, RandAugment (on PIL: a decoded grey tensor becomes a PIL image first; its
-    geometric ops fill with the run's mean pixel), colour jitter, as uint8 (C, H, W): normalisation, random
-    erasing and MixUp/CutMix follow on the device (utils.to_device, loss_fn)."""
+    """RandomResizedCrop (bicubic), flip, RandAugment (on PIL: a decoded grey tensor becomes a PIL image first,
+    eight_bit_pil; its geometric ops fill with the run's mean pixel), colour jitter, as uint8 (C, H, W):
+    normalisation, random erasing and MixUp/CutMix follow on the device (utils.to_device, loss_fn)."""
     fill = [round(255 * m) for m in args.mean]
     steps = [v2.RandomResizedCrop(args.img_size, interpolation=v2.InterpolationMode.BICUBIC),
-             v2.RandomHorizontalFlip(), v2.ToPILImage(), RandAugment(fill=fill)]
+             v2.RandomHorizontalFlip(), eight_bit_pil, RandAugment(fill=fill)]
     if args.color_jitter > 0:
         steps.append(v2.ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter))
     return v2.Compose(steps + [v2.PILToTensor()])

@@ -2,6 +2,7 @@
 
     python pretrain.py --data synthetic --device cpu ...                 # one process
     torchrun --nproc_per_node 8 pretrain.py --data /path/to/imagenet     # official ViT-B recipe (defaults)
+    python pretrain.py --data /path/to/scans --in-chans 1 --norm-stats auto ...   # grey or 16-bit images
 """
 import argparse
 import functools

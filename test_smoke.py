@@ -2196,7 +2196,8 @@ def test_grey_input_to_an_adapted_rgb_encoder_matches_replicated_rgb():
 
 def test_one_channel_pretraining_carries_channels_and_statistics(tmp_path, monkeypatch):
     """Pretraining on one channel records it with its statistics; the linear probe (also --knn) and fine-tuning
-    read both from the checkpoint without flags and normalise with them; a contradicting flag is refused."""
+    read both from the checkpoint without flags and normalise with them; a contradicting flag is refused. The
+    timm export and the pictures follow the checkpoint too."""
     pretrain.main(FIXTURE_PRETRAIN + ["--in-chans", "1", "--mean", "0.4", "--std", "0.2",
                                       "--output-dir", str(tmp_path / "pre")])
     path = str(tmp_path / "pre" / "checkpoint-last.pth")
@@ -2219,6 +2220,20 @@ def test_one_channel_pretraining_carries_channels_and_statistics(tmp_path, monke
         with pytest.raises(SystemExit, match=message) as info:
             linprobe.main(eval_args(tmp_path / "refused", "--pretrained", path, *flags))
         assert "\n" not in str(info.value)
+    export = tmp_path / "timm.pth"  # the export to timm carries in_chans and the statistics
+    visualize.main(["--pretrained", path, "--arch", "vit_fixture", "--export-timm", str(export)])
+    export = torch.load(export)
+    assert (export["timm_kwargs"]["in_chans"], export["mean"], export["std"]) == (1, [0.4], [0.2])
+    encoder = models.VisionTransformer(img_size=32, patch_size=8, in_chans=1, **models.ARCHS["vit_fixture"]).eval()
+    models.load_encoder(encoder, checkpoint)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model(export).forward_features(x), encoder.forward_features(x)[0],
+                                   atol=1e-5, rtol=1e-5)
+    visualize.main(["--pretrained", path, "--arch", "vit_fixture", "--patch-size", "8", "--img-size", "32",
+                    "--data", "synthetic", "--synthetic-size", "1", "--device", "cpu",
+                    "--output-dir", str(tmp_path / "pictures")])
+    assert os.path.exists(tmp_path / "pictures" / "synthetic_0_attention.png")
     with pytest.raises(SystemExit, match="--in-chans 2 needs --mean and --std"):
         pretrain.main(FIXTURE_PRETRAIN + ["--in-chans", "2", "--output-dir", str(tmp_path / "no_stats")])
     with pytest.raises(SystemExit, match="need 2 value"):
@@ -2294,6 +2309,9 @@ def test_decode_keeps_channels_and_dtypes(tmp_path):
     with pytest.raises(utils.DataError, match="1 or 3 channels, not 4"):
         data.decode(encoded(grey16, "TIFF"), ".tif", 4)
     assert data.SyntheticImages(2, 8, in_chans=4)[0][0].shape == (4, 8, 8)
+    with pytest.raises(utils.DataError, match="RandAugment works on 8-bit images, not torch.uint16"):
+        finetune.eight_bit_pil(torch.zeros(1, 8, 8, dtype=torch.uint16))
+    assert finetune.eight_bit_pil(torch.zeros(1, 8, 8, dtype=torch.uint8)).mode == "L"
 
 
 def test_norm_stats_auto_equals_numpy(tmp_path):
