@@ -290,9 +290,9 @@ def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, color
                mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
     """One ExtreMA optimizer step over accum-iter micro-batches of crops (b, C, H, W) on the device, each
     coloured into its two views here (two_views, normalised with mean, std); masks drawn unless `keeps` gives
-    one (M, b, K) tensor per
-    micro-batch; optimizer may be GraphedUpdates, which also does the momentum update. Returns the mean loss
-    and the mean target_std of the micro-batches, as device tensors (no host synchronisation)."""
+    one (M, b, K) tensor per micro-batch; optimizer may be GraphedUpdates, which also does the momentum update.
+    Returns the mean loss and the mean target_std of the micro-batches, as device tensors (no host
+    synchronisation)."""
     learner = model.module if isinstance(model, DDP) else model
     utils.set_lr(optimizer, lr)
     # as the official code: the EMA step precedes the forward

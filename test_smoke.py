@@ -2241,6 +2241,38 @@ def test_one_channel_pretraining_carries_channels_and_statistics(tmp_path, monke
                                           "--output-dir", str(tmp_path / "short")])
 
 
+def test_input_stats_from_checkpoint_flags_or_defaults(official_file, tmp_path):
+    """utils.input_stats: an official (RGB) checkpoint means ImageNet's statistics, and --in-chans 1 adapts it
+    with the data's own --mean and --std (required); without a checkpoint the flags decide; a checkpoint of ours
+    gives its own values and refuses others."""
+    _, official_path = official_file
+    grey_path = tmp_path / "grey.pth"
+    torch.save({"in_chans": 1, "mean": [0.4], "std": [0.2], "model": {}}, grey_path)
+
+    def resolve(pretrained, *flags, channels=None):
+        parser = argparse.ArgumentParser()
+        utils.add_encoder_args(parser, 32, branch="momentum")
+        args = parser.parse_args([*flags] + ([] if pretrained is None else ["--pretrained", str(pretrained)]))
+        utils.input_stats(args, lambda *a: None, channels)
+        return args.in_chans, args.mean, args.std
+
+    imagenet = (3, list(utils.IMAGENET_MEAN), list(utils.IMAGENET_STD))
+    assert resolve(None) == resolve(official_path) == imagenet
+    assert resolve(None, "--in-chans", "1", "--mean", "0.5", "--std", "0.25") == (1, [0.5], [0.25])
+    assert resolve(official_path, "--in-chans", "1", "--mean", "0.5", "--std", "0.25") == (1, [0.5], [0.25])
+    assert resolve(grey_path) == (1, [0.4], [0.2]) == resolve(grey_path, "--mean", "0.4")
+    for pretrained, flags, message in (
+            (official_path, ["--in-chans", "1"], "1 input channel.* need --mean and --std"),
+            (None, ["--in-chans", "2"], "2 input channel.* need --mean and --std"),
+            (official_path, ["--mean", "0.5", "0.5", "0.5"], "--mean 0.5 0.5 0.5 contradicts .* records 0.485"),
+            (grey_path, ["--std", "0.3"], "--std 0.3 contradicts .* records 0.2"),
+            (grey_path, ["--in-chans", "4"], "--in-chans 4 contradicts .* holds 1 channel"),
+            (None, ["--in-chans", "2", "--mean", "0.5", "--std", "0.2"], "need 2 value"),
+            (grey_path, ["--arch", "vit_tiny"], "reads 3-channel images, not 1")):
+        with pytest.raises(SystemExit, match=message):
+            resolve(pretrained, *flags, channels=(3,) if "--arch" in flags else None)
+
+
 def write_rows_image(folder, name, rows, channels, kind):
     """A 32 x 32 uint16 image whose value depends only on the row and channel (a crop of scale 1 and a flip keep
     it): a 16-bit grey PNG or an (H, W, C) .npy. Returns the array (H, W, C)."""

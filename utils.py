@@ -380,33 +380,31 @@ def check_stats(in_chans, mean, std):
 
 
 def input_stats(args, log=print, channels=None):
-    """Set args.in_chans, args.mean and args.std of a stage that reads an encoder: the flags where given, else
-    what the --pretrained checkpoint records (models.checkpoint_inputs), else 3 channels and ImageNet's statistics.
+    """Set args.in_chans, args.mean and args.std of a stage that reads an encoder: what the --pretrained checkpoint
+    records (models.checkpoint_inputs; an RGB one that records no statistics has ImageNet's), else the flags, else
+    3 channels and ImageNet's statistics.
 
     A flag that contradicts the checkpoint is refused in one line, except --in-chans C with an RGB checkpoint:
     its patch embedding is adapted on load (models.adapt_input_channels) and --mean, --std must then be given.
     channels: the channel counts the stage's data pipeline handles (None: any), others refused in one line."""
     from models import checkpoint_inputs
-    in_chans, mean, std = 3, None, None
+    in_chans, mean, std = args.in_chans or 3, None, None
     if args.pretrained is not None:
         in_chans, mean, std = checkpoint_inputs(load_checkpoint(args.pretrained))
-    if in_chans == 3 and mean is None:
-        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-    adapted = args.in_chans not in (None, in_chans) and in_chans == 3 and args.pretrained is not None
-    if args.in_chans not in (None, in_chans) and not adapted:
-        source = f"{args.pretrained} holds" if args.pretrained else "without --pretrained, the default is"
-        fail(f"--in-chans {args.in_chans} contradicts the checkpoint: {source} {in_chans} channel(s)")
-    if adapted:
-        if args.mean is None or args.std is None:
-            fail(f"--in-chans {args.in_chans} with the RGB checkpoint {args.pretrained} needs --mean and --std "
-                 f"({args.in_chans} values each)")
-        in_chans, mean, std = args.in_chans, args.mean, args.std
-    for flag, given, recorded in (("--mean", args.mean, mean), ("--std", args.std, std)):
-        if given is not None and recorded is not None and not adapted and [float(v) for v in given] != list(recorded):
-            fail(f"{flag} {' '.join(map(str, given))} contradicts {args.pretrained}, which records "
-                 f"{' '.join(f'{v:g}' for v in recorded)}")
+        if in_chans == 3 and mean is None:
+            mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+        if args.in_chans not in (None, in_chans):
+            if in_chans != 3:
+                fail(f"--in-chans {args.in_chans} contradicts {args.pretrained}, which holds {in_chans} channel(s)")
+            in_chans, mean, std = args.in_chans, None, None  # adapted on load: the statistics are the data's
+        for flag, given, recorded in (("--mean", args.mean, mean), ("--std", args.std, std)):
+            if given is not None and recorded is not None and [float(v) for v in given] != list(recorded):
+                fail(f"{flag} {' '.join(map(str, given))} contradicts {args.pretrained}, which records "
+                     f"{' '.join(f'{v:g}' for v in recorded)}")
     mean = args.mean if mean is None else mean
     std = args.std if std is None else std
+    if mean is None and std is None and in_chans == 3:
+        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     if mean is None or std is None:
         fail(f"{in_chans} input channel(s) need --mean and --std ({in_chans} values each)")
     check_stats(in_chans, mean, std)
@@ -414,7 +412,7 @@ def input_stats(args, log=print, channels=None):
         fail(f"this stage's data pipeline reads {' or '.join(map(str, channels))}-channel images, not {in_chans} "
              f"channel(s)")
     args.in_chans, args.mean, args.std = in_chans, [float(v) for v in mean], [float(v) for v in std]
-    if in_chans != 3 or mean != list(IMAGENET_MEAN):
+    if in_chans != 3 or args.mean != list(IMAGENET_MEAN):
         log(f"inputs: {in_chans} channel(s), mean {' '.join(f'{v:.4f}' for v in args.mean)}, "
             f"std {' '.join(f'{v:.4f}' for v in args.std)}")
 
