@@ -37,7 +37,8 @@ WIDE_MODES = ("I;16", "I;16L", "I;16B", "I", "F")
 
 def decode_array(raw, in_chans):
     """A .npy file's bytes: an array (H, W, C) or, for one channel, (H, W) of uint8, uint16 or float32 -> a
-    tensor (C, H, W) of the same dtype (one copy, into channel-first order)."""
+    tensor (C, H, W) of the same dtype: a channel-first view of the loaded array (no copy; the crop and the
+    batch collation make the contiguous ones)."""
     array = np.load(io.BytesIO(raw), allow_pickle=False)
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
@@ -45,7 +46,7 @@ def decode_array(raw, in_chans):
     if array.ndim != 3 or array.shape[2] != in_chans or array.dtype not in ARRAY_DTYPES:
         raise ValueError(f"expected an array (H, W, {in_chans}) of uint8, uint16 or float32, got {array.dtype} "
                          f"{array.shape}")
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 def decode_pil(raw, in_chans):
@@ -53,10 +54,12 @@ def decode_pil(raw, in_chans):
     data (WIDE_MODES) as uint16 or float32, else grey uint8; three channels RGB uint8."""
     with Image.open(io.BytesIO(raw)) as img:
         if in_chans == 1 and img.mode in WIDE_MODES:
-            array = np.asarray(img)
+            array = np.array(img)  # (H, W), a writable copy
             if array.dtype == np.int32:
                 array = array.clip(0, 65535).astype(np.uint16)
-            return torch.from_numpy(array.astype(array.dtype.newbyteorder("="))[None].copy())
+            elif not array.dtype.isnative:
+                array = array.astype(array.dtype.newbyteorder("="))
+            return torch.from_numpy(array)[None]
         if in_chans not in (1, 3):
             raise ValueError(f"an image file has 1 or 3 channels, not {in_chans}: store such data as .npy (H, W, C)")
         return v2.functional.pil_to_tensor(img.convert("L" if in_chans == 1 else "RGB"))
