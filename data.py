@@ -4,6 +4,7 @@ labelled classification sets, and the per-process DataLoader with its resumable 
 
 A file of its own, beside utils.py (which it imports for errors and the process layout) and imported by the
 stages: the data sources are a concern of their own, and utils.py holds the rest of the plumbing."""
+import functools
 import io
 import itertools
 import os
@@ -23,7 +24,7 @@ from torchvision.transforms import v2
 
 import utils
 
-SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # a shard sample's image, first found
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "npy")  # a shard sample's image, first found
 SHUFFLE_BUFFER = 1000  # undecoded shard samples each loader worker shuffles among (about 110 MB of ImageNet JPEGs)
 WARN_SKIPPED = 5  # unreadable images named in warnings, per process
 EXTRACT_PART = 10000  # rows of a folder or list per part of --extract (a shard is one part)
@@ -42,12 +43,74 @@ def load_rgb(path):
         raise utils.DataError(f"cannot read image {path}: {e}") from None
 
 
-def decode_image(source, name=None):
-    """An image file (a path) or its bytes as a uint8 RGB tensor (3, H, W): the one decoder of every pretraining
-    and extraction source (folders, lists, shards), so a new format is added here. name: the path, or a shard
-    sample's key with its image's extension (default: the path), which an error names. torchvision.io for JPEG,
-    PNG, WebP and GIF (about 15% less CPU than PIL for a JPEG, and no copy from PIL), else PIL. An unreadable or
-    missing image raises DataError naming it."""
+ARRAY_DTYPES = (np.uint8, np.uint16, np.float32)  # of .npy inputs, kept as they are (normalize scales each)
+# the files decode() reads: torchvision's image extensions and arrays
+EXTENSIONS = (*IMG_EXTENSIONS, ".npy")
+# 16-bit and floating-point PIL modes (TIFF) read as arrays: I;16* -> uint16, I -> int32 (cast to uint16), F -> float32
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I", "F")
+
+
+def decode_array(raw, in_chans):
+    """A .npy file's bytes: an array (H, W, C) or, for one channel, (H, W) of uint8, uint16 or float32 -> a
+    tensor (C, H, W) of the same dtype: a channel-first view of the loaded array (no copy; the crop and the
+    batch collation make the contiguous ones)."""
+    array = np.load(io.BytesIO(raw), allow_pickle=False)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    array = array[:, :, None] if array.ndim == 2 else array
+    if array.ndim != 3 or array.shape[2] != in_chans or array.dtype not in ARRAY_DTYPES:
+        raise ValueError(f"expected an array (H, W, {in_chans}) of uint8, uint16 or float32, got {array.dtype} "
+                         f"{array.shape}")
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def decode_pil(raw, in_chans):
+    """What torchvision.io does not decode (TIFF, BMP, ...), through PIL: one channel keeps 16-bit and float
+    data (WIDE_MODES) as uint16 or float32, else grey uint8; three channels RGB uint8."""
+    with Image.open(io.BytesIO(raw)) as img:
+        if in_chans == 1 and img.mode in WIDE_MODES:
+            array = np.array(img)  # (H, W), a writable copy
+            if array.dtype == np.int32:
+                array = array.clip(0, 65535).astype(np.uint16)
+            elif not array.dtype.isnative:
+                array = array.astype(array.dtype.newbyteorder("="))
+            return torch.from_numpy(array)[None]
+        if in_chans not in (1, 3):
+            raise ValueError(f"an image file has 1 or 3 channels, not {in_chans}: store such data as .npy (H, W, C)")
+        return v2.functional.pil_to_tensor(img.convert("L" if in_chans == 1 else "RGB"))
+
+
+def decode(raw, ext, in_chans=3):
+    """An image file's bytes and extension (".png", ".npy", ...) -> a compact tensor (in_chans, H, W) in the
+    stored dtype, which normalize later maps to [0, 1] on the device: uint8 / 255, uint16 / 65535, float32 as
+    stored.
+
+    .npy: see decode_array. Image files: in_chans 1 gives one grey channel (a grey image is kept as it is, a
+    colour one converted; 16-bit PNG and TIFF stay uint16, never replicated), in_chans 3 RGB (a grey image
+    replicated), any other count the image's own channels if it has that many (RGBA for 4). JPEG, PNG, WebP and
+    GIF through torchvision.io (about 15% less CPU than PIL for a JPEG), the rest through PIL. Raises DataError
+    for a file that cannot give in_chans channels."""
+    try:
+        if ext.lower() == ".npy":
+            return decode_array(raw, in_chans)
+        mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}.get(in_chans, ImageReadMode.UNCHANGED)
+        try:
+            image = decode_tensor(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=mode)
+        except RuntimeError:
+            image = decode_pil(raw, in_chans)
+        if image.shape[0] != in_chans:
+            raise ValueError(f"{image.shape[0]} channel(s), not --in-chans {in_chans}")
+        return image
+    except Exception as e:
+        reason = "not an image PIL can identify" if isinstance(e, Image.UnidentifiedImageError) else e
+        raise utils.DataError(f"cannot decode a {ext} file with {in_chans} channel(s): {reason}") from None
+
+
+def decode_image(source, name=None, in_chans=3):
+    """An image file (a path) or its bytes as a compact tensor (in_chans, H, W) (decode): the one decoder of every
+    pretraining and extraction source (folders, lists, shards), so a new format is added here. name: the path, or
+    a shard sample's key with its image's extension (default: the path), which an error names and whose extension
+    says how to decode. An unreadable or missing image raises DataError naming it."""
     name = source if name is None else name
     try:
         if isinstance(source, bytes):
@@ -55,21 +118,16 @@ def decode_image(source, name=None):
         else:
             with open(source, "rb") as f:
                 raw = f.read()
-        try:
-            return decode_tensor(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except RuntimeError:
-            with Image.open(io.BytesIO(raw)) as img:
-                return v2.functional.pil_to_tensor(img.convert("RGB"))
-    except Exception as e:
-        reason = "not an image PIL can identify" if isinstance(e, Image.UnidentifiedImageError) else e
-        raise utils.DataError(f"cannot read image {name}: {reason}") from None
+        return decode(raw, os.path.splitext(name)[1], in_chans)
+    except (OSError, utils.DataError) as e:
+        raise utils.DataError(f"cannot read image {name}: {e.strerror if isinstance(e, OSError) else e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
 # Finding images: folders, list files, shards
 
 
-def folder_images(root):
+def folder_images(root, extensions=EXTENSIONS):
     """The images at any depth under root (torchvision's extensions, any case), as sorted paths relative to root.
     Symlinked folders are followed, except a link back into a folder above it (a loop), which would repeat
     images without end."""
@@ -79,7 +137,7 @@ def folder_images(root):
         subfolders[:] = [d for d in subfolders
                          if not (here + os.sep).startswith(os.path.realpath(os.path.join(folder, d)) + os.sep)]
         relative = os.path.relpath(folder, root)
-        names += [os.path.normpath(os.path.join(relative, f)) for f in files if f.lower().endswith(IMG_EXTENSIONS)]
+        names += [os.path.normpath(os.path.join(relative, f)) for f in files if f.lower().endswith(extensions)]
     return sorted(names)
 
 
@@ -200,13 +258,14 @@ class Samples(torch.utils.data.Dataset):
 
 
 class FileReader:
-    """read(i): the image root/names[i], decoded (a picklable callable, for loader workers)."""
+    """read(i): the image root/names[i], decoded with in_chans channels (a picklable callable, for loader
+    workers)."""
 
-    def __init__(self, root, names):
-        self.root, self.names = root, names
+    def __init__(self, root, names, in_chans=3):
+        self.root, self.names, self.in_chans = root, names, in_chans
 
     def __call__(self, index):
-        return decode_image(os.path.join(self.root, self.names[index]))
+        return decode_image(os.path.join(self.root, self.names[index]), in_chans=self.in_chans)
 
 
 class SyntheticReader:
@@ -219,12 +278,12 @@ class SyntheticReader:
         return self.images[index][0]
 
 
-def indexed_source(data, kind, synthetic_size, img_size, seed):
+def indexed_source(data, kind, synthetic_size, img_size, seed, in_chans=3):
     """(names, read) of a synthetic set ('0', '1', ...), a folder (DIR/train when it exists; every image at any
     depth, paths relative to it) or a list file (its lines); read(i) gives image i."""
     if kind == "synthetic":
         return [str(i) for i in range(synthetic_size)], SyntheticReader(SyntheticImages(synthetic_size, img_size,
-                                                                                        seed=seed))
+                                                                                        seed=seed, in_chans=in_chans))
     if kind == "folder":
         root = os.path.join(data, "train") if os.path.isdir(os.path.join(data, "train")) else data
         names = folder_images(root)
@@ -232,7 +291,7 @@ def indexed_source(data, kind, synthetic_size, img_size, seed):
             utils.fail(f"no images found in {root}")
     else:
         root, names = list_images(data)
-    return names, FileReader(root, names)
+    return names, FileReader(root, names, in_chans)
 
 
 class ShardBatches(torch.utils.data.IterableDataset):
@@ -248,8 +307,9 @@ class ShardBatches(torch.utils.data.IterableDataset):
     set_epoch writes the epoch in shared memory, which the persistent workers read when an epoch starts.
     """
 
-    def __init__(self, urls, epoch_samples, batch_size, transform, seed, workers):
+    def __init__(self, urls, epoch_samples, batch_size, transform, seed, workers, in_chans=3):
         self.rank, self.world = utils.rank_world()
+        self.in_chans = in_chans
         self.urls, self.batch_size, self.transform, self.seed = urls, batch_size, transform, seed
         self.workers = max(1, workers)
         self.batches = epoch_samples // self.world // batch_size
@@ -286,7 +346,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
         if ext is None:
             return None, name, f"cannot read image {name}: no {'/'.join(SHARD_IMAGE_KEYS)} in the sample"
         try:
-            return self.transform(decode_image(raw, f"{name}.{ext}")), name, None
+            return self.transform(decode_image(raw, f"{name}.{ext}", self.in_chans)), name, None
         except utils.DataError as e:
             return None, name, str(e)
 
@@ -306,13 +366,13 @@ class ShardBatches(torch.utils.data.IterableDataset):
 def pretraining_loader(args, transform, batch_size, device):
     """(per-process loader of Batch, images per epoch) of --data: 'synthetic', a folder (DIR/train when it
     exists; every image at any depth), a list file of image paths, or WebDataset shards (args.train_num_samples
-    images per epoch). Uses args.data, num_workers, seed, synthetic_size, img_size, train_num_samples.
+    images per epoch). Uses args.data, num_workers, seed, synthetic_size, img_size, train_num_samples, in_chans.
 
     Every process takes the same number of batches per epoch; utils.epoch_batches starts an epoch, part-way
     after a resume without reading the images already used."""
     kind = source_kind(args.data)
     if kind != "shards":
-        names, read = indexed_source(args.data, kind, args.synthetic_size, args.img_size, args.seed)
+        names, read = indexed_source(args.data, kind, args.synthetic_size, args.img_size, args.seed, args.in_chans)
         dataset = Samples(names, read, transform)
         return make_loader(dataset, batch_size, True, args.num_workers, args.seed, device, timed_collate), len(names)
     urls = shard_urls(args.data)
@@ -324,8 +384,47 @@ def pretraining_loader(args, transform, batch_size, device):
     if len(urls) < world * max(1, args.num_workers):
         utils.fail(f"{len(urls)} shards for {world} process(es) x {max(1, args.num_workers)} loader worker(s): "
                    f"each needs a shard of its own (write more shards or lower --num-workers)")
-    dataset = ShardBatches(urls, args.train_num_samples, batch_size, transform, args.seed, args.num_workers)
+    dataset = ShardBatches(urls, args.train_num_samples, batch_size, transform, args.seed, args.num_workers,
+                           args.in_chans)
     return make_loader(dataset, batch_size, True, args.num_workers, args.seed, device), args.train_num_samples
+
+
+def sample_images(args, max_images):
+    """Up to max_images decoded training images of --data (PIL images as uint8 tensors), for --norm-stats auto:
+    a fixed random subset of a folder, list or synthetic set (the same in every process and on resume), the
+    first images of shards in order; unreadable ones are passed over, as pretraining skips them."""
+    kind = source_kind(args.data)
+    if kind == "shards":
+        decoded = (decode_image(raw, f"{name}.{ext}", args.in_chans)
+                   for name, raw, ext in shard_samples(shard_urls(args.data)) if ext is not None)
+    else:
+        names, read = indexed_source(args.data, kind, args.synthetic_size, args.img_size, args.seed, args.in_chans)
+        order = torch.randperm(len(names), generator=torch.Generator().manual_seed(0)).tolist()
+        decoded = (read(i) for i in order)
+    count = 0
+    while count < max_images:
+        try:
+            image = next(decoded)
+        except StopIteration:
+            return
+        except utils.DataError:
+            continue
+        count += 1
+        yield image if isinstance(image, torch.Tensor) else v2.functional.pil_to_tensor(image)
+
+
+def channel_stats(images):
+    """Per-channel mean and standard deviation (lists of floats) over all the pixels of decoded images (C, H, W),
+    in [0, 1] units (utils.normalize's scaling). Sums in float64."""
+    sums = 0
+    for image in images:
+        x = utils.normalize(image, (0.0,) * len(image), (1.0,) * len(image)).double().flatten(1)  # (C, H*W)
+        sums = sums + torch.stack([x.sum(1), x.square().sum(1), torch.full_like(x[:, 0], x.shape[1])])
+    if isinstance(sums, int):
+        utils.fail("--norm-stats auto found no readable training image")
+    mean = sums[0] / sums[2]
+    std = (sums[1] / sums[2] - mean.square()).clamp_min(0).sqrt()
+    return mean.tolist(), std.tolist()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -352,12 +451,12 @@ class ExtractionBatches(torch.utils.data.IterableDataset):
                 yield (torch.stack([self.transform(image) for _, image in batch]), [name for name, _ in batch], part)
 
 
-def read_shard(url):
-    """(name, uint8 image) of every sample of a shard, in order; a sample without a readable image raises."""
+def read_shard(url, in_chans=3):
+    """(name, decoded image) of every sample of a shard, in order; a sample without a readable image raises."""
     for name, raw, ext in shard_samples([url]):
         if ext is None:
             raise utils.DataError(f"cannot read image {name} of {url}: no {'/'.join(SHARD_IMAGE_KEYS)} in the sample")
-        yield name, decode_image(raw, f"{name}.{ext}")
+        yield name, decode_image(raw, f"{name}.{ext}", in_chans)
 
 
 class ReadPart:
@@ -370,14 +469,15 @@ class ReadPart:
         return ((self.names[i], self.read(i)) for i in part)
 
 
-def extraction_loader(data, transform, batch_size, num_workers, seed, device, synthetic_size=256, img_size=224):
+def extraction_loader(data, transform, batch_size, num_workers, seed, device, synthetic_size=256, img_size=224,
+                      in_chans=3):
     """(per-process loader of ExtractionBatches, number of parts) of --data as pretraining_loader reads it
     (no labels needed): every image once, an unreadable one an error."""
     kind = source_kind(data)
     if kind == "shards":
-        parts, read = shard_urls(data), read_shard
+        parts, read = shard_urls(data), functools.partial(read_shard, in_chans=in_chans)
     else:
-        names, read_item = indexed_source(data, kind, synthetic_size, img_size, seed)
+        names, read_item = indexed_source(data, kind, synthetic_size, img_size, seed, in_chans)
         parts = [range(i, min(i + EXTRACT_PART, len(names))) for i in range(0, len(names), EXTRACT_PART)]
         read = ReadPart(names, read_item)
     dataset = ExtractionBatches(parts, read, transform, batch_size, num_workers)
@@ -388,37 +488,40 @@ def extraction_loader(data, transform, batch_size, num_workers, seed, device, sy
 # Labelled sets and loaders
 
 
-class LabelledFolder(datasets.ImageFolder):
-    """ImageFolder whose images in each class folder are found by folder_images (symlinked folders followed,
+class LabelledFolder(datasets.DatasetFolder):
+    """ImageFolder (a DatasetFolder of the given extensions) whose images in each class folder are found by
+    folder_images (symlinked folders followed,
     loops not)."""
 
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         samples = [(os.path.join(directory, name, image), index) for name, index in sorted(class_to_idx.items())
-                   for image in folder_images(os.path.join(directory, name))]
+                   for image in folder_images(os.path.join(directory, name), extensions or IMG_EXTENSIONS)]
         if not samples and not allow_empty:
             raise FileNotFoundError(f"no images in {directory}")
         return samples
 
 
-def image_folder(root, transform, loader=load_rgb):
-    """LabelledFolder with a one-line error for a missing or empty folder."""
+def image_folder(root, transform, loader=load_rgb, extensions=IMG_EXTENSIONS):
+    """LabelledFolder of the files with these extensions, with a one-line error for a missing or empty folder;
+    loader: load_rgb (PIL) or a decode_image of in_chans (with EXTENSIONS: arrays too)."""
     if not os.path.isdir(root):
         utils.fail(f"data folder {root} does not exist")
     try:
-        return LabelledFolder(root, transform=transform, loader=loader)
+        return LabelledFolder(root, loader, extensions, transform=transform)
     except FileNotFoundError:
         utils.fail(f"no images found in {root} (expected {root}/<class>/<image>)")
 
 
 class SyntheticImages(torch.utils.data.Dataset):
     """A small random labelled image set, the same for every run: each image is its class's colour plus
-    noise, so there is something to learn. Items are PIL images, so real transforms apply."""
+    noise, so there is something to learn. Items are PIL images (RGB, or grey for in_chans 1), so real
+    transforms apply; with other in_chans, uint8 tensors (C, H, W), as decode() gives."""
 
-    def __init__(self, size, img_size, num_classes=10, transform=None, seed=0):
+    def __init__(self, size, img_size, num_classes=10, transform=None, seed=0, in_chans=3):
         self.size, self.img_size, self.num_classes = size, img_size, num_classes
-        self.transform, self.seed = transform, seed
-        self.colours = np.random.default_rng(seed).integers(0, 256, (num_classes, 3))
+        self.transform, self.seed, self.in_chans = transform, seed, in_chans
+        self.colours = np.random.default_rng(seed).integers(0, 256, (num_classes, in_chans))
 
     def __len__(self):
         return self.size
@@ -430,14 +533,19 @@ class SyntheticImages(torch.utils.data.Dataset):
     def __getitem__(self, index):
         label = index % self.num_classes
         rng = np.random.default_rng((self.seed, index))
-        noise = rng.normal(0, 40, (self.img_size, self.img_size, 3))
-        img = Image.fromarray(np.clip(self.colours[label] + noise, 0, 255).astype(np.uint8))
+        noise = rng.normal(0, 40, (self.img_size, self.img_size, self.in_chans))
+        pixels = np.clip(self.colours[label] + noise, 0, 255).astype(np.uint8)  # (H, W, C)
+        if self.in_chans in (1, 3):
+            img = Image.fromarray(pixels[:, :, 0] if self.in_chans == 1 else pixels)
+        else:
+            img = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
         return (self.transform(img) if self.transform else img), label
 
 
 def eval_transform(img_size, interpolation=v2.InterpolationMode.BICUBIC):
     """Resize(256/224 of the crop) + CenterCrop, the ImageNet evaluation protocol: bicubic as timm's fine-tuning
-    pipeline, bilinear (torchvision's default) for the official linear probe; uint8 (3, H, W) for to_device."""
+    pipeline, bilinear (torchvision's default) for the official linear probe; a PIL image or a decoded tensor
+    -> (C, H, W) in its stored dtype (uint8 for PIL) for to_device."""
     return v2.Compose([v2.Resize(int(img_size * 256 / 224), interpolation=interpolation),
                        v2.CenterCrop(img_size), v2.PILToTensor()])
 
@@ -488,26 +596,31 @@ def make_loader(dataset, batch_size, train, num_workers, seed, device, collate_f
                                        worker_init_fn=ignore_stop_signals, generator=generator)
 
 
-def classification_datasets(data, img_size, train_transform, val_transform, num_classes=None, synthetic_size=256):
+def classification_datasets(data, img_size, train_transform, val_transform, num_classes=None, synthetic_size=256,
+                            in_chans=3):
     """(train set, val set, number of classes).
 
     data "synthetic": SyntheticImages items 0..synthetic_size-1 for training and the next synthetic_size // 4
-    (at least 1) of the same set for validation, num_classes default 10. Otherwise ImageFolder
-    DATA/train and DATA/val, which must hold the same classes.
+    (at least 1) of the same set for validation, num_classes default 10, in_chans channels. Otherwise
+    ImageFolder DATA/train and DATA/val, which must hold the same classes: PIL RGB images for 3 channels (the
+    official pipelines' decoding), else decode_image's tensors of in_chans channels (arrays too).
     """
     if data == "synthetic":
         if synthetic_size < 1:
             utils.fail(f"--synthetic-size must be positive, got {synthetic_size}")
         num_classes = num_classes or 10
         num_val = max(1, synthetic_size // 4)
-        train = SyntheticImages(synthetic_size, img_size, num_classes, train_transform)
-        val = torch.utils.data.Subset(SyntheticImages(synthetic_size + num_val, img_size, num_classes, val_transform),
+        train = SyntheticImages(synthetic_size, img_size, num_classes, train_transform, in_chans=in_chans)
+        val = torch.utils.data.Subset(SyntheticImages(synthetic_size + num_val, img_size, num_classes, val_transform,
+                                                      in_chans=in_chans),
                                       range(synthetic_size, synthetic_size + num_val))
         return train, val, num_classes
     if not os.path.isdir(data):
         utils.fail(f"data folder {data} does not exist")
-    train = image_folder(os.path.join(data, "train"), train_transform)
-    val = image_folder(os.path.join(data, "val"), val_transform)
+    files = (load_rgb, IMG_EXTENSIONS) if in_chans == 3 else (functools.partial(decode_image, in_chans=in_chans),
+                                                               EXTENSIONS)
+    train = image_folder(os.path.join(data, "train"), train_transform, *files)
+    val = image_folder(os.path.join(data, "val"), val_transform, *files)
     if train.classes != val.classes:
         utils.fail(f"{data}/train and {data}/val hold different classes ({len(train.classes)} vs {len(val.classes)})")
     if num_classes not in (None, len(train.classes)):

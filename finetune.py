@@ -90,7 +90,8 @@ class RandAugment:
     applied with probability `prob`, at a magnitude drawn for that application from N(magnitude,
     magnitude_std) and clipped to timm's scale [0, 10]; level() maps it to the op's argument as timm does,
     and the signed ops (rotate, shear, translate, the enhancements) take a random sign. Geometric ops resample
-    bicubically (the official --train_interpolation) and fill with the ImageNet mean pixel, as timm.
+    bicubically (the official --train_interpolation) and fill with `fill` (default the ImageNet mean pixel, as
+    timm; finetune.py gives the run's mean).
     """
 
     OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
@@ -101,8 +102,9 @@ class RandAugment:
     MAX_MAGNITUDE = 10.0  # timm's _LEVEL_DENOM
     MEAN_PIXEL = tuple(round(255 * m) for m in utils.IMAGENET_MEAN)  # (124, 116, 104)
 
-    def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5):
+    def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5, fill=MEAN_PIXEL):
         self.num_ops, self.magnitude, self.magnitude_std, self.prob = num_ops, magnitude, magnitude_std, prob
+        self.fill = list(fill)  # one value per channel of the images
 
     @classmethod
     def level(cls, name, magnitude):
@@ -141,14 +143,13 @@ class RandAugment:
             # TranslateXRel (1, 0, v * width, 0, 1, 0) a shift by -v * width. TF.affine would invert a matrix
             # built from angles, whose coefficients differ in the last bit and move some pixels across an edge.
             return image.transform(image.size, Image.Transform.AFFINE, coefficients, Image.Resampling.BICUBIC,
-                                   fillcolor=self.MEAN_PIXEL)
+                                   fillcolor=tuple(self.fill) if len(self.fill) > 1 else self.fill[0])
 
         ops = {
             "AutoContrast": lambda: TF.autocontrast(image),
             "Equalize": lambda: TF.equalize(image),
             "Invert": lambda: TF.invert(image),
-            "Rotate": lambda: TF.rotate(image, v, interpolation=v2.InterpolationMode.BICUBIC,
-                                        fill=list(self.MEAN_PIXEL)),
+            "Rotate": lambda: TF.rotate(image, v, interpolation=v2.InterpolationMode.BICUBIC, fill=self.fill),
             # 0 bits (magnitude 10) keeps nothing: black, as the PIL of the official runs (current PIL refuses 0)
             "PosterizeIncreasing": lambda: TF.posterize(image, v) if v > 0 else image.point(lambda i: 0),
             "SolarizeIncreasing": lambda: TF.solarize(image, v),
@@ -170,11 +171,23 @@ class RandAugment:
         return image
 
 
+def eight_bit_pil(image):
+    """A decoded uint8 grey tensor (1, H, W) as a PIL image for RandAugment (a PIL image as it is); 16-bit and
+    floating-point inputs are refused: RandAugment's PIL operations are 8-bit."""
+    if not isinstance(image, torch.Tensor):
+        return image
+    if image.dtype != torch.uint8:
+        raise utils.DataError(f"fine-tuning's RandAugment works on 8-bit images, not {image.dtype}")
+    return TF.to_pil_image(image)
+
+
 def train_transform(args):
-    """RandomResizedCrop (bicubic), flip, RandAugment, colour jitter, as uint8 (3, H, W): normalisation, random
-    erasing and MixUp/CutMix follow on the device (utils.to_device, loss_fn)."""
+    """RandomResizedCrop (bicubic), flip, RandAugment (on PIL: a decoded grey tensor becomes a PIL image first,
+    eight_bit_pil; its geometric ops fill with the run's mean pixel), colour jitter, as uint8 (C, H, W):
+    normalisation, random erasing and MixUp/CutMix follow on the device (utils.to_device, loss_fn)."""
+    fill = [round(255 * m) for m in args.mean]
     steps = [v2.RandomResizedCrop(args.img_size, interpolation=v2.InterpolationMode.BICUBIC),
-             v2.RandomHorizontalFlip(), RandAugment()]
+             v2.RandomHorizontalFlip(), eight_bit_pil, RandAugment(fill=fill)]
     if args.color_jitter > 0:
         steps.append(v2.ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter))
     return v2.Compose(steps + [v2.PILToTensor()])
@@ -258,12 +271,13 @@ def main(argv=None):
     local_batch = utils.local_batch_size(args.batch_size, world_size, args.accum_iter)
     args.lr = args.blr * args.batch_size / 256
     log = print if rank == 0 else (lambda *a: None)
+    utils.input_stats(args, log, channels=(1, 3))  # RandAugment works on PIL images: grey or RGB
     utils.make_output_dir(args.output_dir)
     utils.set_seed(args.seed + rank)
 
     train_set, val_set, num_classes = data.classification_datasets(
         args.data, args.img_size, train_transform(args), data.eval_transform(args.img_size), args.num_classes,
-        args.synthetic_size)
+        args.synthetic_size, args.in_chans)
     indices = subset_indices(train_set, args.train_subset, args.label_fraction)
     if indices is not None:
         log(f"semi-supervised: {len(indices)} of {len(train_set)} training images")
@@ -272,8 +286,8 @@ def main(argv=None):
     val_loader = data.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device)
     mixing = batch_mixing(args, num_classes)
 
-    encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch],
-                                       ca_depth=2, layer_scale=0.1, drop_path=args.drop_path)
+    encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
+                                       **models.ARCHS[args.arch], ca_depth=2, layer_scale=0.1, drop_path=args.drop_path)
     utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir)
     model = MeanPoolClassifier(encoder, num_classes).to(device)
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model

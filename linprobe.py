@@ -71,7 +71,7 @@ class LinearProbe(nn.Module):
 
     @torch.no_grad()
     def features(self, images, with_tokens=False):
-        """(B, 3, H, W) -> class-attention output (B, D), before the final norm unless final_norm; with_tokens:
+        """(B, C, H, W) -> class-attention output (B, D), before the final norm unless final_norm; with_tokens:
         (that, the mean of the patch tokens after the final norm (B, D))."""
         tokens, instance = self.encoder.forward_features(images)  # (B, N, D), (B, D)
         instance = self.encoder.norm(instance) if self.final_norm else instance
@@ -113,8 +113,8 @@ class LARS(torch.optim.Optimizer):
 def load_encoder(args, rank, log):
     """The frozen encoder: --pretrained's --branch, else random (the same in every process)."""
     utils.set_seed(args.seed)  # every process draws the same random encoder (used without --pretrained)
-    encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch],
-                                       ca_depth=2, layer_scale=0.1)
+    encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
+                                       **models.ARCHS[args.arch], ca_depth=2, layer_scale=0.1)
     utils.set_seed(args.seed + rank)
     # --knn and --extract train nothing, so they always read --pretrained, even where a probe's checkpoint-last.pth
     # exists
@@ -129,7 +129,7 @@ def knn(probe, train_set, val_set, num_classes, batch_size, device, args, log):
     loaders = [data.make_loader(dataset, batch_size, False, args.num_workers, args.seed, device)
                for dataset in (train_set, val_set)]
     results = utils.knn_evaluate(probe.features, *loaders, num_classes, device, args.amp, args.knn_k,
-                                 args.knn_temperature)
+                                 args.knn_temperature, args.mean, args.std)
     record = dict(knn=True, branch=args.branch, pretrained=args.pretrained, temperature=args.knn_temperature)
     for k, (acc1, acc5) in results.items():
         log(f"{k}-NN of the {args.branch} encoder: acc1 {acc1:.2f} acc5 {acc5:.2f} "
@@ -146,7 +146,7 @@ def extract(probe, transform, batch_size, device, args, log):
     their own as the batches come; then rank 0 joins them in the source's order into instance.npy and tokens.npy
     (numpy.lib.format.open_memmap: no copy of the whole array in memory) and names.txt."""
     loader, num_parts = data.extraction_loader(args.data, transform, batch_size, args.num_workers, args.seed, device,
-                                               args.synthetic_size, args.img_size)
+                                               args.synthetic_size, args.img_size, args.in_chans)
     parts = os.path.join(args.output_dir, "extract-parts")
     if utils.is_main():
         shutil.rmtree(parts, ignore_errors=True)  # of an earlier, stopped run
@@ -159,7 +159,8 @@ def extract(probe, transform, batch_size, device, args, log):
 
     for images, names, part in loader:
         with utils.autocast(device, args.amp):
-            rows = probe.features(utils.normalize(images.to(device, non_blocking=True)), with_tokens=True)
+            rows = probe.features(utils.normalize(images.to(device, non_blocking=True), args.mean, args.std),
+                                  with_tokens=True)
         for kind, values in zip(("instance", "tokens"), rows):
             with open(part_path(part, kind), "ab") as f:
                 f.write(values.float().cpu().numpy().tobytes())
@@ -197,6 +198,7 @@ def main(argv=None):
     local_batch = utils.local_batch_size(args.batch_size, world_size, args.accum_iter)
     args.lr = args.blr * args.batch_size / 256
     log = print if rank == 0 else (lambda *a: None)
+    utils.input_stats(args, log)
     utils.make_output_dir(args.output_dir)
 
     # torchvision's default bilinear resizing for training and evaluation, as the official probe
@@ -208,7 +210,7 @@ def main(argv=None):
     if args.knn:  # neighbours are looked up among the training images as evaluated
         train_transform = val_transform
     train_set, val_set, num_classes = data.classification_datasets(
-        args.data, args.img_size, train_transform, val_transform, args.num_classes, args.synthetic_size)
+        args.data, args.img_size, train_transform, val_transform, args.num_classes, args.synthetic_size, args.in_chans)
     if args.knn and min(args.knn_k) < 1:
         utils.fail(f"--knn-k must be at least 1, got {min(args.knn_k)}")
     if args.knn and max(args.knn_k) > len(train_set):

@@ -277,7 +277,7 @@ class VisionTransformer(nn.Module):
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
         self.autocast_residual = autocast_residual
-        self.patch_size = patch_size
+        self.patch_size, self.in_chans = patch_size, in_chans
         self.embed_dim = embed_dim
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
@@ -478,14 +478,14 @@ class ExtreMA(nn.Module):
     optimizer step (the official code does it before the forward).
     """
 
-    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-                 ca_depth=2, layer_scale=0.1, proj_dim=256, proj_hidden_dim=4096, mask_ratio=0.8, num_masks=5,
-                 disjoint=True, drop_path=0.0, loss="byol", temperature=1.0, autocast_residual=False,
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, ca_depth=2, layer_scale=0.1, proj_dim=256, proj_hidden_dim=4096, mask_ratio=0.8,
+                 num_masks=5, disjoint=True, drop_path=0.0, loss="byol", temperature=1.0, autocast_residual=False,
                  split_class_attention=False):
         super().__init__()
         if loss not in ("byol", "infonce"):
             raise ValueError(f"unknown loss {loss!r}: byol or infonce")
-        vit = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+        vit = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
                    num_heads=num_heads, mlp_ratio=mlp_ratio, ca_depth=ca_depth, layer_scale=layer_scale,
                    autocast_residual=autocast_residual, split_class_attention=split_class_attention)
         self.encoder = VisionTransformer(**vit, drop_path=drop_path)
@@ -577,6 +577,14 @@ def model_state_dict(checkpoint):
     return sd
 
 
+def checkpoint_inputs(checkpoint):
+    """(in_chans, mean, std) that a checkpoint records (its own keys, else its args); one that records no
+    in_chans (official, or of ours before they were recorded) holds an RGB model; mean, std: None when absent."""
+    args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    in_chans, mean, std = (checkpoint.get(key, args.get(key)) for key in ("in_chans", "mean", "std"))
+    return in_chans or 3, mean, std
+
+
 def encoder_state_dict(checkpoint, branch="momentum"):
     """The encoder weights of one branch from a pretrain.py checkpoint ({'model': ...}), an official
     one ({'state_dict': ...}) or a bare state_dict of either."""
@@ -603,10 +611,35 @@ def check_state_dict(module, state_dict, what="checkpoint"):
         raise ValueError(f"{what} does not fit the model ({'; '.join(problems)})")
 
 
+def adapt_input_channels(weight, in_chans):
+    """A patch embedding's weight (D, 3*p*p) for RGB, flattened in (c p1 p2) order, -> (D, in_chans*p*p) as
+    timm's adapt_input_conv: one channel gets the sum over R, G and B (a grey image then gives the tokens the RGB
+    model gives it replicated three times); more channels repeat R, G, B cyclically, scaled by 3 / in_chans so
+    the response to a constant input stays the same."""
+    rgb = rearrange(weight, "d (c pp) -> d c pp", c=3)
+    if in_chans == 1:
+        adapted = rgb.sum(dim=1, keepdim=True)
+    else:
+        adapted = rgb.repeat(1, math.ceil(in_chans / 3), 1)[:, :in_chans] * (3 / in_chans)
+    return rearrange(adapted, "d c pp -> d (c pp)")
+
+
 def load_encoder(encoder, checkpoint, branch="momentum"):
     """Load one branch of a checkpoint into a VisionTransformer, resizing the position table to its grid.
-    Relative position bias tables the checkpoint lacks (pretraining has none) start at zero."""
+    Relative position bias tables the checkpoint lacks (pretraining has none) start at zero. An RGB patch
+    embedding going into an encoder of other in_chans is adapted (adapt_input_channels).
+    Returns a one-line note of what was adapted, or None."""
     sd = encoder_state_dict(checkpoint, branch)
+    note = None
+    weight = sd.get("patch_embed.weight")
+    if weight is not None and weight.shape[1] != encoder.patch_embed.in_features:
+        chans = weight.shape[1] / encoder.patch_size ** 2
+        if chans != 3:
+            raise ValueError(f"the checkpoint's patch embedding takes {chans:g} channels of {encoder.patch_size}-px "
+                             f"patches, the model {encoder.in_chans}; only an RGB one can be adapted")
+        sd["patch_embed.weight"] = adapt_input_channels(weight, encoder.in_chans)
+        note = (f"the checkpoint's RGB patch embedding was adapted to {encoder.in_chans} channel(s) "
+                + ("(summed over R, G, B)" if encoder.in_chans == 1 else "(R, G, B repeated, scaled by 3 / C)"))
     for key, value in encoder.state_dict().items():
         if key.endswith(".relative_position_bias_table"):
             sd.setdefault(key, torch.zeros_like(value))
@@ -618,6 +651,7 @@ def load_encoder(encoder, checkpoint, branch="momentum"):
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], (side, side), encoder.grid_size)
     check_state_dict(encoder, sd, f"{branch} encoder in checkpoint")
     encoder.load_state_dict(sd)
+    return note
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -638,7 +672,7 @@ def _module_name(key, prefix):
     return prefix + ".".join(parts[:end])
 
 
-def timm_state_dict(checkpoint, branch="momentum", in_chans=3):
+def timm_state_dict(checkpoint, branch="momentum", in_chans=None):
     """One encoder of a pretrain.py, finetune.py or official checkpoint as the state_dict of timm's
     VisionTransformer(class_token=False, no_embed_class=True, global_pool="avg", fc_norm=True): the
     fine-tuning layout, mean of the patch tokens -> fc_norm -> head (arguments: timm_vit_kwargs).
@@ -648,8 +682,10 @@ def timm_state_dict(checkpoint, branch="momentum", in_chans=3):
     brings its fc_norm and head (a fine-tuned checkpoint holds one encoder: branch does not apply); a
     pretrained encoder gets a new fc_norm (weight 1, bias 0: where finetune.py starts) and no head.
     Returns (state_dict, left_out): left_out names what timm's layout cannot hold (a pretrained encoder's
-    cls token, class-attention blocks and final norm; its projector and predictor).
+    cls token, class-attention blocks and final norm; its projector and predictor). in_chans: the encoder's input
+    channels, default the checkpoint's (checkpoint_inputs), so timm_vit_kwargs gives timm's in_chans.
     """
+    in_chans = in_chans or checkpoint_inputs(checkpoint)[0]
     sd = model_state_dict(checkpoint)
     finetuned = "fc_norm.weight" in sd  # finetune.py: encoder.*, fc_norm.*, head.*
     branch = "online" if finetuned else branch

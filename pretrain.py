@@ -3,6 +3,7 @@
     python pretrain.py --data synthetic --device cpu ...                 # one process
     torchrun --nproc_per_node 8 pretrain.py --data /path/to/imagenet     # official ViT-B recipe (defaults)
     torchrun ... pretrain.py --data 'in22k/{000000..014197}.tar' --train-num-samples 14197122   # shards
+    python pretrain.py --data /path/to/scans --in-chans 1 --norm-stats auto ...   # grey or 16-bit images
 """
 import argparse
 import math
@@ -20,6 +21,7 @@ import utils
 
 MONITOR_K, MONITOR_TEMPERATURE = 20, 0.07  # the k-NN monitor's neighbours and vote temperature
 COLLAPSE_STD = 0.1  # target_std below this: the target representation is collapsing
+NORM_STATS_IMAGES = 10_000  # --norm-stats auto reads up to this many training images
 
 
 def get_args(argv=None):
@@ -27,6 +29,10 @@ def get_args(argv=None):
     utils.add_common_args(p, "a folder of images at any depth (ROOT/train when it exists), a text file of image "
                              "paths (one a line, relative to its folder), WebDataset shards ('dir/{000..099}.tar', "
                              "several joined by '::', pipe: commands)", "output/pretrain", 224, 2048, 10)
+    p.set_defaults(in_chans=3)
+    p.add_argument("--norm-stats", choices=["auto"], default=None,
+                   help="auto: --mean and --std estimated from up to 10,000 training images before the first step "
+                        "(and printed)")
     p.add_argument("--synthetic-size", type=int, default=256, help="images in the synthetic set")
     p.add_argument("--train-num-samples", type=int, default=None,
                    help="images per epoch over shards (required there: shards have no length)")
@@ -75,9 +81,9 @@ def get_args(argv=None):
 
 
 def crop_transform(img_size, crop_min):
-    """The CPU part of the augmentation: one RandomResizedCrop + flip of a PIL image or uint8 tensor, shared by
-    both views, as uint8 (3, H, W). The two colourings, float conversion and normalisation follow on the device
-    for the whole batch (two_views)."""
+    """The CPU part of the augmentation: one RandomResizedCrop + flip of a PIL image or a decoded tensor, shared
+    by both views, as (C, H, W) in the stored dtype (uint8, uint16 or float32). The two colourings, float
+    conversion and normalisation follow on the device for the whole batch (two_views)."""
     return v2.Compose([v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0)), v2.RandomHorizontalFlip(),
                        v2.PILToTensor()])
 
@@ -90,9 +96,10 @@ def grayscale(x):
 def blend(x, factors, op, active):
     """Brightness (op 0), contrast (1) or saturation (2) with the factor factors[:, op] of each image where
     active, as torchvision's adjust_*: clamp(f * x + (1 - f) * y, 0, 1), y = 0, the mean grey level or the grey
-    image. x (B, 3, H, W) in [0, 1]; factors (B, 4); op, active (B,)."""
+    image. x (B, C, H, W) in [0, 1], the grey level of C != 3 channels their mean; factors (B, 4); op, active
+    (B,)."""
     f = torch.where(active, factors.gather(1, op.clamp(max=2)[:, None])[:, 0], 1.0)[:, None, None, None]
-    grey = grayscale(x)  # (B, 1, H, W)
+    grey = grayscale(x) if x.shape[1] == 3 else x.mean(1, keepdim=True)  # (B, 1, H, W)
     contrast, saturation = ((op == k)[:, None, None, None].float() for k in (1, 2))
     target = grey * saturation + grey.mean((1, 2, 3), keepdim=True) * contrast  # (B, 1, H, W)
     return torch.lerp(target, x, f).clamp_(0, 1)
@@ -112,41 +119,50 @@ def shift_hue(x, shift):
 
 
 def jitter(x, factors, order):
-    """torchvision's ColorJitter with each image's own factors and order. x (B, 3, H, W) in [0, 1]; factors
-    (B, 4): brightness, contrast, saturation (1: unchanged), hue shift (0: unchanged); order (B, 4): a
+    """torchvision's ColorJitter with each image's own factors and order. x (B, C, H, W) in [0, 1]; factors
+    (B, 4): brightness, contrast, saturation (1: unchanged), hue shift (0: unchanged; RGB only); order (B, 4): a
     permutation of the ops 0..3 (brightness, contrast, saturation, hue). The blends before an image's hue
     shift run in three slots, then one hue pass for all, then three slots for the blends after it."""
     hue_at = order.argmax(1)  # (B,): the position of op 3
     for p in range(3):
         x = blend(x, factors, order[:, p], p < hue_at)
     shift = factors[:, 3]
-    x = torch.where((shift != 0)[:, None, None, None], shift_hue(x, shift), x)
+    if x.shape[1] == 3:
+        x = torch.where((shift != 0)[:, None, None, None], shift_hue(x, shift), x)
     for p in range(1, 4):
         x = blend(x, factors, order[:, p], p > hue_at)
     return x
 
 
-def colour(images, jitter_p=0.8, grayscale_p=0.2, strength=(0.4, 0.4, 0.2, 0.1)):
-    """One random colouring per image of a uint8 batch (B, 3, H, W), on its device with torch's generator:
-    with probability jitter_p ColorJitter(*strength) (factors and order drawn per image), then with
-    probability grayscale_p grayscale. Returns normalised float32 (B, 3, H, W)."""
+def colour(images, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD, jitter_p=0.8, grayscale_p=0.2,
+           strength=(0.4, 0.4, 0.2, 0.1)):
+    """One random colouring per image of a batch (B, C, H, W) (uint8, uint16 or float, see utils.normalize), on
+    its device with torch's generator: with probability jitter_p ColorJitter(*strength) (factors and order drawn
+    per image), then with probability grayscale_p grayscale. Returns float32 normalised with mean, std.
+
+    The official recipe is for RGB; for other data (a departure, README): one channel or more than three get
+    brightness and contrast only, applied to all channels together (one factor each per image, the contrast
+    about the mean over all channels), no saturation, hue or grayscale."""
     b, device = images.shape[0], images.device
-    x = images.float() / 255
+    x = utils.normalize(images, (0.0,) * images.shape[1], (1.0,) * images.shape[1])  # in [0, 1]
+    rgb = images.shape[1] == 3
     u = (2 * torch.rand(b, 4, device=device) - 1) * (torch.rand(b, 1, device=device) < jitter_p)  # 0: no jitter
-    factors = torch.stack([1 + strength[0] * u[:, 0], 1 + strength[1] * u[:, 1], 1 + strength[2] * u[:, 2],
-                           strength[3] * u[:, 3]], dim=1)  # (B, 4)
+    factors = torch.stack([1 + strength[0] * u[:, 0], 1 + strength[1] * u[:, 1], 1 + rgb * strength[2] * u[:, 2],
+                           rgb * strength[3] * u[:, 3]], dim=1)  # (B, 4); non-RGB: saturation 1, hue shift 0
     x = jitter(x, factors, torch.rand(b, 4, device=device).argsort(1))
-    x = torch.where((torch.rand(b, device=device) < grayscale_p)[:, None, None, None], grayscale(x), x)
-    return utils.normalize(x.mul_(255))
+    grey = torch.rand(b, device=device) < grayscale_p
+    if rgb:
+        x = torch.where(grey[:, None, None, None], grayscale(x), x)
+    return utils.normalize(x, mean, std)
 
 
-def two_views(images, color_aug):
-    """uint8 crops (B, 3, H, W) on the device -> two views, normalised float32, each with its own colouring
-    (without color_aug both are the crop itself)."""
+def two_views(images, color_aug, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
+    """Crops (B, C, H, W) on the device -> two views, float32 normalised with mean, std, each with its own
+    colouring (without color_aug both are the crop itself)."""
     if not color_aug:
-        x = utils.normalize(images)
+        x = utils.normalize(images, mean, std)
         return x, x
-    return colour(images), colour(images)
+    return colour(images, mean, std), colour(images, mean, std)
 
 
 # fixed on resume: they shape the model, or (--predictor-lr-scale) the optimizer state
@@ -155,7 +171,8 @@ ARCH_FLAGS = utils.ARCH_FLAGS + ("ca_depth", "proj_dim", "proj_hidden_dim", "pre
 
 def build_model(args):
     return models.ExtreMA(
-        img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch], ca_depth=args.ca_depth,
+        img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans, **models.ARCHS[args.arch],
+        ca_depth=args.ca_depth,
         layer_scale=args.layer_scale, proj_dim=args.proj_dim, proj_hidden_dim=args.proj_hidden_dim,
         mask_ratio=args.mask_ratio, num_masks=args.num_masks, disjoint=args.disjoint, drop_path=args.drop_path,
         loss=args.loss, temperature=args.temperature, autocast_residual=args.autocast_residual,
@@ -164,6 +181,15 @@ def build_model(args):
 
 def check_args(args):
     utils.check_image_size(args)
+    if args.norm_stats == "auto" and (args.mean is not None or args.std is not None):
+        utils.fail("give --mean and --std, or --norm-stats auto, not both")
+    if args.norm_stats is None and args.mean is None and args.std is None and args.in_chans == 3:
+        args.mean, args.std = list(utils.IMAGENET_MEAN), list(utils.IMAGENET_STD)
+    if args.norm_stats is None:
+        if args.mean is None or args.std is None:
+            utils.fail(f"--in-chans {args.in_chans} needs --mean and --std ({args.in_chans} values each) or "
+                       f"--norm-stats auto")
+        utils.check_stats(args.in_chans, args.mean, args.std)
     if args.save_every < 0:
         utils.fail(f"--save-every must be 0 (no numbered checkpoints) or positive, got {args.save_every}")
     try:
@@ -175,7 +201,8 @@ def check_args(args):
 def monitor_loaders(args, batch_size, device):
     """Evaluation loaders of the monitor's labelled train and val sets (capped per class), and its classes."""
     transform = data.eval_transform(args.img_size)
-    train, val, num_classes = data.classification_datasets(args.monitor, args.img_size, transform, transform)
+    train, val, num_classes = data.classification_datasets(args.monitor, args.img_size, transform, transform,
+                                                           in_chans=args.in_chans)
     if args.monitor_per_class is not None:
         train, val = (data.cap_per_class(dataset, args.monitor_per_class) for dataset in (train, val))
     if MONITOR_K > len(train):
@@ -204,6 +231,16 @@ class SkippedImages:
                 self.warned += 1
                 print(f"warning: skipped {error}" + (" (further ones are only counted)"
                                                       if self.warned == data.WARN_SKIPPED else ""), file=sys.stderr)
+
+
+def estimate_stats(args, log=print):
+    """--norm-stats auto: args.mean and args.std from up to NORM_STATS_IMAGES training images, as decoded (no
+    crop), printed; the same images in every process and on resume, so the values are too."""
+    start = time.time()
+    args.mean, args.std = data.channel_stats(data.sample_images(args, NORM_STATS_IMAGES))
+    utils.check_stats(args.in_chans, args.mean, args.std)
+    log(f"--norm-stats auto ({time.time() - start:.0f} s): --mean {' '.join(f'{v:.6g}' for v in args.mean)} "
+        f"--std {' '.join(f'{v:.6g}' for v in args.std)}")
 
 
 def compile_model(learner, mode="default"):
@@ -269,12 +306,12 @@ def step_updates(args, learner, optimizer, device, amp):
 
 
 def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, color_aug=True, keeps=None,
-               clip_grad=None):
-    """One ExtreMA optimizer step over accum-iter micro-batches of uint8 crops (b, 3, H, W) on the device, each
-    coloured into its two views here (two_views); masks drawn unless `keeps` gives one (M, b, K) tensor per
-    micro-batch; optimizer may be GraphedUpdates, which also does the momentum update; gradients clipped to the
-    norm clip_grad (None: not clipped). Returns the mean loss and the mean target_std of the micro-batches and the
-    gradient norm before clipping, as device tensors (no host synchronisation)."""
+               clip_grad=None, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
+    """One ExtreMA optimizer step over accum-iter micro-batches of crops (b, C, H, W) on the device, each
+    coloured into its two views here (two_views, normalised with mean, std); masks drawn unless `keeps` gives
+    one (M, b, K) tensor per micro-batch; optimizer may be GraphedUpdates, which also does the momentum update;
+    gradients clipped to the norm clip_grad (None: not clipped). Returns the mean loss and the mean target_std
+    of the micro-batches and the gradient norm before clipping, as device tensors (no host synchronisation)."""
     learner = model.module if isinstance(model, DDP) else model
     utils.set_lr(optimizer, lr)
     # as the official code: the EMA step precedes the forward
@@ -283,7 +320,7 @@ def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, color
     spreads = []
 
     def loss_fn(images, keep):
-        loss, k = model(*two_views(images, color_aug), keep=keep, return_target=True)
+        loss, k = model(*two_views(images, color_aug, mean, std), keep=keep, return_target=True)
         spreads.append(models.target_std(k))
         return loss
 
@@ -304,6 +341,8 @@ def main(argv=None):
 
     if not 0 <= args.max_skipped <= 1:
         utils.fail(f"--max-skipped is a fraction of the epoch, 0 to 1, got {args.max_skipped}")
+    if args.norm_stats == "auto":
+        estimate_stats(args, log)
     loader, epoch_images = data.pretraining_loader(args, crop_transform(args.img_size, args.crop_min), local_batch,
                                                    device)
     steps_per_epoch = len(loader) // args.accum_iter
@@ -344,7 +383,7 @@ def main(argv=None):
     def monitor_knn():  # the k-NN top-1 of the momentum encoder's instance features on the monitor's set
         encoder = learner.momentum_encoder
         return utils.knn_evaluate(lambda images: encoder.forward_features(images)[1], *monitor, monitor_classes,
-                                  device, amp, (MONITOR_K,), MONITOR_TEMPERATURE)[MONITOR_K][0]
+                                  device, amp, (MONITOR_K,), MONITOR_TEMPERATURE, args.mean, args.std)[MONITOR_K][0]
 
     reporter = utils.Reporter(args, start_epoch * steps_per_epoch + start_step)
     knn_init = None  # the monitor's value at initialisation, the baseline that knn_acc1 has to beat
@@ -356,7 +395,8 @@ def main(argv=None):
             reporter.scalars(0, {"monitor/knn_acc1": knn_init})
 
     def state(epoch, step):
-        return utils.epoch_state(learner, optimizer, scaler, args, epoch, step, knn_acc1_init=knn_init)
+        return utils.epoch_state(learner, optimizer, scaler, args, epoch, step, knn_acc1_init=knn_init,
+                                 in_chans=args.in_chans, mean=args.mean, std=args.std)
 
     for epoch in range(start_epoch, args.epochs):
         first = start_step if epoch == start_epoch else 0  # steps done before a mid-epoch resume
@@ -376,7 +416,8 @@ def main(argv=None):
             lr = utils.cosine_schedule(it, total_steps, warmup_steps, base_lr)
             momentum = models.momentum_at(it / steps_per_epoch, args.epochs, args.ema)
             loss, spread, grad_norm = train_step(model, updates, scaler, micro_batches, lr, momentum, amp,
-                                                 args.color_aug, clip_grad=args.clip_grad)
+                                                 args.color_aug, clip_grad=args.clip_grad, mean=args.mean,
+                                                 std=args.std)
             counts = torch.tensor([sum(len(b.names) for b in loaded), sum(len(b.skipped) for b in loaded)],
                                   dtype=torch.float64)
             sums += torch.cat([torch.stack([loss.detach(), spread]).double(),

@@ -2,6 +2,7 @@
 synthetic data. Run with `pytest test_smoke.py` (a few minutes on a 2-core CPU)."""
 import argparse
 import errno
+import io
 import json
 import math
 import os
@@ -388,7 +389,8 @@ def test_pretrain_views_share_one_crop(tmp_path, monkeypatch):
                         forward(self, x1, x2, **kwargs))
     for name, extra in (("off", ["--no-color-aug"]), ("grey", [])):
         if name == "grey":  # colour on, but every view grayscale and no jitter: the views must be equal
-            monkeypatch.setattr(pretrain, "colour", lambda images, c=pretrain.colour: c(images, 0.0, 1.0))
+            monkeypatch.setattr(pretrain, "colour", lambda images, mean, std, c=pretrain.colour:
+                                c(images, mean, std, 0.0, 1.0))
         seen.clear()
         pretrain.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path / name)] + extra)
         assert len(seen) == 2 and seen[0][0].dtype == torch.float32
@@ -947,6 +949,7 @@ def test_min_lr_floor(tmp_path):
     for min_lr in (0.25, None):
         args = argparse.Namespace(accum_iter=1, epochs=2, warmup_epochs=0, lr=1.0, amp="none", print_freq=100,
                                   batch_size=1, seed=0, output_dir=str(tmp_path), save_interval=0,
+                                  mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD,
                                   **({} if min_lr is None else {"min_lr": min_lr}))
         _, lr, _ = utils.train_one_epoch(loss_fn, model, loader, optimizer, utils.grad_scaler(cpu, "none"), 1, args,
                                          cpu, utils.Checkpointer(args), lambda step: {}, log=lambda *a: None)
@@ -2677,8 +2680,9 @@ def test_extract_folder_and_shards(sources, tmp_path, official_file):
     assert names == data.folder_images(str(sources / "folder"))
     assert instance.shape == tokens.shape == (24, 64) and instance.dtype == tokens.dtype == np.float32
     assert sorted(os.listdir(tmp_path / "folder")) == ["instance.npy", "names.txt", "tokens.npy"]
-    encoder = linprobe.load_encoder(linprobe.get_args(extract_args(tmp_path, "x", "--pretrained", checkpoint)), 0,
-                                    lambda *a: None).eval()
+    args = linprobe.get_args(extract_args(tmp_path, "x", "--pretrained", checkpoint))
+    utils.input_stats(args, lambda *a: None)
+    encoder = linprobe.load_encoder(args, 0, lambda *a: None).eval()
     image = data.eval_transform(32, v2.InterpolationMode.BILINEAR)(data.decode_image(
         str(sources / "folder" / names[5])))
     with torch.no_grad():
@@ -2738,3 +2742,233 @@ def test_bench_times_the_loader_over_shards(sources, capsys):
     out = run_bench(capsys, BENCH_TINY + ["--batch-size", "4", "--data", shards(sources), "--train-num-samples", "24",
                                           "--data-batches", "2"])
     assert out["loader_images_per_s"] > 0 and out["loader_cpu_ms_per_image"] > 0
+
+
+# Inputs other than RGB: grey, 16-bit and multi-channel images with the data's own statistics
+
+
+FIXTURE_PRETRAIN = ["--data", "synthetic", "--synthetic-size", "16", "--arch", "vit_fixture", "--img-size", "32",
+                    "--patch-size", "8", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0",
+                    "--proj-dim", "32", "--proj-hidden-dim", "64", "--mask-ratio", "0.75", "--num-masks", "2",
+                    "--device", "cpu", "--num-workers", "0"]
+
+
+def test_grey_input_to_an_adapted_rgb_encoder_matches_replicated_rgb():
+    """An RGB checkpoint loaded into a one-channel encoder (patch embedding summed over R, G, B) gives a grey
+    image the tokens the RGB encoder gives it replicated three times; four channels get R, G, B, R scaled by 3 / 4
+    (timm's rule); only an RGB embedding is adapted."""
+    rgb = models.VisionTransformer(img_size=32, patch_size=8, **models.ARCHS["vit_fixture"]).eval()
+    checkpoint = {"model": {f"momentum_encoder.{k}": v for k, v in rgb.state_dict().items()}}
+    grey = models.VisionTransformer(img_size=32, patch_size=8, in_chans=1, **models.ARCHS["vit_fixture"]).eval()
+    note = models.load_encoder(grey, checkpoint)
+    assert "adapted to 1 channel(s)" in note and "summed" in note
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        for ours, theirs in zip(grey(x), rgb(x.expand(-1, 3, -1, -1))):  # tokens, instance
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    four = models.VisionTransformer(img_size=32, patch_size=8, in_chans=4, **models.ARCHS["vit_fixture"])
+    assert "scaled by 3 / C" in models.load_encoder(four, checkpoint)
+    r, g, b = rgb.patch_embed.weight.reshape(64, 3, 64).unbind(1)  # (D, p*p) each
+    torch.testing.assert_close(four.patch_embed.weight.reshape(64, 4, 64), torch.stack([r, g, b, r], 1) * 0.75)
+    with pytest.raises(ValueError, match="takes 1 channels .* only an RGB one"):
+        models.load_encoder(four, {"model": {f"momentum_encoder.{k}": v for k, v in grey.state_dict().items()}})
+
+
+def test_one_channel_pretraining_carries_channels_and_statistics(tmp_path, monkeypatch):
+    """Pretraining on one channel records it with its statistics; the linear probe (also --knn) and fine-tuning
+    read both from the checkpoint without flags and normalise with them; a contradicting flag is refused. The
+    timm export and the pictures follow the checkpoint too."""
+    pretrain.main(FIXTURE_PRETRAIN + ["--in-chans", "1", "--mean", "0.4", "--std", "0.2",
+                                      "--output-dir", str(tmp_path / "pre")])
+    path = str(tmp_path / "pre" / "checkpoint-last.pth")
+    checkpoint = torch.load(path, weights_only=False)
+    assert (checkpoint["in_chans"], checkpoint["mean"], checkpoint["std"]) == (1, [0.4], [0.2])
+    assert checkpoint["model"]["encoder.patch_embed.weight"].shape == (64, 8 * 8)
+    seen, to_device = [], utils.to_device
+    monkeypatch.setattr(utils, "to_device", lambda batch, device, mean, std: seen.append(
+        (batch[0].shape[1], mean, std)) or to_device(batch, device, mean, std))
+    for name, main, extra in (("probe", linprobe.main, []), ("knn", linprobe.main, ["--knn", "--knn-k", "2"]),
+                              ("finetune", finetune.main, [])):
+        seen.clear()
+        main(eval_args(tmp_path / name, "--pretrained", path, *extra))
+        assert seen and all((c, list(m), list(s)) == (1, [0.4], [0.2]) for c, m, s in seen), name
+        if name != "knn":
+            saved = eval_checkpoint(tmp_path / name)
+            assert (saved["args"]["in_chans"], saved["args"]["mean"]) == (1, [0.4]), name
+    for flags, message in ((["--in-chans", "3"], "--in-chans 3 contradicts .* holds 1 channel"),
+                           (["--mean", "0.5"], "--mean 0.5 contradicts .* records 0.4")):
+        with pytest.raises(SystemExit, match=message) as info:
+            linprobe.main(eval_args(tmp_path / "refused", "--pretrained", path, *flags))
+        assert "\n" not in str(info.value)
+    export = tmp_path / "timm.pth"  # the export to timm carries in_chans and the statistics
+    visualize.main(["--pretrained", path, "--arch", "vit_fixture", "--export-timm", str(export)])
+    export = torch.load(export)
+    assert (export["timm_kwargs"]["in_chans"], export["mean"], export["std"]) == (1, [0.4], [0.2])
+    encoder = models.VisionTransformer(img_size=32, patch_size=8, in_chans=1, **models.ARCHS["vit_fixture"]).eval()
+    models.load_encoder(encoder, checkpoint)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model(export).forward_features(x), encoder.forward_features(x)[0],
+                                   atol=1e-5, rtol=1e-5)
+    visualize.main(["--pretrained", path, "--arch", "vit_fixture", "--patch-size", "8", "--img-size", "32",
+                    "--data", "synthetic", "--synthetic-size", "1", "--device", "cpu",
+                    "--output-dir", str(tmp_path / "pictures")])
+    assert os.path.exists(tmp_path / "pictures" / "synthetic_0_attention.png")
+    with pytest.raises(SystemExit, match="--in-chans 2 needs --mean and --std"):
+        pretrain.main(FIXTURE_PRETRAIN + ["--in-chans", "2", "--output-dir", str(tmp_path / "no_stats")])
+    with pytest.raises(SystemExit, match="need 2 value"):
+        pretrain.main(FIXTURE_PRETRAIN + ["--in-chans", "2", "--mean", "0.5", "--std", "0.2", "0.3",
+                                          "--output-dir", str(tmp_path / "short")])
+
+
+def test_input_stats_from_checkpoint_flags_or_defaults(official_file, tmp_path):
+    """utils.input_stats: an official (RGB) checkpoint means ImageNet's statistics, and --in-chans 1 adapts it
+    with the data's own --mean and --std (required); without a checkpoint the flags decide; a checkpoint of ours
+    gives its own values and refuses others."""
+    _, official_path = official_file
+    grey_path = tmp_path / "grey.pth"
+    torch.save({"in_chans": 1, "mean": [0.4], "std": [0.2], "model": {}}, grey_path)
+
+    def resolve(pretrained, *flags, channels=None):
+        parser = argparse.ArgumentParser()
+        utils.add_encoder_args(parser, 32, branch="momentum")
+        args = parser.parse_args([*flags] + ([] if pretrained is None else ["--pretrained", str(pretrained)]))
+        utils.input_stats(args, lambda *a: None, channels)
+        return args.in_chans, args.mean, args.std
+
+    imagenet = (3, list(utils.IMAGENET_MEAN), list(utils.IMAGENET_STD))
+    assert resolve(None) == resolve(official_path) == imagenet
+    assert resolve(None, "--in-chans", "1", "--mean", "0.5", "--std", "0.25") == (1, [0.5], [0.25])
+    assert resolve(official_path, "--in-chans", "1", "--mean", "0.5", "--std", "0.25") == (1, [0.5], [0.25])
+    assert resolve(grey_path) == (1, [0.4], [0.2]) == resolve(grey_path, "--mean", "0.4")
+    for pretrained, flags, message in (
+            (official_path, ["--in-chans", "1"], "1 input channel.* need --mean and --std"),
+            (None, ["--in-chans", "2"], "2 input channel.* need --mean and --std"),
+            (official_path, ["--mean", "0.5", "0.5", "0.5"], "--mean 0.5 0.5 0.5 contradicts .* records 0.485"),
+            (grey_path, ["--std", "0.3"], "--std 0.3 contradicts .* records 0.2"),
+            (grey_path, ["--in-chans", "4"], "--in-chans 4 contradicts .* holds 1 channel"),
+            (None, ["--in-chans", "2", "--mean", "0.5", "--std", "0.2"], "need 2 value"),
+            (grey_path, ["--arch", "vit_tiny"], "reads 3-channel images, not 1")):
+        with pytest.raises(SystemExit, match=message):
+            resolve(pretrained, *flags, channels=(3,) if "--arch" in flags else None)
+
+
+def write_rows_image(folder, name, rows, channels, kind):
+    """A 32 x 32 uint16 image whose value depends only on the row and channel (a crop of scale 1 and a flip keep
+    it): a 16-bit grey PNG or an (H, W, C) .npy. Returns the array (H, W, C)."""
+    array = np.repeat(rows[:, None, None] + 1000 * np.arange(channels)[None, None, :], 32, axis=1).astype(np.uint16)
+    os.makedirs(folder, exist_ok=True)
+    if kind == "png":
+        Image.fromarray(array[:, :, 0]).save(os.path.join(folder, f"{name}.png"))
+    else:
+        np.save(os.path.join(folder, f"{name}.npy"), array)
+    return array
+
+
+@pytest.mark.parametrize("kind,channels", [("png", 1), ("npy", 4)])
+def test_sixteen_bit_folder_inputs_reach_the_model_scaled(tmp_path, monkeypatch, kind, channels):
+    """16-bit grey PNGs (one channel, never replicated) and (H, W, 4) uint16 arrays in a folder travel as uint16
+    and reach the model as (x / 65535 - mean) / std, pixel by pixel."""
+    rows = np.linspace(0, 60000, 32).round()
+    for i in range(8):
+        array = write_rows_image(tmp_path / "data" / "all", f"img{i}", rows, channels, kind)
+    mean, std = [0.3 + 0.1 * c for c in range(channels)], [0.2 + 0.05 * c for c in range(channels)]
+    argv = FIXTURE_PRETRAIN + ["--data", str(tmp_path / "data"), "--in-chans", str(channels), "--crop-min", "1",
+                               "--no-color-aug", "--mean", *map(str, mean), "--std", *map(str, std),
+                               "--output-dir", str(tmp_path / "out")]
+    loader, _ = data.pretraining_loader(pretrain.get_args(argv), pretrain.crop_transform(32, 1.0), 8,
+                                        torch.device("cpu"))
+    crop = next(iter(loader)).images[0]
+    assert crop.dtype == torch.uint16 and crop.shape == (channels, 32, 32)
+    seen, forward = [], models.ExtreMA.forward
+    monkeypatch.setattr(models.ExtreMA, "forward", lambda self, x1, x2, **kwargs: seen.append(x1) or
+                        forward(self, x1, x2, **kwargs))
+    pretrain.main(argv)
+    unit = torch.from_numpy(array.astype(np.float64) / 65535).permute(2, 0, 1)  # (C, 32, 32) in [0, 1]
+    expected = (unit - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    assert seen[0].shape == (8, channels, 32, 32)
+    torch.testing.assert_close(seen[0], expected.float().expand(8, -1, -1, -1), atol=1e-5, rtol=1e-5)
+    pixel = (60000 + 1000 * (channels - 1)) / 65535  # the last channel of the last row
+    assert seen[0][0, -1, 31, 5].item() == pytest.approx((pixel - mean[-1]) / std[-1], abs=1e-5)
+
+
+def test_decode_keeps_channels_and_dtypes(tmp_path):
+    """data.decode: grey stays one channel (8 or 16 bits, PNG or TIFF), colour converts to the asked channels,
+    arrays keep their dtype; a file that cannot give the asked channels is a DataError."""
+    rng = np.random.default_rng(0)
+    grey16 = rng.integers(0, 65536, (5, 7), dtype=np.uint16)
+    grey8 = rng.integers(0, 256, (5, 7), dtype=np.uint8)
+    colour = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+
+    def encoded(array, fmt):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    for raw, ext in ((encoded(grey16, "PNG"), ".png"), (encoded(grey16, "TIFF"), ".tif")):
+        x = data.decode(raw, ext, 1)
+        assert x.dtype == torch.uint16 and torch.equal(x[0].int(), torch.from_numpy(grey16.astype(np.int32)))
+    x = data.decode(encoded(grey8, "PNG"), ".png", 1)
+    assert x.dtype == torch.uint8 and torch.equal(x[0], torch.from_numpy(grey8))
+    assert torch.equal(data.decode(encoded(grey8, "PNG"), ".png", 3), torch.from_numpy(grey8).expand(3, -1, -1))
+    assert data.decode(encoded(colour, "PNG"), ".png", 1).shape == (1, 5, 7)
+    for array in (rng.random((5, 7, 2), dtype=np.float32), colour, grey16.astype(">u2")):
+        np.save(tmp_path / "a.npy", array)
+        x = data.decode_image(str(tmp_path / "a.npy"), in_chans=1 if array.ndim == 2 else array.shape[2])
+        assert x.dtype == {4: torch.float32, 1: torch.uint8, 2: torch.uint16}[array.dtype.itemsize]
+        assert torch.equal(x, torch.from_numpy(array.astype(array.dtype.newbyteorder("="))).reshape(5, 7, -1)
+                           .permute(2, 0, 1))
+    with pytest.raises(utils.DataError, match="a.npy.*expected an array \\(H, W, 3\\)"):
+        data.decode_image(str(tmp_path / "a.npy"), in_chans=3)
+    with pytest.raises(utils.DataError, match="1 or 3 channels, not 4"):
+        data.decode(encoded(grey16, "TIFF"), ".tif", 4)
+    assert data.SyntheticImages(2, 8, in_chans=4)[0][0].shape == (4, 8, 8)
+    with pytest.raises(utils.DataError, match="RandAugment works on 8-bit images, not torch.uint16"):
+        finetune.eight_bit_pil(torch.zeros(1, 8, 8, dtype=torch.uint16))
+    assert finetune.eight_bit_pil(torch.zeros(1, 8, 8, dtype=torch.uint8)).mode == "L"
+
+
+def test_norm_stats_auto_equals_numpy(tmp_path):
+    """--norm-stats auto: the per-channel mean and std over all pixels of the training images (of different sizes),
+    in [0, 1] units, as numpy computes them; printed, recorded in the checkpoint and refused with --mean."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 65536, (32 + 8 * (i % 3), 40, 2), dtype=np.uint16) for i in range(8)]
+    for i, array in enumerate(arrays):
+        os.makedirs(tmp_path / "data" / "x", exist_ok=True)
+        np.save(tmp_path / "data" / "x" / f"{i}.npy", array // np.array([1, 3], dtype=np.uint16))
+    pixels = np.concatenate([(a // np.array([1, 3], dtype=np.uint16)).reshape(-1, 2) for a in arrays]) / 65535
+    argv = FIXTURE_PRETRAIN + ["--data", str(tmp_path / "data"), "--in-chans", "2", "--norm-stats", "auto",
+                               "--output-dir", str(tmp_path / "out")]
+    pretrain.main(argv)
+    checkpoint = torch.load(tmp_path / "out" / "checkpoint-last.pth", weights_only=False)
+    np.testing.assert_allclose(checkpoint["mean"], pixels.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(checkpoint["std"], pixels.std(0), rtol=1e-6)
+    with pytest.raises(SystemExit, match="--mean and --std, or --norm-stats auto, not both"):
+        pretrain.main(argv + ["--mean", "0.5", "0.5"])
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_colouring_of_grey_and_multi_channel_images(channels):
+    """One or four channels: each view gets its own brightness and contrast, one affine map y = a x + b per image
+    for all channels together (no saturation, hue or grayscale); with all probabilities 0 the colouring is the
+    identity (the normalisation alone), for uint8 and uint16 batches."""
+    images = (torch.rand(200, channels, 6, 6, generator=torch.Generator().manual_seed(0)) * 70 + 90).to(torch.uint8)
+    zeros, ones = (0.0,) * channels, (1.0,) * channels
+    for batch in (images, images.to(torch.uint16) * 257):
+        torch.testing.assert_close(pretrain.colour(batch, zeros, ones, jitter_p=0, grayscale_p=0),
+                                   utils.normalize(batch, zeros, ones))
+    torch.manual_seed(0)
+    x = images.double().flatten(1) / 255  # (B, C*H*W)
+    fits = []
+    for view in pretrain.two_views(images, True, zeros, ones):
+        y = view.double().flatten(1)
+        dx, dy = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+        a = (dx * dy).sum(1) / dx.square().sum(1)  # least squares, per image
+        b = y.mean(1) - a * x.mean(1)
+        assert (y - (a[:, None] * x + b[:, None])).abs().max() < 1e-5  # one brightness and contrast for all channels
+        fits.append(torch.stack([a, b], 1))
+    changed = [(fit - torch.tensor([1.0, 0.0], dtype=torch.float64)).abs().amax(1) > 1e-4 for fit in fits]
+    for jittered in changed:
+        assert abs(jittered.float().mean() - 0.8) < 0.1
+    differ = (fits[0] - fits[1]).abs().amax(1) > 1e-4
+    assert differ.float().mean() > 0.85  # at least one view jittered (0.96), each with its own factors

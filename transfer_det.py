@@ -459,7 +459,9 @@ ARCH_FLAGS = utils.ARCH_FLAGS + ("feature_blocks",)  # fixed on resume
 
 
 def build_detector(args, num_classes, log=print):
-    """Mask R-CNN of the reference config on the pretrained ViT; num_classes without background."""
+    """Mask R-CNN of the reference config on the pretrained ViT; num_classes without background. Its transform
+    normalises with the statistics the checkpoint records (utils.input_stats; RGB only)."""
+    utils.input_stats(args, log, channels=(3,))
     patch = args.patch_size
     if patch & (patch - 1):
         utils.fail(f"--patch-size {patch} must be a power of two to give maps at strides {STRIDES}")
@@ -476,7 +478,7 @@ def build_detector(args, num_classes, log=print):
         min_size, max_size = side, side
     else:
         min_size, max_size = scales(args.img_size)  # a random one per image in training, the last at test
-    transform = GeneralizedRCNNTransform(min_size, max_size, utils.IMAGENET_MEAN, utils.IMAGENET_STD,
+    transform = GeneralizedRCNNTransform(min_size, max_size, args.mean, args.std,
                                          size_divisible=max(32, patch))
     return mask_rcnn(ViTPyramid(encoder, blocks), num_classes + 1, transform)
 

@@ -135,8 +135,9 @@ class TrainTransform:
     c x c crop where one class covers < 75% of the labelled pixels (up to 10 tries), flip, photometric
     distortion, normalise, pad to c x c (image 0, label ignore)."""
 
-    def __init__(self, crop_size, ratio_range=(0.5, 2.0), cat_max_ratio=0.75, crop_tries=10):
-        self.crop, self.ratio_range = crop_size, ratio_range
+    def __init__(self, crop_size, ratio_range=(0.5, 2.0), cat_max_ratio=0.75, crop_tries=10,
+                 mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
+        self.crop, self.ratio_range, self.mean, self.std = crop_size, ratio_range, mean, std
         self.cat_max_ratio, self.crop_tries = cat_max_ratio, crop_tries
 
     def random_crop_box(self, mask):
@@ -162,7 +163,8 @@ class TrainTransform:
                      for t in (img, mask))
         if torch.rand(()) < 0.5:
             img, mask = img.flip(-1), mask.flip(-1)
-        img = utils.normalize(photometric_distortion(img.float()))  # (3, h, w), h and w <= c
+        img = photometric_distortion(img.float()).div_(255)  # (3, h, w) in [0, 1], h and w <= c
+        img = utils.normalize(img, self.mean, self.std)
         pad = (0, self.crop - mask.shape[1], 0, self.crop - mask.shape[0])  # right and bottom
         return F.pad(img, pad, value=0.0), F.pad(mask, pad, value=IGNORE_INDEX)  # (3, c, c), (c, c)
 
@@ -171,14 +173,14 @@ class EvalTransform:
     """mmseg's ADE20K test pipeline: keep-ratio resize to the (4c, c) scale, normalise; labels untouched
     (predictions are resized back to the annotation's size)."""
 
-    def __init__(self, crop_size):
-        self.crop = crop_size
+    def __init__(self, crop_size, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
+        self.crop, self.mean, self.std = crop_size, mean, std
 
     def __call__(self, img, labels):
         img = TF.pil_to_tensor(img)
         size = keep_ratio_size(*img.shape[-2:], 4 * self.crop, self.crop)
         img = TF.resize(img, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
-        return utils.normalize(img), labels
+        return utils.normalize(img, self.mean, self.std), labels
 
 
 def load_annotation(path):
@@ -257,7 +259,8 @@ class SyntheticSegmentation(torch.utils.data.Dataset):
 
 
 def build_datasets(args):
-    train_tf, eval_tf = TrainTransform(args.img_size), EvalTransform(args.img_size)
+    train_tf = TrainTransform(args.img_size, mean=args.mean, std=args.std)
+    eval_tf = EvalTransform(args.img_size, args.mean, args.std)
     if args.data == "synthetic":
         return (SyntheticSegmentation(16, args.img_size, train_tf, seed=0),
                 SyntheticSegmentation(4, args.img_size, eval_tf, seed=1))
@@ -475,6 +478,7 @@ def main(argv=None):
         utils.fail(f"BatchNorm needs at least 2 images per step (the 1x1 pyramid-pooling map), got micro-batch "
                    f"{local_batch}{' per process' if world > 1 else ''}: raise --batch-size or lower --accum-iter")
     log = print if utils.is_main() else (lambda *a, **k: None)
+    utils.input_stats(args, log, channels=(3,))
     utils.make_output_dir(args.output_dir)
     checkpointer = utils.Checkpointer(args, key="iter", log=log)
     if args.eval_only and not os.path.exists(checkpointer.path):

@@ -86,14 +86,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def add_encoder_args(parser, img_size, branch=None, img_help=None):
-    """The flags of every script that builds an encoder: --arch, --img-size, --patch-size, --device and, with a
-    default `branch`, --pretrained and --branch."""
+    """The flags of every script that builds an encoder: --arch, --img-size, --patch-size, --device, the inputs'
+    --in-chans, --mean and --std (input_stats) and, with a default `branch`, --pretrained and --branch."""
     from models import ARCHS
     p = parser
     p.add_argument("--arch", default="vit_base", choices=list(ARCHS))
     p.add_argument("--img-size", type=int, default=img_size, help=img_help)
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--in-chans", type=int, default=None,
+                   help="input channels (default: 3 for pretraining; later stages: what the --pretrained checkpoint "
+                        "records, else 3)")
+    p.add_argument("--mean", type=float, nargs="+", default=None,
+                   help="per-channel mean of the inputs in [0, 1] (uint8 / 255, uint16 / 65535, float32 as stored); "
+                        "default: what the --pretrained checkpoint records, else ImageNet's for 3 channels")
+    p.add_argument("--std", type=float, nargs="+", default=None, help="per-channel standard deviation, as --mean")
     if branch is not None:
         p.add_argument("--pretrained", default=None,
                        help="pretrain.py or official ExtreMA checkpoint: a file, or an http(s):// or file:// URL "
@@ -403,10 +410,58 @@ def load_pretrained_encoder(encoder, path, branch, log=print, output_dir=None):
         log("no --pretrained given: the encoder starts from random initialisation")
         return
     try:
-        load_encoder(encoder, load_checkpoint(path), branch)
+        note = load_encoder(encoder, load_checkpoint(path), branch)
     except ValueError as e:
         fail(f"{path}: {e}")
-    log(f"loaded the {branch} encoder from {path}")
+    log(f"loaded the {branch} encoder from {path}" + (f"; {note}" if note else ""))
+
+
+def check_stats(in_chans, mean, std):
+    """One-line error unless mean and std hold in_chans values each and every std is positive."""
+    if in_chans < 1:
+        fail(f"--in-chans must be at least 1, got {in_chans}")
+    if len(mean) != in_chans or len(std) != in_chans:
+        fail(f"--mean and --std need {in_chans} value(s) each (one per input channel), got {len(mean)} and {len(std)}")
+    if min(std) <= 0:
+        fail(f"--std values must be positive, got {std}")
+
+
+def input_stats(args, log=print, channels=None):
+    """Set args.in_chans, args.mean and args.std of a stage that reads an encoder: what the --pretrained checkpoint
+    records (models.checkpoint_inputs; an RGB one that records no statistics has ImageNet's), else the flags, else
+    3 channels and ImageNet's statistics.
+
+    A flag that contradicts the checkpoint is refused in one line, except --in-chans C with an RGB checkpoint:
+    its patch embedding is adapted on load (models.adapt_input_channels) and --mean, --std must then be given.
+    channels: the channel counts the stage's data pipeline handles (None: any), others refused in one line."""
+    from models import checkpoint_inputs
+    in_chans, mean, std = args.in_chans or 3, None, None
+    if args.pretrained is not None:
+        in_chans, mean, std = checkpoint_inputs(load_checkpoint(args.pretrained))
+        if in_chans == 3 and mean is None:
+            mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+        if args.in_chans not in (None, in_chans):
+            if in_chans != 3:
+                fail(f"--in-chans {args.in_chans} contradicts {args.pretrained}, which holds {in_chans} channel(s)")
+            in_chans, mean, std = args.in_chans, None, None  # adapted on load: the statistics are the data's
+        for flag, given, recorded in (("--mean", args.mean, mean), ("--std", args.std, std)):
+            if given is not None and recorded is not None and [float(v) for v in given] != list(recorded):
+                fail(f"{flag} {' '.join(map(str, given))} contradicts {args.pretrained}, which records "
+                     f"{' '.join(f'{v:g}' for v in recorded)}")
+    mean = args.mean if mean is None else mean
+    std = args.std if std is None else std
+    if mean is None and std is None and in_chans == 3:
+        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    if mean is None or std is None:
+        fail(f"{in_chans} input channel(s) need --mean and --std ({in_chans} values each)")
+    check_stats(in_chans, mean, std)
+    if channels is not None and in_chans not in channels:
+        fail(f"this stage's data pipeline reads {' or '.join(map(str, channels))}-channel images, not {in_chans} "
+             f"channel(s)")
+    args.in_chans, args.mean, args.std = in_chans, [float(v) for v in mean], [float(v) for v in std]
+    if in_chans != 3 or args.mean != list(IMAGENET_MEAN):
+        log(f"inputs: {in_chans} channel(s), mean {' '.join(f'{v:.4f}' for v in args.mean)}, "
+            f"std {' '.join(f'{v:.4f}' for v in args.std)}")
 
 
 def resume_checkpoint(output_dir):
@@ -425,7 +480,8 @@ def load_resumed(module, state_dict, path):
     module.load_state_dict(state_dict)
 
 
-ARCH_FLAGS = ("arch", "patch_size", "img_size")  # shape the encoder (the grid sizes pos_embed): fixed on resume
+# shape the encoder (the grid sizes pos_embed, the channels the patch embedding): fixed on resume
+ARCH_FLAGS = ("arch", "patch_size", "img_size", "in_chans")
 # how a run executes, not what it computes: free to change on resume
 RUN_FLAGS = ("output_dir", "device", "num_workers", "print_freq", "save_interval", "save_every", "eval_only",
              "compile", "report_to", "wandb_project", "wandb_name")
@@ -670,21 +726,29 @@ class Meter:
 # Batches on the device
 
 
-def normalize(images):
-    """Images of values 0..255 (uint8 or float), (..., 3, H, W) on any device -> float32 normalised with the
-    ImageNet statistics. The loaders ship uint8 (a quarter of the bytes of float32) and this runs where the
-    batch lands, without a host synchronisation."""
-    stats = torch.tensor((IMAGENET_MEAN, IMAGENET_STD)).mul_(255).to(images.device, non_blocking=True)
-    mean, std = stats[:, :, None, None].unbind()  # (3, 1, 1) each
+FULL_SCALE = {torch.uint8: 255, torch.uint16: 65535}  # the value that maps to 1; floating point: 1 (as stored)
+
+
+def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Images (..., C, H, W) on any device -> float32 (x / s - mean) / std per channel, s the dtype's full scale:
+    uint8 / 255, uint16 / 65535, floating point as stored. The loaders ship the decoded dtype (uint8 is a
+    quarter of the bytes of float32) and this runs where the batch lands, without a host synchronisation."""
+    if images.dtype not in FULL_SCALE and not images.is_floating_point():
+        raise ValueError(f"images of dtype {images.dtype}: expected uint8, uint16 or floating point")
+    if not len(mean) == len(std) == images.shape[-3]:
+        raise ValueError(f"{len(mean)} mean and {len(std)} std values for images of {images.shape[-3]} channels")
+    scale = FULL_SCALE.get(images.dtype, 1)
+    stats = torch.tensor((mean, std), dtype=torch.float32).mul_(scale).to(images.device, non_blocking=True)
+    mean, std = stats[:, :, None, None].unbind()  # (C, 1, 1) each
     return (images.float() - mean) / std
 
 
-def to_device(batch, device):
-    """A batch (inputs, targets) on device, uint8 images (B, 3, H, W) normalised there into float32 (other
-    inputs as they are)."""
+def to_device(batch, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """A batch (inputs, targets) on device, images (B, C, H, W) of any stored dtype (uint8, uint16, float32)
+    normalised there into float32 (other inputs as they are)."""
     images, targets = batch
     images = images.to(device, non_blocking=True)
-    return normalize(images) if images.dtype == torch.uint8 else images, targets.to(device, non_blocking=True)
+    return normalize(images, mean, std) if images.ndim == 4 else images, targets.to(device, non_blocking=True)
 
 
 def epoch_batches(loader, epoch, skip_batches=0):
@@ -738,12 +802,13 @@ def train_one_epoch(loss_fn, model, loader, optimizer, scaler, epoch, args, devi
     """One epoch of optimizer steps of args.accum_iter micro-batches each, from step start_step on (resumed
     mid-epoch); returns (mean loss, last lr, mean gradient norm before clipping of the steps taken).
 
-    loss_fn(images, targets) -> scalar loss through `model` (DDP-wrapped or not), with the loader's uint8
-    images normalised on the device (to_device). The lr follows the
+    loss_fn(images, targets) -> scalar loss through `model` (DDP-wrapped or not), with the loader's images
+    normalised on the device with args.mean, args.std (to_device). The lr follows the
     per-iteration warm-up + cosine schedule from args.lr to args.min_lr (0 where a stage has no --min-lr) over
     args.epochs, scaled by each group's lr_scale. Before each step, checkpointer.boundary may save
     state_fn(step); at print steps, `reporter` writes the loss, lr and gradient norm. Uses args.accum_iter, epochs,
-    warmup_epochs, lr, min_lr, clip_grad (None where a stage has no --clip-grad), amp, print_freq, batch_size, seed.
+    warmup_epochs, lr, min_lr, clip_grad (None where a stage has no --clip-grad), amp, print_freq, batch_size, seed,
+    mean, std.
     """
     rank = rank_world()[0]
     steps = len(loader) // args.accum_iter
@@ -760,7 +825,7 @@ def train_one_epoch(loss_fn, model, loader, optimizer, scaler, epoch, args, devi
         lr = cosine_schedule(epoch + step / steps, args.epochs, args.warmup_epochs, args.lr,
                              getattr(args, "min_lr", 0.0))
         set_lr(optimizer, lr)
-        micro_batches = [to_device(next(batches), device) for _ in range(args.accum_iter)]
+        micro_batches = [to_device(next(batches), device, args.mean, args.std) for _ in range(args.accum_iter)]
         loss, grad_norm = accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, args.amp,
                                           getattr(args, "clip_grad", None))
         sums += torch.cat([torch.stack([loss.double(), torch.ones_like(sums[0])]),
@@ -788,16 +853,16 @@ def accuracy_counts(logits, targets):
 
 
 @torch.no_grad()
-def evaluate(model_fn, loader, device, amp):
+def evaluate(model_fn, loader, device, amp, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """(top-1 %, top-5 %, mean cross-entropy) of model_fn(images) -> logits over a whole evaluation set of
-    uint8 images, normalised on the device (to_device).
+    images normalised on the device with mean, std (to_device).
 
     Each process counts its share (make_loader(train=False) gives every image to exactly one process) and
     the sums are added over processes, so the result is exact however the set divides.
     """
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, loss sum, images
     for batch in loader:
-        images, targets = to_device(batch, device)
+        images, targets = to_device(batch, device, mean, std)
         with autocast(device, amp):
             logits = model_fn(images).float()  # (B, C)
         sums[:2] += accuracy_counts(logits, targets)
@@ -824,7 +889,7 @@ def fit_classifier(model, trained, loss_fn, train_loader, val_loader, optimizer,
         if checkpoint is None:
             fail(f"--eval-only needs a trained model: {checkpointer.path} does not exist")
         model.eval()
-        acc1, acc5, val_loss = evaluate(model, val_loader, device, args.amp)
+        acc1, acc5, val_loss = evaluate(model, val_loader, device, args.amp, args.mean, args.std)
         log(f"evaluation of {checkpointer.path}: acc1 {acc1:.2f} acc5 {acc5:.2f} on {len(val_loader.dataset)} images")
         log_json(args.output_dir, dict(epoch=checkpoint["epoch"], eval_only=True, acc1=acc1, acc5=acc5,
                                        val_loss=val_loss))
@@ -843,7 +908,7 @@ def fit_classifier(model, trained, loss_fn, train_loader, val_loader, optimizer,
         model.eval()
         if before_eval is not None:
             before_eval()
-        acc1, acc5, val_loss = evaluate(model, val_loader, device, args.amp)
+        acc1, acc5, val_loss = evaluate(model, val_loader, device, args.amp, args.mean, args.std)
         best_acc1 = max(best_acc1, acc1)
         log(f"epoch {epoch}: train loss {train_loss:.4f} acc1 {acc1:.2f} acc5 {acc5:.2f} (best {best_acc1:.2f})")
         checkpointer.save(state(epoch + 1, 0), dict(epoch=epoch, train_loss=train_loss, lr=lr, grad_norm=grad_norm,
@@ -873,11 +938,12 @@ def all_gather_rows(x):
 
 
 @torch.no_grad()
-def extract_features(feature_fn, loader, device, amp):
-    """L2-normalised float32 features (n, D) and labels (n,) of this process's share of an evaluation loader."""
+def extract_features(feature_fn, loader, device, amp, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """L2-normalised float32 features (n, D) and labels (n,) of this process's share of an evaluation loader,
+    its images normalised with mean, std."""
     features, labels = [], []
     for batch in loader:
-        images, targets = to_device(batch, device)
+        images, targets = to_device(batch, device, mean, std)
         with autocast(device, amp):
             out = feature_fn(images)
         features.append(F.normalize(out.float(), dim=-1))
@@ -908,16 +974,16 @@ def knn_counts(train_features, train_labels, features, labels, num_classes, ks, 
 
 
 def knn_evaluate(feature_fn, train_loader, val_loader, num_classes, device, amp, ks=(10, 20, 100, 200),
-                 temperature=0.07):
+                 temperature=0.07, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """{k: (top-1 %, top-5 %)} of the weighted k-NN classifier on frozen features feature_fn(images) -> (B, D).
 
     Both loaders come from make_loader(train=False): every process extracts its share, the training
     features of all processes are gathered, and each validation image is counted once, so the result is the
-    one-process result however the sets divide.
+    one-process result however the sets divide. The images are normalised with mean, std.
     """
-    train_features, train_labels = extract_features(feature_fn, train_loader, device, amp)
+    train_features, train_labels = extract_features(feature_fn, train_loader, device, amp, mean, std)
     train_features, train_labels = all_gather_rows(train_features), all_gather_rows(train_labels)
-    features, labels = extract_features(feature_fn, val_loader, device, amp)
+    features, labels = extract_features(feature_fn, val_loader, device, amp, mean, std)
     hits = all_reduce_sum(knn_counts(train_features, train_labels, features, labels, num_classes, ks, temperature))
     count = all_reduce_sum(torch.tensor(float(len(labels)), dtype=torch.float64, device=device)).item()
     return {k: (100 * top1 / count, 100 * top5 / count) for k, (top1, top5) in zip(ks, hits.tolist())}

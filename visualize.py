@@ -56,16 +56,19 @@ def get_args(argv=None):
 
 
 def export_timm(args):
-    """Write {'state_dict', 'timm_kwargs', 'left_out'} and say how to load it."""
+    """Write {'state_dict', 'timm_kwargs' (with in_chans), 'left_out', 'mean', 'std' (of the inputs in [0, 1])} and
+    say how to load it."""
     if args.pretrained is None:
         utils.fail("--export-timm needs --pretrained")
+    utils.input_stats(args)
     try:
         state_dict, left_out = models.timm_state_dict(utils.load_checkpoint(args.pretrained), args.branch)
         kwargs = models.timm_vit_kwargs(state_dict, args.arch)
     except ValueError as e:
         utils.fail(f"{args.pretrained}: {e}")
     os.makedirs(os.path.dirname(args.export_timm) or ".", exist_ok=True)
-    utils.save_checkpoint(dict(state_dict=state_dict, timm_kwargs=kwargs, left_out=left_out), args.export_timm)
+    utils.save_checkpoint(dict(state_dict=state_dict, timm_kwargs=kwargs, left_out=left_out, mean=args.mean,
+                               std=args.std), args.export_timm)
     head = f"fc_norm and a {kwargs['num_classes']}-class head" if kwargs["num_classes"] else "a new fc_norm, no head"
     print(f"wrote {args.export_timm}: {kwargs['depth']} blocks on a {kwargs['img_size'] // kwargs['patch_size']}^2 "
           f"patch grid, {head}")
@@ -131,16 +134,18 @@ def plot_curves(args):
 
 
 def load_images(args):
-    """(name, uint8 image (3, S, S)) for each image file, or for the first --synthetic-size synthetic images."""
+    """(name, image (C, S, S) in its stored dtype) for each image file (PIL RGB for 3 channels, else
+    data.decode_image), or for the first --synthetic-size synthetic images."""
     view = v2.Compose([v2.Resize(args.img_size, interpolation=v2.InterpolationMode.BICUBIC),
                        v2.CenterCrop(args.img_size), v2.PILToTensor()])
     if args.data == "synthetic":
-        images = data.SyntheticImages(args.synthetic_size, args.img_size)
+        images = data.SyntheticImages(args.synthetic_size, args.img_size, in_chans=args.in_chans)
         return [(f"synthetic_{i}", view(images[i][0])) for i in range(len(images))]
     names = [os.path.splitext(os.path.basename(path))[0] for path in args.images]
     if len(set(names)) < len(names):
         utils.fail("two images have the same name; their pictures would overwrite each other")
-    return [(name, view(data.load_rgb(path))) for name, path in zip(names, args.images)]
+    load = data.load_rgb if args.in_chans == 3 else lambda path: data.decode_image(path, in_chans=args.in_chans)
+    return [(name, view(load(path))) for name, path in zip(names, args.images)]
 
 
 def patch_attention(attention, grid):
@@ -164,12 +169,15 @@ def token_pca(tokens, grid):
 
 
 def picture(image, pca, maps, patch_size):
-    """One row of panels, uint8 (3, S + 4, n * (S + 2) + 2): image, token PCA, mean attention, each head's."""
+    """One row of panels, uint8 (3, S + 4, n * (S + 2) + 2): image (C, S, S; not RGB: the mean of its channels in
+    grey), token PCA, mean attention, each head's."""
     low, high = maps.amin(dim=(-2, -1), keepdim=True), maps.amax(dim=(-2, -1), keepdim=True)
     gray = ((maps - low) / (high - low).clamp_min(1e-12))[:, None].expand(-1, 3, -1, -1)  # (1+H, 3, h, w)
     panels = torch.cat([pca[None], gray])
     panels = F.interpolate(panels, scale_factor=patch_size, mode="nearest")  # (2+H, 3, S, S)
-    panels = torch.cat([image[None].float() / 255, panels])
+    shown = utils.normalize(image, (0.0,) * len(image), (1.0,) * len(image)).clamp(0, 1)  # (C, S, S) in [0, 1]
+    shown = shown if len(shown) == 3 else shown.mean(0, keepdim=True).expand(3, -1, -1)  # other C: their mean, grey
+    panels = torch.cat([shown[None], panels])
     grid = make_grid(panels, nrow=len(panels), padding=2, pad_value=1.0)
     return (grid * 255).round().to(torch.uint8)
 
@@ -190,13 +198,14 @@ def main(argv=None):
     if missing:
         utils.fail(f"image {missing[0]} does not exist")
     _, _, device = utils.init_distributed(args.device)
-    encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch],
-                                       ca_depth=2, layer_scale=0.1)
+    utils.input_stats(args)
+    encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
+                                       **models.ARCHS[args.arch], ca_depth=2, layer_scale=0.1)
     utils.load_pretrained_encoder(encoder, args.pretrained, args.branch)
     encoder.to(device).eval()
     utils.make_output_dir(args.output_dir)
     for name, image in load_images(args):
-        x = utils.normalize(image[None].to(device))  # (1, 3, S, S)
+        x = utils.normalize(image[None].to(device), args.mean, args.std)  # (1, C, S, S)
         tokens, attention = models.last_class_attention(encoder, x)  # (1, N, D), (1, H, 1+N)
         pca = token_pca(tokens[0].cpu(), encoder.grid_size)
         maps = patch_attention(attention.cpu(), encoder.grid_size)[0]
