@@ -52,6 +52,7 @@ def get_args(argv=None):
     p.add_argument("--mixup", type=float, default=0.8, help="MixUp alpha; 0: off")
     p.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha; 0: off")
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    utils.add_grad_checkpointing_arg(p)
     return utils.parse_args(p, argv)
 
 
@@ -262,6 +263,7 @@ def main(argv=None):
     encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, **models.ARCHS[args.arch],
                                        ca_depth=2, layer_scale=0.1, drop_path=args.drop_path)
     utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir)
+    encoder.set_grad_checkpointing(args.grad_checkpointing)
     model = MeanPoolClassifier(encoder, num_classes).to(device)
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
     groups = utils.layer_decay_groups(model, args.weight_decay, args.layer_decay, len(encoder.blocks))
