@@ -11,8 +11,11 @@ the two steps are timed in turns, so that a shared machine's slow spells hit bot
 
 Every flag of pretrain.py is accepted with its meaning and default (--arch, --img-size, --batch-size, --accum-iter,
 --mask-ratio, --num-masks, --no-disjoint, --proj-hidden-dim, --drop-path, --amp, --compile [MODE], --num-workers,
-and the speed options --autocast-residual, --split-class-attention, --cuda-graphs; see `python pretrain.py --help`),
-except that --data defaults to no input-pipeline measurement. The last line printed is one JSON object.
+the speed options --autocast-residual, --split-class-attention, --cuda-graphs and the memory option
+--grad-checkpointing; see `python pretrain.py --help`), except that --data defaults to no input-pipeline
+measurement. The last line printed is one JSON object. Peak memory: CUDA's max allocated; on CPU the process's peak
+resident set during the last warm-up step (Linux): compare options in separate runs, under
+MALLOC_MMAP_THRESHOLD_=131072 so that glibc returns freed tensors and the resident set follows the live ones.
 """
 import argparse
 import json
@@ -102,19 +105,41 @@ def memory_mb(device):
     return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
 
 
+def reset_peak_rss():
+    """Start the process's peak resident set (VmHWM) afresh at the current one, where the system allows it
+    (Linux 4.0+: /proc/self/clear_refs); elsewhere peak_rss_mb keeps counting from the start."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb():
+    """The process's peak resident set in MB: VmHWM of /proc/self/status (Linux), else the max resident set."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux and macOS differ in units
+
+
 def warm_up(step, device, steps, others_mb):
     """Untimed steps (with --compile, compilation happens in the first); returns the peak memory in MB of the
-    last one. CUDA: max allocated minus what other models hold (others_mb); CPU: the process's max resident set
-    so far (Linux reports KiB)."""
+    last one. CUDA: max allocated minus what other models hold (others_mb); CPU: the process's peak resident set
+    during it (everything the process holds, the other model's too; where it cannot be reset, since the start)."""
     for i in range(steps):
-        if i == steps - 1 and device.type == "cuda":
+        if i == steps - 1:
             synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            else:
+                reset_peak_rss()
         step()
     synchronize(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20 - others_mb
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def time_interleaved(steps, device, n):
@@ -353,9 +378,10 @@ def baseline_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, co
 # ----------------------------------------------------------------------------------------------------
 
 
-def prepare(name, step, args, device, others_mb, compile_fn=None):
-    """FLOPs of one eager step (also the first untimed step), then compile_fn and the warm-up steps."""
-    flops = count_flops(step) / args.batch_size
+def prepare(name, step, args, device, others_mb, compile_fn=None, model_step=None):
+    """FLOPs of one eager step (also the first untimed step; of model_step, where given), then compile_fn and
+    the warm-up steps."""
+    flops = count_flops(model_step or step) / args.batch_size
     if compile_fn is not None:
         compile_fn()
     peak_mb = warm_up(step, device, args.warmup_steps, others_mb)
@@ -369,9 +395,17 @@ def prepare_ours(learner, args, device, amp, micro_batches, lr, momentum):
                             device=device)
     updates = pretrain.step_updates(args, learner, optimizer, device, amp)
     scaler = utils.grad_scaler(device, amp)
-    return prepare("ours", lambda: pretrain.train_step(learner, updates, scaler, micro_batches, lr, momentum, amp,
-                                                       args.color_aug),
-                   args, device, 0.0, (lambda: pretrain.compile_model(learner, args.compile)) if args.compile else None)
+
+    def step():
+        pretrain.train_step(learner, updates, scaler, micro_batches, lr, momentum, amp, args.color_aug)
+
+    def model_step():  # the model's FLOPs (MFU's): without grad checkpointing's recomputation
+        learner.encoder.set_grad_checkpointing(False)
+        step()
+        learner.encoder.set_grad_checkpointing(args.grad_checkpointing)
+
+    return prepare("ours", step, args, device, 0.0,
+                   (lambda: pretrain.compile_model(learner, args.compile)) if args.compile else None, model_step)
 
 
 def prepare_baseline(state_dict, args, device, amp, micro_batches, lr, momentum, others_mb):
@@ -429,12 +463,13 @@ def main(argv=None):
     grid = args.img_size // args.patch_size
     visible = models.num_visible(grid * grid, args.mask_ratio)
     hardware = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    options = [name for name in ("autocast_residual", "split_class_attention", "cuda_graphs") if getattr(args, name)]
+    options = [name for name in ("autocast_residual", "split_class_attention", "cuda_graphs", "grad_checkpointing")
+               if getattr(args, name)]
     print(f"ExtreMA pretraining step | {args.arch} {args.img_size}/{args.patch_size} | batch {args.batch_size} "
           f"({local_batch} x {args.accum_iter}) | {args.num_masks} masks x {visible} of {grid * grid} patches | "
           f"amp {amp} | compile {args.compile or 'off'} | options {' '.join(options) or 'none'} | "
           f"{device} ({hardware}) | {args.warmup_steps} warm-up + {args.steps} timed steps")
-    mem = "peak MB (CUDA max allocated)" if device.type == "cuda" else "peak MB (process max RSS so far)"
+    mem = "peak MB (CUDA max allocated)" if device.type == "cuda" else "peak MB (process peak RSS in the step)"
     print(f"{'impl':<10}{'step ms':>10}{'(min-max)':>16}{'images/s':>11}{'GFLOP/img':>11}{'TFLOP/s':>9}{'MFU':>7}"
           f"  {mem}")
     for r in results:

@@ -55,6 +55,7 @@ def get_args(argv=None):
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     p.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
                    help="clip the gradients' total norm to NORM (default: no clipping, as the official recipe)")
+    utils.add_grad_checkpointing_arg(p)
     return utils.parse_args(p, argv)
 
 
@@ -289,6 +290,7 @@ def main(argv=None):
     encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
                                        **models.ARCHS[args.arch], ca_depth=2, layer_scale=0.1, drop_path=args.drop_path)
     utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir)
+    encoder.set_grad_checkpointing(args.grad_checkpointing)
     model = MeanPoolClassifier(encoder, num_classes).to(device)
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
     groups = utils.layer_decay_groups(model, args.weight_decay, args.layer_decay, len(encoder.blocks))

@@ -69,6 +69,7 @@ def get_args(argv=None):
     p.add_argument("--cuda-graphs", action="store_true",
                    help="speed: replay the optimizer step and the momentum update from CUDA graphs (CUDA, "
                         "--amp bf16 or none)")
+    utils.add_grad_checkpointing_arg(p)
     p.add_argument("--save-every", type=int, default=50,
                    help="also keep checkpoint-<epoch>.pth (a hard link to checkpoint-last.pth) every N epochs "
                         "and at the last (0: none)")
@@ -170,13 +171,15 @@ ARCH_FLAGS = utils.ARCH_FLAGS + ("ca_depth", "proj_dim", "proj_hidden_dim", "pre
 
 
 def build_model(args):
-    return models.ExtreMA(
+    learner = models.ExtreMA(
         img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans, **models.ARCHS[args.arch],
-        ca_depth=args.ca_depth,
-        layer_scale=args.layer_scale, proj_dim=args.proj_dim, proj_hidden_dim=args.proj_hidden_dim,
-        mask_ratio=args.mask_ratio, num_masks=args.num_masks, disjoint=args.disjoint, drop_path=args.drop_path,
+        ca_depth=args.ca_depth, layer_scale=args.layer_scale, proj_dim=args.proj_dim,
+        proj_hidden_dim=args.proj_hidden_dim, mask_ratio=args.mask_ratio, num_masks=args.num_masks,
+        disjoint=args.disjoint, drop_path=args.drop_path,
         loss=args.loss, temperature=args.temperature, autocast_residual=args.autocast_residual,
         split_class_attention=args.split_class_attention)
+    learner.encoder.set_grad_checkpointing(args.grad_checkpointing)  # the momentum encoder runs without autograd
+    return learner
 
 
 def check_args(args):

@@ -2010,6 +2010,116 @@ def test_cuda_graphs_refused_off_cuda(tmp_path):
 
 
 # ====================================================================================================
+# Memory: gradient checkpointing (issue 29)
+
+
+def forward_calls(module):
+    """A list that grows by one at each forward call of module (a checkpoint's recomputation included: a pre-hook,
+    since the recomputation stops once it has what the backward needs)."""
+    calls = []
+    module.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def assert_same_gradients(model, reference):
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    ref_grads = {name: p.grad for name, p in reference.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_grad_checkpointing_keeps_the_pretraining_loss_and_gradients():
+    """--grad-checkpointing runs each online block twice (forward, and again in the backward) and changes nothing
+    else: the same loss and gradients with drop path 0.5 (the checkpoint replays the RNG state, so the recomputed
+    block drops the same samples), the RNG left where the default leaves it, and the momentum encoder (no_grad),
+    evaluation and no_grad forwards run once."""
+    x1, x2 = torch.randn(2, 4, 3, 32, 32).unbind()
+    runs = []
+    for flags in ([], ["--grad-checkpointing"]):
+        torch.manual_seed(0)
+        model = pretrain.build_model(pretrain.get_args(TINY + ["--drop-path", "0.5", *flags]))
+        online, target = forward_calls(model.encoder.blocks[-1]), forward_calls(model.momentum_encoder.blocks[-1])
+        torch.manual_seed(1)
+        loss = model(x1, x2)
+        loss.backward()
+        runs.append(dict(model=model, loss=loss, next_draw=torch.rand(8), online=len(online), target=len(target)))
+        with torch.no_grad():
+            model.encoder(x1)
+        model.eval().encoder.forward_features(x1)[1].sum().backward()
+        assert len(online) == runs[-1]["online"] + 2
+    plain, checkpointed = runs
+    learner = checkpointed["model"]
+    assert learner.encoder.grad_checkpointing and not learner.momentum_encoder.grad_checkpointing
+    assert (plain["online"], plain["target"]) == (1, 1) and (checkpointed["online"], checkpointed["target"]) == (2, 1)
+    torch.testing.assert_close(checkpointed["loss"], plain["loss"], atol=1e-6, rtol=1e-6)
+    assert torch.equal(checkpointed["next_draw"], plain["next_draw"])
+    assert_same_gradients(checkpointed["model"], plain["model"])
+
+
+def test_grad_checkpointing_keeps_the_dense_gradients():
+    """The dense stages' path (FeatureMaps reading four blocks' tokens through intermediate_tokens, relative
+    position bias, drop path 0.5): the same maps and gradients with the flag; detection's encoder gets it too."""
+    x = torch.randn(2, 3, 32, 32)
+    runs = []
+    for flags in ([], ["--grad-checkpointing"]):
+        args = transfer_seg.get_args(SEG_TINY + ["--drop-path", "0.5", "--feature-blocks", "1", "1", "2", "2", *flags])
+        transfer_seg.check_args(args)
+        torch.manual_seed(0)
+        model = transfer_seg.build_model(args, log=lambda *a: None).train()
+        calls = forward_calls(model.backbone.encoder.blocks[0])
+        torch.manual_seed(1)
+        logits, aux = model(x)
+        (logits.square().mean() + aux.square().mean()).backward()
+        runs.append((model, logits, len(calls)))
+    (plain, plain_logits, plain_calls), (checkpointed, logits, calls) = runs
+    assert (plain_calls, calls) == (1, 2)
+    torch.testing.assert_close(logits, plain_logits, atol=1e-6, rtol=1e-5)
+    assert_same_gradients(checkpointed, plain)
+    detector = transfer_det.build_detector(transfer_det.get_args(DET_FLAGS + ["--grad-checkpointing"]), 3,
+                                           log=lambda *a: None)
+    assert detector.backbone.maps.encoder.grad_checkpointing
+
+
+def test_grad_checkpointing_end_to_end_and_free_on_resume(tmp_path, monkeypatch, capsys):
+    """Pretraining and fine-tuning runs with the flag log what the default runs log (drop path and augmentations
+    on), and a resume may switch it off without a word (it does not change the model)."""
+    checkpoint = models.checkpoint
+    checkpoints = []
+    monkeypatch.setattr(models, "checkpoint", lambda *a, **k: checkpoints.append(1) or checkpoint(*a, **k))
+    timing = ("time_s", "images_per_s")
+    # a large lr, so that a gradient computed differently shows in the weights
+    for stage, command in ((pretrain, TINY + ["--epochs", "1", "--warmup-epochs", "0", "--blr", "0.1"]),
+                           (finetune, eval_args(tmp_path / "finetune", "--blr", "0.5"))):
+        logs, weights = [], []
+        for flags in ([], ["--grad-checkpointing"]):
+            out = tmp_path / f"{stage.__name__}{len(flags)}"
+            checkpoints.clear()
+            stage.main(command + ["--output-dir", str(out), *flags])
+            assert bool(checkpoints) == bool(flags)
+            logs.append([{k: v for k, v in r.items() if k not in timing} for r in read_log(out)])
+            weights.append(torch.load(out / "checkpoint-last.pth", weights_only=False)["model"])
+        assert logs[0] == logs[1], stage.__name__
+        torch.testing.assert_close(weights[1], weights[0])  # float32 tolerance
+    capsys.readouterr()
+    pretrain.main(TINY + ["--epochs", "2", "--warmup-epochs", "0", "--blr", "0.1",
+                          "--output-dir", str(tmp_path / "pretrain1")])  # the flag off now
+    assert "with changed flags: --epochs 1 -> 2\n" in capsys.readouterr().out  # and nothing about the flag
+    assert [r["epoch"] for r in read_log(tmp_path / "pretrain1")] == [0, 1]
+
+
+def test_bench_grad_checkpointing_counts_model_flops(capsys, monkeypatch):
+    """bench.py --grad-checkpointing times checkpointed steps, but counts the model's FLOPs (MFU's), without the
+    recomputation."""
+    checkpoint = models.checkpoint
+    checkpoints = []
+    monkeypatch.setattr(models, "checkpoint", lambda *a, **k: checkpoints.append(1) or checkpoint(*a, **k))
+    out = run_bench(capsys, BENCH_TINY + ["--batch-size", "4", "--grad-checkpointing"])
+    assert out["options"] == ["grad_checkpointing"] and checkpoints
+    assert out["flops_per_image"] == bench_hand_flops_per_image() and out["peak_mem_mb"] > 0
+
+
+# ====================================================================================================
 # kNN evaluation, the pretraining monitor and the collapse statistic (issue 15)
 
 

@@ -97,6 +97,7 @@ def get_args(argv=None):
                    help="optimizer steps of linear warm-up from 0.001 * lr")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--layer-decay", type=float, default=0.75)
+    utils.add_grad_checkpointing_arg(p)
     args = utils.parse_args(p, argv)
     if args.lr is None:
         args.lr = 3e-4 * args.batch_size / 32
@@ -473,6 +474,7 @@ def build_detector(args, num_classes, log=print):
     encoder = models.VisionTransformer(img_size=pretrain_size, patch_size=patch, **models.ARCHS[args.arch],
                                        drop_path=args.drop_path, ca_depth=2, layer_scale=0.1)
     utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir)
+    encoder.set_grad_checkpointing(args.grad_checkpointing)
     if args.lsj:
         side = round(1024 * args.img_size / 800)
         min_size, max_size = side, side

@@ -77,6 +77,7 @@ def get_args(argv=None):
     p.add_argument("--layer-decay", type=float, default=0.65)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--eval-mode", default="slide", choices=["slide", "whole"])
+    utils.add_grad_checkpointing_arg(p)
     return utils.parse_args(p, argv)
 
 
@@ -345,6 +346,7 @@ def build_model(args, log=print, load_pretrained=True):
     encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size,
                                        **models.ARCHS[args.arch], drop_path=args.drop_path, ca_depth=2,
                                        layer_scale=0.1, rel_pos_bias=args.rel_pos_bias)
+    encoder.set_grad_checkpointing(args.grad_checkpointing)
     if load_pretrained:
         utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log=log)
     return Segmenter(encoder, args.feature_blocks, args.decoder_channels, NUM_CLASSES)

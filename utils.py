@@ -135,6 +135,13 @@ def add_common_args(parser, data_help, output_dir, img_size, batch_size, num_wor
         p.add_argument("--eval-only", action="store_true", help="evaluate <output-dir>/checkpoint-last.pth")
 
 
+def add_grad_checkpointing_arg(parser):
+    """--grad-checkpointing, the same in every stage that trains an encoder (the model's set_grad_checkpointing)."""
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="memory: recompute the encoder's blocks in the backward instead of storing their "
+                             "activations (the same results; about a third more encoder compute)")
+
+
 def parse_args(parser, argv=None):
     """parser.parse_args(argv), then one-line errors for values of the common flags (and --epochs, --iters,
     --monitor-every, --monitor-per-class where a stage has them) that no run can use, before anything is built."""
@@ -484,7 +491,7 @@ def load_resumed(module, state_dict, path):
 ARCH_FLAGS = ("arch", "patch_size", "img_size", "in_chans")
 # how a run executes, not what it computes: free to change on resume
 RUN_FLAGS = ("output_dir", "device", "num_workers", "print_freq", "save_interval", "save_every", "eval_only",
-             "compile", "report_to", "wandb_project", "wandb_name")
+             "compile", "report_to", "wandb_project", "wandb_name", "grad_checkpointing")
 
 
 def check_resumed_args(saved, args, fixed, path, log=print):
