@@ -30,9 +30,12 @@ def decode_rgb(path):
     """An image file as a uint8 RGB tensor (3, H, W): torchvision.io for JPEG, PNG, WebP and GIF (about 15% less
     CPU than PIL for a JPEG, and no copy from PIL), else load_rgb; an unreadable file raises DataError naming it."""
     try:
-        return decode_image(path, mode=ImageReadMode.RGB)
+        image = decode_image(path, mode=ImageReadMode.RGB)
     except RuntimeError:
         return v2.functional.pil_to_tensor(load_rgb(path))
+    if image.dtype != torch.uint8:
+        raise utils.DataError(f"cannot read image {path}: {image.dtype} pixels (16-bit?); 8-bit images only")
+    return image
 
 
 def image_folder(root, transform, loader=load_rgb):
@@ -92,9 +95,11 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 def ignore_stop_signals(worker_id):
     """DataLoader workers leave SIGTERM, SIGUSR1 and SIGINT (sent to every process of a job, or of a terminal's
-    foreground group) to the main process, which stops at a step boundary and shuts them down."""
+    foreground group) to the main process, which stops at a step boundary and shuts them down
+    (utils.run_main, however it ends); they die with it if it is killed."""
     for name in utils.STOP_SIGNALS:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+    utils.exit_with_parent(signal.SIGKILL)
 
 
 def make_loader(dataset, batch_size, train, num_workers, seed, device, collate_fn=None):
