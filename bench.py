@@ -62,6 +62,7 @@ def get_args(argv=None):
     bench_args, rest = p.parse_known_args(argv)
     args = pretrain.get_args(rest)  # every pretrain.py flag, same defaults
     vars(args).update(vars(bench_args))
+    utils.check_values(args)  # --peak-tflops
     return args
 
 
@@ -189,6 +190,10 @@ def make_jpegs(root, count, classes=10, seed=0):
     root/train/class_<k>/, about the file size of an ImageNet training image."""
     if count < 1:
         utils.fail(f"--count must be positive, got {count}")
+    try:
+        os.makedirs(os.path.join(root, "train"), exist_ok=True)
+    except OSError as e:
+        utils.fail(f"cannot create --make-jpegs {root}/train: {e.strerror or e}")
     rng = np.random.default_rng(seed)
     for i in range(count):
         folder = os.path.join(root, "train", f"class_{i % classes}")

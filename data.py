@@ -87,7 +87,7 @@ def decode(raw, ext, in_chans=3):
 
     .npy: see decode_array. Image files: in_chans 1 gives one grey channel (a grey image is kept as it is, a
     colour one converted; 16-bit PNG and TIFF stay uint16, never replicated), in_chans 3 RGB (a grey image
-    replicated), any other count the image's own channels if it has that many (RGBA for 4). JPEG, PNG, WebP and
+    replicated; 8-bit only), any other count the image's own 8-bit channels if it has that many (RGBA for 4). JPEG, PNG, WebP and
     GIF through torchvision.io (about 15% less CPU than PIL for a JPEG), the rest through PIL. Raises DataError
     for a file that cannot give in_chans channels."""
     try:
@@ -100,6 +100,9 @@ def decode(raw, ext, in_chans=3):
             image = decode_pil(raw, in_chans)
         if image.shape[0] != in_chans:
             raise ValueError(f"{image.shape[0]} channel(s), not --in-chans {in_chans}")
+        if in_chans != 1 and image.dtype != torch.uint8:
+            raise ValueError(f"{image.dtype} pixels: image files of {in_chans} channels are read as 8-bit (16-bit "
+                             f"grey images: --in-chans 1; other 16-bit data: .npy arrays)")
         return image
     except Exception as e:
         reason = "not an image PIL can identify" if isinstance(e, Image.UnidentifiedImageError) else e
@@ -229,6 +232,10 @@ def collate_skipping(items, start=None):
     if not good:
         raise utils.DataError(f"all {len(items)} images of a batch are unreadable, e.g. {skipped[0]}")
     images = [crop if crop is not None else good[i % len(good)] for i, (crop, _, _) in enumerate(items)]
+    for crop, name, _ in items:
+        if crop is not None and crop.dtype != good[0].dtype:
+            raise utils.DataError(f"image {name} has {crop.dtype} pixels where others of its batch have "
+                                  f"{good[0].dtype}: the images of a run share one type (8-bit, 16-bit or float)")
     return Batch(torch.stack(images), [name for _, name, _ in items], skipped, time.process_time() - start)
 
 
@@ -566,9 +573,11 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 def ignore_stop_signals(worker_id):
     """DataLoader workers leave SIGTERM, SIGUSR1 and SIGINT (sent to every process of a job, or of a terminal's
-    foreground group) to the main process, which stops at a step boundary and shuts them down."""
+    foreground group) to the main process, which stops at a step boundary and shuts them down
+    (utils.run_main, however it ends); they die with it if it is killed."""
     for name in utils.STOP_SIGNALS:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+    utils.exit_with_parent(signal.SIGKILL)
 
 
 def make_loader(dataset, batch_size, train, num_workers, seed, device, collate_fn=None):

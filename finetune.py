@@ -265,8 +265,6 @@ def main(argv=None):
     utils.check_image_size(args)
     if args.train_subset is not None and args.label_fraction is not None:
         utils.fail("give --train-subset or --label-fraction, not both")
-    if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
-        utils.fail(f"--label-fraction must be in (0, 1], got {args.label_fraction}")
     rank, world_size, device = utils.init_distributed(args.device)
     args.amp = utils.resolve_amp(args.amp, device)
     local_batch = utils.local_batch_size(args.batch_size, world_size, args.accum_iter)

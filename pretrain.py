@@ -428,8 +428,11 @@ def main(argv=None):
             if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
                 value, std, norm = torch.stack([loss.float(), spread.float(), grad_norm.float()]).tolist()
                 if not math.isfinite(value):
-                    utils.fail(f"non-finite loss {value} at epoch {epoch} step {step}; "
-                               f"the last good checkpoint is kept")
+                    resumed = checkpoint is not None and (epoch, step) == (start_epoch, start_step)
+                    utils.fail(f"non-finite loss {value} at epoch {epoch} step {step}; " + (
+                        f"the weights of {checkpointer.path} diverge at their first step: go back to an earlier "
+                        f"checkpoint-<epoch>.pth (copy it to checkpoint-last.pth) or start afresh" if resumed
+                        else "the last good checkpoint is kept"))
                 log(f"epoch {epoch} step {step + 1}/{steps_per_epoch} loss {value:.4f} lr {lr:.3e} "
                     f"m {momentum:.5f} grad_norm {norm:.3f} "
                     f"{meter.line(step + 1 - first, (step + 1 - first) * args.batch_size)}")

@@ -1210,7 +1210,7 @@ def test_seg_torchrun_evaluation_matches_one_process(tmp_path):
     """Two CPU processes split the evaluation set; the reduced confusion gives the one-process metrics."""
     out = str(tmp_path / "out")
     argv = SEG_TINY + ["--batch-size", "4", "--iters", "1", "--eval-every", "1", "--output-dir", out]
-    transfer_seg.main(argv)
+    utils.run_main(lambda: transfer_seg.main(argv))  # which lets go of the output folder at the end
     with open(os.path.join(out, "per_class_iou.json")) as f:
         one_process = json.load(f)
     os.remove(os.path.join(out, "per_class_iou.json"))
@@ -1801,7 +1801,9 @@ def test_second_ctrl_c_and_bad_save_interval(tmp_path):
     checkpointer = utils.Checkpointer(argparse.Namespace(output_dir=str(tmp_path), save_interval=30))
     signal.raise_signal(signal.SIGINT)
     assert checkpointer.signal == "SIGINT"
-    with pytest.raises(SystemExit, match=r"^error: interrupted by a second Ctrl-C; checkpoint-last\.pth holds "):
+    utils.save_checkpoint({"epoch": 0}, checkpointer.path)
+    with pytest.raises(SystemExit, match=r"^error: interrupted by a second Ctrl-C; .*checkpoint-last\.pth holds "
+                                         r"the last saved state$"):
         utils.run_main(lambda: signal.raise_signal(signal.SIGINT))
 
 
@@ -1908,6 +1910,226 @@ def test_resumed_epoch_keeps_the_data_order_with_workers():
     full = [batch[0].tolist() for batch in utils.epoch_batches(loader, 5)]
     assert [batch[0].tolist() for batch in utils.epoch_batches(loader, 5, skip_batches=3)] == full[3:]
     assert len(full) == 10 and full != [batch[0].tolist() for batch in utils.epoch_batches(loader, 6)]
+
+
+def run_with_deadline(*args, timeout=120, env=None):
+    """A script run in its own session: one still running after `timeout` seconds fails the test, and every process
+    of its session (loader workers too) is killed. Returns (status, stdout, stderr)."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{' '.join(args[:3])} ... still running after {timeout} s")
+    return proc.returncode, out, err
+
+
+def processes_naming(text):
+    """The ids of this machine's processes whose command line holds text."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with __import__("contextlib").suppress(OSError):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+    return found
+
+
+def image_folder_with_empty_files(root, good, empty):
+    """root/{train,val}/a/ with `good` small PNGs and `empty` 0-byte ones; returns the first 0-byte file."""
+    for split in ("train", "val"):
+        folder = root / split / "a"
+        folder.mkdir(parents=True)
+        for i in range(good):
+            data.SyntheticImages(1, 32)[0][0].save(folder / f"ok_{i}.png")
+        for i in range(empty):
+            (folder / f"empty_{i}.png").write_bytes(b"")
+    return root / "train" / "a" / "empty_0.png"
+
+
+def test_unreadable_image_with_loader_workers_ends_the_run(tmp_path):
+    """A 0-byte image read by a loader worker (--num-workers 2): the run ends promptly with one line and status 1,
+    in one process and under torchrun, and leaves no worker behind."""
+    root = tmp_path / "data"
+    image_folder_with_empty_files(root, 8, 8)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {"pretrain": ["pretrain.py", *TINY, "--epochs", "1", "--num-workers", "2", "--data", str(root),
+                         "--output-dir", str(tmp_path / "pretrain")],
+            "torchrun linprobe": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                  "linprobe.py", *eval_args(tmp_path / "linprobe", "--data", str(root), "--num-classes",
+                                                            "1", "--batch-size", "16", "--num-workers", "2")]}
+    for name, command in runs.items():
+        status, out, err = run_with_deadline(*command, env=env)
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert status == 1 and errors and re.fullmatch(rf"error: cannot read image {root}/train/a/empty_\d\.png: .*",
+                                                       errors[0]), (name, err[-2000:])
+        if name == "pretrain":
+            assert err.strip().splitlines() == errors[:1]
+        assert processes_naming(str(tmp_path)) == [], name
+
+
+def test_no_checkpoint_from_non_finite_weights(tmp_path, monkeypatch):
+    """A loss gone NaN between two print-freq checks, then a mid-epoch save due: the save is refused in one line,
+    checkpoint-last.pth keeps the last good state, and the same command without the fault resumes from it.
+    A checkpoint holding NaN is never written, whatever asks for it."""
+    command = TINY + ["--arch", "vit_fixture", "--output-dir", str(tmp_path), "--print-freq", "100"]
+    pretrain.main(command + ["--epochs", "1"])
+    good = eval_checkpoint(tmp_path)["model"]
+    forward = models.ExtreMA.forward
+
+    def nan_loss(self, *args, **kwargs):
+        loss, target = forward(self, *args, **kwargs)
+        return loss * float("nan"), target
+
+    monkeypatch.setattr(models.ExtreMA, "forward", nan_loss)
+    with pytest.raises(SystemExit, match=r"^error: non-finite loss before epoch 1 step 1/2: not writing .*"
+                                         r"checkpoint-last\.pth; the previous checkpoint is kept$"):
+        pretrain.main(command + ["--epochs", "2", "--save-interval", "1e-9"])
+    kept = eval_checkpoint(tmp_path)  # written at epoch 1 step 0, before the first NaN
+    assert (kept["epoch"], kept["step"]) == (0, 0) and all(torch.equal(kept["model"][k], good[k]) for k in good)
+    monkeypatch.setattr(models.ExtreMA, "forward", forward)
+    pretrain.main(command + ["--epochs", "2"])
+    assert log_keys(tmp_path) == [0, 1] and all(math.isfinite(r["train_loss"]) for r in read_log(tmp_path))
+    path = str(tmp_path / "checkpoint-last.pth")
+    state = torch.load(path, weights_only=False)
+    state["optimizer"]["state"][0]["exp_avg"][0] = float("inf")
+    with pytest.raises(SystemExit, match=r"^error: not writing .*: 1 tensor\(s\) hold NaN or infinite values, e\.g\. "
+                                         r"optimizer\.state\.0\.exp_avg .*; the previous checkpoint is kept$"):
+        utils.save_checkpoint(state, path)
+
+
+def test_sigusr1_to_torchrun_then_resume_on_one_process(tmp_path, capsys, monkeypatch):
+    """SIGUSR1 to torchrun (what `sbatch --signal=USR1@120` sends to the job step) kills torchrun; its two workers
+    get SIGTERM (PR_SET_PDEATHSIG), save checkpoint-last.pth mid-epoch, say so and exit. Resumed on one process,
+    the epoch's figures count the two processes' partial sums as one process's: the mean over steps is right."""
+    out = tmp_path / "out"
+    flags = [*TINY, "--arch", "vit_fixture", "--synthetic-size", "192", "--batch-size", "32", "--epochs", "1",
+             "--output-dir", str(out)]  # 6 steps
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "pretrain.py", *flags], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 0 step 1/6"):
+                proc.send_signal(signal.SIGUSR1)
+                break
+        rest, err = proc.communicate(timeout=120)  # the workers hold the pipes until they exit
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGUSR1
+    saved = re.search(r"SIGTERM: saved \S+ at epoch 0 step (\d)/6; exiting with status 143", rest)
+    assert saved, rest + err[-2000:]
+    assert processes_naming(str(out)) == []
+    checkpoint = torch.load(out / "checkpoint-last.pth", weights_only=False)
+    done = int(saved.group(1))
+    assert (checkpoint["epoch"], checkpoint["step"]) == (-1, done) and 0 < done < 6
+    steps, train_step = [], pretrain.train_step
+
+    def recorded_step(*args, **kwargs):  # -> loss, target_std, ...
+        out = train_step(*args, **kwargs)
+        steps.append((out[0].item(), out[1].item()))
+        return out
+
+    monkeypatch.setattr(pretrain, "train_step", recorded_step)
+    pretrain.main(flags)
+    assert len(steps) == 6 - done
+    record = read_log(out)[-1]
+    per_process = checkpoint["sums_per_process"].tolist()
+    assert record["train_loss"] == pytest.approx((per_process[0] + sum(s[0] for s in steps)) / 6, rel=1e-5)
+    assert record["target_std"] == pytest.approx((per_process[1] + sum(s[1] for s in steps)) / 6, rel=1e-5)
+
+
+def test_one_run_per_output_folder(tmp_path):
+    """While a run holds its output folder (here: this process, as a stage does in make_output_dir), another run
+    on it stops in one line naming the folder and writes nothing; the folder is free once the holder lets go."""
+    utils.make_output_dir(str(tmp_path))
+    status, out, err = run_with_deadline("pretrain.py", *TINY, "--epochs", "1", "--output-dir", str(tmp_path))
+    assert status == 1 and err == (f"error: --output-dir {tmp_path} is in use by another run (one run per folder: "
+                                   f"wait for it to end, or give another --output-dir)\n")
+    assert os.listdir(tmp_path) == []
+    utils.release_output_dirs()
+    status, out, err = run_with_deadline("-c", f"import utils; utils.make_output_dir({str(tmp_path)!r})")
+    assert status == 0, err
+
+
+def test_log_set_aside_repaired_and_bad_checkpoints(tmp_path, capsys):
+    """A fresh run over an old log.jsonl keeps it as log.jsonl.1 and starts a new log; a log cut short or with
+    blank lines is repaired from the checkpoint on resume; a log.jsonl folder and checkpoints that are not this
+    stage's stop in one line before training."""
+    command = TINY + ["--arch", "vit_fixture", "--output-dir", str(tmp_path)]
+    pretrain.main(command + ["--epochs", "1"])
+    os.remove(tmp_path / "checkpoint-last.pth")
+    first = (tmp_path / "log.jsonl").read_text()
+    capsys.readouterr()
+    pretrain.main(command + ["--epochs", "1"])
+    assert (f"{tmp_path / 'log.jsonl'} without {tmp_path / 'checkpoint-last.pth'} is an earlier run's: kept as "
+            f"log.jsonl.1; this run starts a fresh log") in capsys.readouterr().out.splitlines()
+    assert (tmp_path / "log.jsonl.1").read_text() == first and log_keys(tmp_path) == [0]
+    line = (tmp_path / "log.jsonl").read_text()
+    (tmp_path / "log.jsonl").write_text("\n" + line[:20])  # a blank line, then the only line cut short
+    pretrain.main(command + ["--epochs", "2"])
+    assert "warning: " in capsys.readouterr().out and log_keys(tmp_path) == [0, 1]
+    assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0]) == json.loads(line)
+    good = (tmp_path / "checkpoint-last.pth").read_bytes()
+    for bad, problem in ([{"epoch": 0}, "no model, optimizer, scaler"], [[1, 2], "not a dict"]):
+        torch.save(bad, tmp_path / "checkpoint-last.pth")
+        assert stage_error("pretrain", command + ["--epochs", "3"]) == (
+            f"error: {tmp_path / 'checkpoint-last.pth'} is not a checkpoint of this stage ({problem}): move it away "
+            f"or give another --output-dir")
+    (tmp_path / "checkpoint-last.pth").write_bytes(good)
+    os.rename(tmp_path / "log.jsonl", tmp_path / "kept.jsonl")
+    (tmp_path / "log.jsonl").mkdir()
+    assert stage_error("pretrain", command + ["--epochs", "3"]) == (
+        f"error: {tmp_path / 'log.jsonl'} is a folder: move it away or give another --output-dir")
+    assert (tmp_path / "checkpoint-last.pth").read_bytes() == good
+
+
+def test_unusable_values_and_misleading_messages(tmp_path):
+    """Each flag value no run can use stops its script in one line; a 16-bit PNG among RGB images is named; a
+    second Ctrl-C before any save claims no checkpoint; --export-timm onto a folder claims none kept."""
+    cases = [(linprobe, ["--knn-temperature", "0"], "--knn-temperature must be positive, got 0.0"),
+             (linprobe, ["--knn-temperature", "-1"], "--knn-temperature must be positive, got -1.0"),
+             (bench, ["--peak-tflops", "-5"], "--peak-tflops must be positive, got -5.0"),
+             (finetune, ["--smoothing", "1.5"], "--smoothing must be in [0, 1), got 1.5"),
+             (finetune, ["--reprob", "2"], "--reprob must be in [0, 1], got 2.0"),
+             (finetune, ["--mixup", "-1"], "--mixup must be at least 0, got -1.0"),
+             (finetune, ["--cutmix", "-1"], "--cutmix must be at least 0, got -1.0"),
+             (finetune, ["--label-fraction", "0"], "--label-fraction must be in (0, 1], got 0.0"),
+             (transfer_det, ["--warmup-iters", "-5"], "--warmup-iters must be at least 0, got -5"),
+             (transfer_seg, ["--warmup-iters", "-5"], "--warmup-iters must be at least 0, got -5"),
+             (pretrain, ["--temperature", "0"], "--temperature must be positive, got 0.0"),
+             (pretrain, ["--crop-min", "0"], "--crop-min must be in (0, 1], got 0.0"),
+             (pretrain, ["--warmup-epochs", "nan"], "--warmup-epochs must be at least 0, got nan")]
+    for script, extra, message in cases:
+        with pytest.raises(SystemExit) as info:
+            script.get_args(extra)
+        assert str(info.value) == f"error: {message}", extra
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit, match=rf"^error: cannot create --make-jpegs {a_file}/train: Not a directory$"):
+        bench.main(["--make-jpegs", str(a_file)])
+
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    for i in range(16):
+        data.SyntheticImages(1, 32)[0][0].save(folder / f"ok_{i}.png")
+    Image.fromarray(np.full((32, 32), 40000, dtype=np.uint16)).save(folder / "deep.png")
+    assert Image.open(folder / "deep.png").mode.startswith("I;16")
+    with pytest.raises(utils.DataError, match=rf"^cannot read image {folder / 'deep.png'}: .*torch.uint16 pixels"):
+        data.decode_image(str(folder / "deep.png"))
+    assert data.decode_image(str(folder / "deep.png"), in_chans=1).dtype == torch.uint16  # grey 16-bit: one channel
+
+    utils.Checkpointer(argparse.Namespace(output_dir=str(tmp_path), save_interval=30))
+    signal.raise_signal(signal.SIGINT)
+    with pytest.raises(SystemExit, match=r"^error: interrupted by a second Ctrl-C; no checkpoint was written$"):
+        utils.run_main(lambda: signal.raise_signal(signal.SIGINT))
+    with pytest.raises(SystemExit) as info:
+        utils.save_checkpoint({"state_dict": {}}, str(tmp_path))
+    assert str(info.value) == f"error: cannot write {tmp_path}: Is a directory"
 
 
 # ====================================================================================================
@@ -3033,6 +3255,11 @@ def test_decode_keeps_channels_and_dtypes(tmp_path):
     with pytest.raises(utils.DataError, match="1 or 3 channels, not 4"):
         data.decode(encoded(grey16, "TIFF"), ".tif", 4)
     assert data.SyntheticImages(2, 8, in_chans=4)[0][0].shape == (4, 8, 8)
+    mixed = [(torch.zeros(1, 4, 4, dtype=torch.uint8), "a.png", None), (torch.zeros(1, 4, 4, dtype=torch.uint16),
+                                                                       "b.png", None)]
+    with pytest.raises(utils.DataError, match="image b.png has torch.uint16 pixels where others of its batch have "
+                                              "torch.uint8"):
+        data.collate_skipping(mixed)
     with pytest.raises(utils.DataError, match="RandAugment works on 8-bit images, not torch.uint16"):
         finetune.eight_bit_pil(torch.zeros(1, 8, 8, dtype=torch.uint16))
     assert finetune.eight_bit_pil(torch.zeros(1, 8, 8, dtype=torch.uint8)).mode == "L"

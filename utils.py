@@ -3,14 +3,19 @@ groups, checkpoints, logs (log.jsonl, TensorBoard, W&B), device-side normalisati
 loops. Model code lives in models.py, datasets and loaders in data.py."""
 import argparse
 import copy
+import ctypes
+import errno
+import fcntl
 import importlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 import urllib.parse
@@ -54,13 +59,33 @@ def run_main(main):
     """
     try:
         main()
-    except KeyboardInterrupt:
-        fail("interrupted by a second Ctrl-C; checkpoint-last.pth holds the last saved state")
+    except KeyboardInterrupt as e:
+        fail(str(e) or "interrupted")
     except (DataError, ValueError) as e:
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         fail(re.sub(r"^(\w+\.)*\w+Error: ", "", last))
+    finally:
+        stop_loader_workers()
+        release_output_dirs()
     if distributed():
         dist.destroy_process_group()
+
+
+def stop_loader_workers():
+    """End this process's DataLoader workers now. They ignore the stop signals (data.ignore_stop_signals), so an
+    exit on an error or a stop signal, with an epoch's iterator still referenced, would otherwise wait for them
+    forever at interpreter exit (multiprocessing terminates daemonic children with SIGTERM, then joins them)."""
+    for worker in multiprocessing.active_children():
+        worker.kill()
+        worker.join()
+
+
+def exit_with_parent(signum):
+    """Have Linux send this process `signum` when its parent dies (prctl PR_SET_PDEATHSIG; nothing elsewhere): a
+    torchrun worker then stops as on that signal when torchrun is killed, and a loader worker with its process."""
+    if sys.platform.startswith("linux"):
+        with suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signum))  # 1: PR_SET_PDEATHSIG
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,18 +177,53 @@ def parse_args(parser, argv=None):
             fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if getattr(args, "num_workers", 0) < 0:
         fail(f"--num-workers must be at least 0, got {args.num_workers}")
-    if getattr(args, "clip_grad", None) is not None and not args.clip_grad > 0:
-        fail(f"--clip-grad must be positive, got {args.clip_grad}")
     for target in report_targets(getattr(args, "report_to", "none")):  # a missing package stops the run here
         optional_import(*REPORT_PACKAGES[target], f"--report-to {target}")
     if args.device not in (None, "cuda", "cpu"):
         fail(f"--device must be cuda or cpu, got {args.device!r} (choose GPUs with CUDA_VISIBLE_DEVICES; "
              f"under torchrun each process takes GPU LOCAL_RANK)")
+    check_values(args)
     return args
 
 
+def positive(v):
+    return v > 0
+
+
+def not_negative(v):
+    return v >= 0
+
+
+# the numeric flags of any script whose values must lie in a range: flag -> (test, the range in words)
+VALUE_RANGES = {
+    **{flag: (positive, "positive") for flag in ("blr", "lr", "temperature", "knn_temperature", "peak_tflops",
+                                                 "predictor_lr_scale", "clip_grad")},
+    **{flag: (not_negative, "at least 0") for flag in ("warmup_epochs", "warmup_iters", "min_lr", "weight_decay",
+                                                       "color_jitter", "mixup", "cutmix")},
+    "smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"), "drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "reprob": (lambda v: 0 <= v <= 1, "in [0, 1]"), "ema": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "crop_min": (lambda v: 0 < v <= 1, "in (0, 1]"), "layer_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "label_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}
+
+
+def check_values(args):
+    """A one-line error for a flag of VALUE_RANGES (where the script has it and it is set) out of its range."""
+    for flag, (test, words) in VALUE_RANGES.items():
+        value = getattr(args, flag, None)
+        if value is not None and not test(value):
+            fail(f"--{flag.replace('_', '-')} must be {words}, got {value}")
+
+
+OUTPUT_DIR_LOCKS = {}  # real path -> the open folder this process holds the lock on
+
+
 def make_output_dir(path):
-    """Create --output-dir (and its parents) or stop with a one-line error: a file in the way, no permission."""
+    """Create --output-dir (and its parents) or stop with a one-line error: a file in the way, no permission.
+
+    The writing process (RANK 0) then holds an advisory lock on the folder (flock on the folder itself) until it
+    exits or release_output_dirs(), so a second run on the same folder stops in one line instead of mixing its
+    checkpoints and log lines with the first's. Where the file system has no such locks, nothing is locked."""
     if os.path.exists(path) and not os.path.isdir(path):
         fail(f"--output-dir {path} is a file, not a folder")
     try:
@@ -172,6 +232,25 @@ def make_output_dir(path):
         fail(f"cannot create --output-dir {path}: {e.strerror or e}")
     if not os.access(path, os.W_OK | os.X_OK):
         fail(f"--output-dir {path} is not writable")
+    real = os.path.realpath(path)
+    if int(os.environ.get("RANK", 0)) != 0 or real in OUTPUT_DIR_LOCKS:
+        return
+    fd = os.open(real, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            fail(f"--output-dir {path} is in use by another run (one run per folder: wait for it to end, or give "
+                 f"another --output-dir)")
+        return  # no advisory locks on this file system
+    OUTPUT_DIR_LOCKS[real] = fd
+
+
+def release_output_dirs():
+    """Let go of the output folders this process holds (run_main does, however a run ends)."""
+    while OUTPUT_DIR_LOCKS:
+        os.close(OUTPUT_DIR_LOCKS.popitem()[1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,6 +269,8 @@ def init_distributed(device):
             fail("--device cuda was asked for but no CUDA device is visible")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: a killed torchrun (SIGUSR1 too) stops the run as SIGTERM
+        exit_with_parent(signal.SIGTERM)
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
@@ -334,10 +415,40 @@ def adamw(groups, lr, betas, device):
 # Checkpoints and logs
 
 
+def check_finite(state, path):
+    """One-line error, before anything is written to path, when a floating-point tensor of the weights or the
+    optimizer state (state['model'], state['optimizer'], state['state_dict']) is NaN or infinite: a diverged
+    run must never replace the last good checkpoint."""
+    tensors = {}
+
+    def collect(name, value):
+        if torch.is_tensor(value) and value.is_floating_point():
+            tensors[name] = value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                collect(f"{name}.{key}", item)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                collect(f"{name}.{i}", item)
+
+    for key in ("model", "optimizer", "state_dict"):
+        collect(key, state.get(key))
+    if not tensors:
+        return
+    finite = torch.stack([t.detach().isfinite().all() for t in tensors.values()]).cpu()  # one synchronisation
+    if not finite.all():
+        first = list(tensors)[int((~finite).nonzero()[0])]
+        kept = "; the previous checkpoint is kept" if os.path.isfile(path) else ""
+        fail(f"not writing {path}: {int((~finite).sum())} tensor(s) hold NaN or infinite values, e.g. {first} (the "
+             f"run diverged: lower the learning rate){kept}")
+
+
 def save_checkpoint(state, path):
-    """Write atomically: a temporary file in the same folder, then rename over the old one. A failed write (full
-    disk, quota, file size limit) ends in a one-line error naming the file and the cause; the temporary file is
-    removed and the previous checkpoint stays as it was."""
+    """Write atomically: a temporary file in the same folder, then rename over the old one. Non-finite weights
+    or optimizer state are refused before writing (check_finite). A failed write (full disk, quota, file size
+    limit) ends in a one-line error naming the file and the cause; the temporary file is removed and the previous
+    checkpoint stays as it was."""
+    check_finite(state, path)
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:  # a Python file object: torch.save's failure then carries the OSError
@@ -351,7 +462,7 @@ def save_checkpoint(state, path):
         cause = e
         while cause is not None and not isinstance(cause, OSError):
             cause = cause.__cause__ or cause.__context__
-        kept = "; the previous checkpoint is kept" if os.path.exists(path) else ""
+        kept = "; the previous checkpoint is kept" if os.path.isfile(path) else ""
         fail(f"cannot write {path}: {cause.strerror if cause is not None and cause.strerror else e}{kept}")
 
 
@@ -523,6 +634,13 @@ def resume_position(checkpoint):
     return (0, 0) if checkpoint is None else (checkpoint["epoch"] + 1, checkpoint.get("step", 0))
 
 
+def json_object(line):
+    """The JSON object a log line holds, or None (blank, cut short, not an object)."""
+    with suppress(json.JSONDecodeError):
+        value = json.loads(line)
+        return value if isinstance(value, dict) else None
+
+
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 REQUEUE_STATUS = 143  # 128 + SIGTERM: what a job ended by SIGTERM reports, so schedulers and scripts requeue on it
 
@@ -546,6 +664,12 @@ class Checkpointer:
         if args.save_interval < 0:
             fail(f"--save-interval must be 0 (only at epoch ends) or positive minutes, got {args.save_interval}")
         self.interval = args.save_interval * 60
+        self.eval_only = getattr(args, "eval_only", False)
+        self.log_path = os.path.join(args.output_dir, "log.jsonl")
+        if is_main() and (os.path.isdir(self.log_path) or (os.path.exists(self.log_path)
+                                                             and not os.access(self.log_path, os.W_OK))):
+            fail(f"{self.log_path} is {'a folder' if os.path.isdir(self.log_path) else 'not writable'}: move it "
+                 f"away or give another --output-dir")
         self.record = self.sums = self.signal = self.pending = None
         self.last_save, self.fresh = time.monotonic(), False
         if threading.current_thread() is threading.main_thread():
@@ -556,7 +680,9 @@ class Checkpointer:
 
     def on_signal(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            held = (f"{self.path} holds the last saved state" if os.path.isfile(self.path)
+                    else "no checkpoint was written")
+            raise KeyboardInterrupt(f"interrupted by a second Ctrl-C; {held}")
         self.signal = signal.Signals(signum).name
 
     def local_flags(self):
@@ -568,12 +694,25 @@ class Checkpointer:
         and loss scaler, and make log.jsonl end with the checkpoint's line. Returns the checkpoint, or None."""
         checkpoint = resume_checkpoint(self.output_dir)
         if checkpoint is None:
+            if not self.eval_only:
+                self.set_aside_log()
             return None
+        if not isinstance(checkpoint, dict):
+            fail(f"{self.path} is not a checkpoint of this stage (not a dict): move it away or give another "
+                 f"--output-dir")
+        missing = [k for k in ("model", "optimizer", "scaler", self.key) if k not in checkpoint]
+        if missing:
+            fail(f"{self.path} is not a checkpoint of this stage (no {', '.join(missing)}): move it away or give "
+                 f"another --output-dir")
         check_resumed_args(checkpoint.get("args", {}), args, fixed, self.path, self.log)
         load_resumed(model, checkpoint["model"], self.path)
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
-        self.record, self.sums = checkpoint.get("log"), checkpoint.get("sums")
+        self.record = checkpoint.get("log")
+        if "sums_per_process" in checkpoint:  # per process: right for any number of processes now
+            self.sums = checkpoint["sums_per_process"] * rank_world()[1]
+        else:  # written before sums_per_process: the total over that run's processes
+            self.sums = checkpoint.get("sums")
         if "log" in checkpoint and is_main():  # checkpoints written before this format leave the log alone
             self.sync_log(checkpoint["log"])
         if self.key == "iter":
@@ -585,18 +724,36 @@ class Checkpointer:
         self.log(f"resumed from {self.path} ({where})")
         return checkpoint
 
+    def set_aside_log(self):
+        """A fresh run (no checkpoint-last.pth) over an old log.jsonl: keep it as log.jsonl.<n>, say so, start anew."""
+        if not is_main() or not os.path.isfile(self.log_path):
+            return
+        n = 1
+        while os.path.lexists(f"{self.log_path}.{n}"):
+            n += 1
+        os.replace(self.log_path, f"{self.log_path}.{n}")
+        self.log(f"{self.log_path} without {self.path} is an earlier run's: kept as log.jsonl.{n}; this run starts "
+                 f"a fresh log")
+
     def sync_log(self, record):
         """Drop log lines past `record` (the checkpoint's last line, None before the first), and append it
-        when a kill came between the checkpoint and its line."""
-        path = os.path.join(self.output_dir, "log.jsonl")
+        when a kill came between the checkpoint and its line. Blank lines and lines that are not JSON (a line cut
+        short by a kill or a full disk) are dropped, with a one-line warning."""
+        path = self.log_path
         lines = []
         if os.path.exists(path):
             with open(path) as f:
                 lines = f.read().splitlines()
+        records = [json_object(line) for line in lines]
+        bad = [str(number) for number, r in enumerate(records, 1) if r is None]
+        if bad:
+            self.log(f"warning: {path}: dropped line(s) {', '.join(bad)}, blank or not a JSON object (cut short by "
+                     f"a kill?)")
         done = -1 if record is None else record[self.key]
-        kept = [line for line in lines if json.loads(line).get(self.key, -1) <= done]
-        if record is not None and record not in [json.loads(line) for line in kept]:
-            kept.append(json.dumps(record))
+        kept = [(line, r) for line, r in zip(lines, records) if r is not None and r.get(self.key, -1) <= done]
+        if record is not None and record not in [r for _, r in kept]:
+            kept.append((json.dumps(record), record))
+        kept = [line for line, _ in kept]
         if kept != lines:
             with open(f"{path}.tmp", "w") as f:
                 f.write("".join(line + "\n" for line in kept))
@@ -604,7 +761,8 @@ class Checkpointer:
 
     def partial_sums(self, zeros):
         """Running sums (losses, steps) of a part-done epoch or block saved by boundary(), in rank 0 (the
-        others start from zero as their shares are in them), once; else `zeros`."""
+        others start from zero as their shares are in them), once; else `zeros`. Saved per process and multiplied
+        by the number of processes now, they are right when a run resumes on another number of processes."""
         sums, self.sums = self.sums, None
         return zeros if sums is None or not is_main() else sums.to(zeros.device, zeros.dtype)
 
@@ -612,7 +770,9 @@ class Checkpointer:
         """Every process: rank 0 writes the checkpoint, then appends `record` (None between epoch ends)."""
         if record is not None:
             self.record = record
-        if is_main():
+        if not is_main():
+            check_finite(state, self.path)  # in every process, so that all stop on the same step
+        else:
             save_checkpoint({**state, "log": self.record}, self.path)
             if record is not None:
                 log_json(self.output_dir, record)
@@ -620,7 +780,8 @@ class Checkpointer:
 
     def boundary(self, state_fn, sums, where):
         """Before an optimizer step, in every process: save state_fn() (the checkpoint of this position) with the
-        running `sums` summed over processes when it is due; after a stop signal, exit with REQUEUE_STATUS.
+        running `sums` (summed over processes, divided by their number) when it is due, unless a loss in them is
+        not finite (then stop in one line); after a stop signal, exit with REQUEUE_STATUS.
 
         The processes act on the same step: their flags are summed on the CPU (gloo), asynchronously, and
         read at the next boundary, so no step waits for the accelerator or for another process's clock."""
@@ -632,7 +793,11 @@ class Checkpointer:
                 self.pending.wait()
                 stop, due = self.flags.tolist()
         if (stop or due) and not self.fresh:
-            self.save({**state_fn(), "sums": all_reduce_sum(sums.clone()).cpu()})
+            total = all_reduce_sum(sums.clone()).cpu()
+            if not total.isfinite().all():  # the weights after a non-finite loss are not worth keeping
+                fail(f"non-finite loss before {where}: not writing {self.path}"
+                     + ("; the previous checkpoint is kept" if os.path.isfile(self.path) else ""))
+            self.save({**state_fn(), "sums_per_process": total / rank_world()[1]})
         if stop:
             self.log(f"{self.signal or 'a stop signal in another process'}: saved {self.path} at {where}; "
                      f"exiting with status {REQUEUE_STATUS} (requeue and rerun the same command to resume)")
@@ -649,8 +814,12 @@ class Checkpointer:
 def log_json(output_dir, record):
     """Append one JSON object per line to <output-dir>/log.jsonl (main process only)."""
     if is_main():
-        with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = os.path.join(output_dir, "log.jsonl")
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            fail(f"cannot write {path}: {e.strerror or e}")
 
 
 REPORT_PACKAGES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
