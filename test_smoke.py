@@ -3197,15 +3197,23 @@ def write_rows_image(folder, name, rows, channels, kind):
     return array
 
 
+@pytest.mark.parametrize("source", ["folder", "shards"])
 @pytest.mark.parametrize("kind,channels", [("png", 1), ("npy", 4)])
-def test_sixteen_bit_folder_inputs_reach_the_model_scaled(tmp_path, monkeypatch, kind, channels):
-    """16-bit grey PNGs (one channel, never replicated) and (H, W, 4) uint16 arrays in a folder travel as uint16
-    and reach the model as (x / 65535 - mean) / std, pixel by pixel."""
+def test_sixteen_bit_inputs_reach_the_model_scaled(tmp_path, monkeypatch, kind, channels, source):
+    """16-bit grey PNGs (one channel, never replicated) and (H, W, 4) uint16 arrays, in a folder or in WebDataset
+    shards, travel as uint16 and reach the model as (x / 65535 - mean) / std, pixel by pixel."""
     rows = np.linspace(0, 60000, 32).round()
     for i in range(8):
         array = write_rows_image(tmp_path / "data" / "all", f"img{i}", rows, channels, kind)
+    where = [str(tmp_path / "data")]
+    if source == "shards":
+        wds = pytest.importorskip("webdataset")
+        with wds.ShardWriter(str(tmp_path / "shard-%d.tar"), maxcount=4, verbose=0) as sink:
+            for i in range(8):
+                sink.write({"__key__": f"img{i}", kind: (tmp_path / "data" / "all" / f"img{i}.{kind}").read_bytes()})
+        where = [f"{tmp_path}/shard-{{0..1}}.tar", "--train-num-samples", "8"]
     mean, std = [0.3 + 0.1 * c for c in range(channels)], [0.2 + 0.05 * c for c in range(channels)]
-    argv = FIXTURE_PRETRAIN + ["--data", str(tmp_path / "data"), "--in-chans", str(channels), "--crop-min", "1",
+    argv = FIXTURE_PRETRAIN + ["--data", *where, "--in-chans", str(channels), "--crop-min", "1",
                                "--no-color-aug", "--mean", *map(str, mean), "--std", *map(str, std),
                                "--output-dir", str(tmp_path / "out")]
     loader, _ = data.pretraining_loader(pretrain.get_args(argv), pretrain.crop_transform(32, 1.0), 8,
