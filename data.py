@@ -35,9 +35,12 @@ EXTRACT_PART = 10000  # rows of a folder or list per part of --extract (a shard 
 
 
 def load_rgb(path):
-    """Open an image as RGB; an unreadable file raises DataError naming it."""
+    """Open an 8-bit image as RGB (PIL); an unreadable file, or one of 16-bit or floating-point pixels (which RGB
+    conversion would clip), raises DataError naming it."""
     try:
         with Image.open(path) as img:
+            if img.mode in WIDE_MODES:
+                raise ValueError(f"{img.mode} pixels: RGB runs read 8-bit images (16-bit grey images: --in-chans 1)")
             return img.convert("RGB")
     except Exception as e:
         raise utils.DataError(f"cannot read image {path}: {e}") from None

@@ -2122,6 +2122,8 @@ def test_unusable_values_and_misleading_messages(tmp_path):
     with pytest.raises(utils.DataError, match=rf"^cannot read image {folder / 'deep.png'}: .*torch.uint16 pixels"):
         data.decode_image(str(folder / "deep.png"))
     assert data.decode_image(str(folder / "deep.png"), in_chans=1).dtype == torch.uint16  # grey 16-bit: one channel
+    with pytest.raises(utils.DataError, match=rf"^cannot read image {folder / 'deep.png'}: I;16 pixels"):
+        data.load_rgb(str(folder / "deep.png"))  # the evaluation stages' RGB reader: no silent clipping either
 
     utils.Checkpointer(argparse.Namespace(output_dir=str(tmp_path), save_interval=30))
     signal.raise_signal(signal.SIGINT)
