@@ -34,6 +34,13 @@ EXTRACT_PART = 10000  # rows of a folder or list per part of --extract (a shard 
 # Decoding
 
 
+ARRAY_DTYPES = (np.uint8, np.uint16, np.float32)  # of .npy inputs, kept as they are (normalize scales each)
+# the files decode() reads: torchvision's image extensions and arrays
+EXTENSIONS = (*IMG_EXTENSIONS, ".npy")
+# 16-bit and floating-point PIL modes (TIFF) read as arrays: I;16* -> uint16, I -> int32 (cast to uint16), F -> float32
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I", "F")
+
+
 def load_rgb(path):
     """Open an 8-bit image as RGB (PIL); an unreadable file, or one of 16-bit or floating-point pixels (which RGB
     conversion would clip), raises DataError naming it."""
@@ -44,13 +51,6 @@ def load_rgb(path):
             return img.convert("RGB")
     except Exception as e:
         raise utils.DataError(f"cannot read image {path}: {e}") from None
-
-
-ARRAY_DTYPES = (np.uint8, np.uint16, np.float32)  # of .npy inputs, kept as they are (normalize scales each)
-# the files decode() reads: torchvision's image extensions and arrays
-EXTENSIONS = (*IMG_EXTENSIONS, ".npy")
-# 16-bit and floating-point PIL modes (TIFF) read as arrays: I;16* -> uint16, I -> int32 (cast to uint16), F -> float32
-WIDE_MODES = ("I;16", "I;16L", "I;16B", "I", "F")
 
 
 def decode_array(raw, in_chans):
@@ -90,9 +90,9 @@ def decode(raw, ext, in_chans=3):
 
     .npy: see decode_array. Image files: in_chans 1 gives one grey channel (a grey image is kept as it is, a
     colour one converted; 16-bit PNG and TIFF stay uint16, never replicated), in_chans 3 RGB (a grey image
-    replicated; 8-bit only), any other count the image's own 8-bit channels if it has that many (RGBA for 4). JPEG, PNG, WebP and
-    GIF through torchvision.io (about 15% less CPU than PIL for a JPEG), the rest through PIL. Raises DataError
-    for a file that cannot give in_chans channels."""
+    replicated; 8-bit only), any other count the image's own 8-bit channels if it has that many (RGBA for 4).
+    JPEG, PNG, WebP and GIF through torchvision.io (about 15% less CPU than PIL for a JPEG), the rest through PIL.
+    Raises DataError for a file that cannot give in_chans channels."""
     try:
         if ext.lower() == ".npy":
             return decode_array(raw, in_chans)
@@ -189,11 +189,7 @@ def shard_urls(data):
 
 def import_webdataset():
     """webdataset, imported only where shards are read; a one-line error when it is not installed."""
-    try:
-        import webdataset
-    except ImportError:
-        utils.fail("reading shards needs the webdataset package (pip install webdataset)")
-    return webdataset
+    return utils.optional_import("webdataset", "webdataset", "reading shards")
 
 
 def shard_samples(urls):
@@ -217,7 +213,7 @@ def split_shards(urls, seed, epoch, slots):
 
 
 class Batch(NamedTuple):
-    """A pretraining batch: uint8 crops (B, 3, H, W); the B sample names read (paths relative to the data root,
+    """A pretraining batch: crops (B, C, H, W) in their decoded dtype; the B sample names read (paths relative to the data root,
     shard keys, synthetic indices); the errors of the unreadable ones among them, whose places hold copies of
     readable crops of the batch; the CPU seconds the loading process spent on it (bench.py)."""
     images: torch.Tensor

@@ -2945,7 +2945,7 @@ def test_shard_errors_are_one_line(sources, tmp_path, monkeypatch):
         f"error: --data {nothing}: 4 of its 4 shards do not exist, e.g. {tmp_path}/none-00.tar")
     monkeypatch.setitem(sys.modules, "webdataset", None)  # not installed
     assert stage_error("pretrain", command + ["--train-num-samples", "24"]) == \
-        "error: reading shards needs the webdataset package (pip install webdataset)"
+        "error: reading shards needs the webdataset package: pip install webdataset"
 
 
 def test_shards_mid_epoch_resume_reads_no_sample_twice(sources, tmp_path, monkeypatch, capsys):
