@@ -173,7 +173,7 @@ def time_loader(loader, device, data_batches):
     batches = min(data_batches + 1, len(loader))
     if batches < 2:
         utils.fail("--data gives fewer than 2 batches per epoch; lower --batch-size")
-    it = utils.epoch_batches(loader, 0)
+    it = data.epoch_batches(loader, 0)
     first = next(it)
     cpu_seconds, images = first.cpu_s, len(first.names)
     start = time.perf_counter()

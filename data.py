@@ -374,7 +374,7 @@ def pretraining_loader(args, transform, batch_size, device):
     exists; every image at any depth), a list file of image paths, or WebDataset shards (args.train_num_samples
     images per epoch). Uses args.data, num_workers, seed, synthetic_size, img_size, train_num_samples, in_chans.
 
-    Every process takes the same number of batches per epoch; utils.epoch_batches starts an epoch, part-way
+    Every process takes the same number of batches per epoch; epoch_batches starts an epoch, part-way
     after a resume without reading the images already used."""
     kind = source_kind(args.data)
     if kind != "shards":
@@ -421,10 +421,10 @@ def sample_images(args, max_images):
 
 def channel_stats(images):
     """Per-channel mean and standard deviation (lists of floats) over all the pixels of decoded images (C, H, W),
-    in [0, 1] units (utils.normalize's scaling). Sums in float64."""
+    in [0, 1] units (normalize's scaling). Sums in float64."""
     sums = 0
     for image in images:
-        x = utils.normalize(image, (0.0,) * len(image), (1.0,) * len(image)).double().flatten(1)  # (C, H*W)
+        x = normalize(image, (0.0,) * len(image), (1.0,) * len(image)).double().flatten(1)  # (C, H*W)
         sums = sums + torch.stack([x.sum(1), x.square().sum(1), torch.full_like(x[:, 0], x.shape[1])])
     if isinstance(sums, int):
         utils.fail("--norm-stats auto found no readable training image")
@@ -653,3 +653,42 @@ def cap_per_class(dataset, per_class):
         if seen[label] <= per_class:
             keep.append(index)
     return torch.utils.data.Subset(dataset, keep)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batches on the device
+
+
+FULL_SCALE = {torch.uint8: 255, torch.uint16: 65535}  # the value that maps to 1; floating point: 1 (as stored)
+
+
+def normalize(images, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
+    """Images (..., C, H, W) on any device -> float32 (x / s - mean) / std per channel, s the dtype's full scale:
+    uint8 / 255, uint16 / 65535, floating point as stored. The loaders ship the decoded dtype (uint8 is a
+    quarter of the bytes of float32) and this runs where the batch lands, without a host synchronisation."""
+    if images.dtype not in FULL_SCALE and not images.is_floating_point():
+        raise ValueError(f"images of dtype {images.dtype}: expected uint8, uint16 or floating point")
+    if not len(mean) == len(std) == images.shape[-3]:
+        raise ValueError(f"{len(mean)} mean and {len(std)} std values for images of {images.shape[-3]} channels")
+    scale = FULL_SCALE.get(images.dtype, 1)
+    stats = torch.tensor((mean, std), dtype=torch.float32).mul_(scale).to(images.device, non_blocking=True)
+    mean, std = stats[:, :, None, None].unbind()  # (C, 1, 1) each
+    return (images.float() - mean) / std
+
+
+def to_device(batch, device, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
+    """A batch (inputs, targets) on device, images (B, C, H, W) of any stored dtype (uint8, uint16, float32)
+    normalised there into float32 (other inputs as they are)."""
+    images, targets = batch
+    images = images.to(device, non_blocking=True)
+    return normalize(images, mean, std) if images.ndim == 4 else images, targets.to(device, non_blocking=True)
+
+
+def epoch_batches(loader, epoch, skip_batches=0):
+    """The batches of one epoch of a make_loader(train=True) loader, from batch `skip_batches` on (over shards,
+    data.ShardBatches makes the batches and skips them)."""
+    if isinstance(loader.dataset, torch.utils.data.IterableDataset):
+        loader.dataset.set_epoch(epoch, skip_batches)
+    else:
+        loader.sampler.set_epoch(epoch, skip_batches * loader.batch_size)
+    return iter(loader)

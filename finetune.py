@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import data
+import linprobe
 import models
 import utils
 
@@ -185,7 +186,7 @@ def eight_bit_pil(image):
 def train_transform(args):
     """RandomResizedCrop (bicubic), flip, RandAugment (on PIL: a decoded grey tensor becomes a PIL image first,
     eight_bit_pil; its geometric ops fill with the run's mean pixel), colour jitter, as uint8 (C, H, W):
-    normalisation, random erasing and MixUp/CutMix follow on the device (utils.to_device, loss_fn)."""
+    normalisation, random erasing and MixUp/CutMix follow on the device (data.to_device, loss_fn)."""
     fill = [round(255 * m) for m in args.mean]
     steps = [v2.RandomResizedCrop(args.img_size, interpolation=v2.InterpolationMode.BICUBIC),
              v2.RandomHorizontalFlip(), eight_bit_pil, RandAugment(fill=fill)]
@@ -260,6 +261,43 @@ def subset_indices(dataset, train_subset, label_fraction):
     return None
 
 
+def soft_targets(images, targets, mixing, num_classes, args):
+    """timm's order: random erasing per image, then MixUp/CutMix per batch, then label smoothing. Returns the
+    images and (B, num_classes) target distributions."""
+    images = random_erasing(images, args.reprob)
+    if mixing is not None:
+        images, targets = mixing(images, targets)  # targets (B, C), mixed one-hot
+    else:
+        targets = F.one_hot(targets, num_classes).float()
+    return images, targets * (1 - args.smoothing) + args.smoothing / num_classes
+
+
+def train_one_epoch(model, loader, optimizer, scaler, mixing, num_classes, epoch, run, args, device):
+    """One epoch of fine-tuning the whole classifier, from where a resumed run stopped."""
+    first = run.start_step if epoch == run.start_epoch else 0
+    batches = data.epoch_batches(loader, epoch, first * args.accum_iter)
+    for step in run.steps(epoch, first):
+        # per iteration: linear warm-up, then half cosine to --min-lr; each layer at its layer-decayed share
+        lr = utils.cosine_schedule(epoch + step / run.steps_per_epoch, args.epochs, args.warmup_epochs, args.lr,
+                                   args.min_lr)
+        utils.set_lr(optimizer, lr)
+        losses = []
+        for i in range(args.accum_iter):
+            images, targets = data.to_device(next(batches), device, args.mean, args.std)
+            images, targets = soft_targets(images, targets, mixing, num_classes, args)
+            with utils.no_sync(model, i < args.accum_iter - 1):
+                with utils.autocast(device, args.amp):
+                    loss = F.cross_entropy(model(images), targets)
+                scaler.scale(loss / args.accum_iter).backward()
+            losses.append(loss.detach())
+        scaler.unscale_(optimizer)  # fp16: the true gradients, then the norm before clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or math.inf)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        run.log_step(loss=torch.stack(losses).mean(), lr=lr, grad_norm=grad_norm)
+
+
 def main(argv=None):
     args = get_args(argv)
     utils.check_image_size(args)
@@ -298,17 +336,23 @@ def main(argv=None):
         f"validation images, {num_classes} classes, lr {args.lr:.3e}, layer decay {args.layer_decay}, "
         f"{world_size} process(es) x {local_batch} x {args.accum_iter}")
 
-    def loss_fn(images, targets):  # timm's order: random erasing per image, then MixUp/CutMix per batch
-        images = random_erasing(images, args.reprob)
-        if mixing is not None:
-            images, targets = mixing(images, targets)  # targets (B, C), mixed one-hot
-        else:
-            targets = F.one_hot(targets, num_classes).float()
-        targets = targets * (1 - args.smoothing) + args.smoothing / num_classes
-        return F.cross_entropy(ddp_model(images), targets)
-
-    utils.fit_classifier(model, ddp_model, loss_fn, train_loader, val_loader, optimizer, scaler, args, device, log,
-                         train_images=len(train_set))
+    run = utils.Run(args, utils.steps_per_epoch(train_loader, args), log, stage="finetune.py")
+    checkpoint = run.resume(model, optimizer, scaler)
+    if args.eval_only:
+        return linprobe.evaluate_checkpoint(model, val_loader, device, run, checkpoint, args, log)
+    run.extra["best_acc1"] = 0.0 if checkpoint is None else checkpoint["best_acc1"]
+    for epoch in range(run.start_epoch, args.epochs):
+        model.train()
+        train_one_epoch(ddp_model, train_loader, optimizer, scaler, mixing, num_classes, epoch, run, args, device)
+        record = {"epoch": epoch, **run.end_epoch()}
+        model.eval()
+        acc1, acc5, val_loss = linprobe.evaluate(model, val_loader, device, args.amp, args.mean, args.std)
+        run.extra["best_acc1"] = best_acc1 = max(run.extra["best_acc1"], acc1)
+        log(f"epoch {epoch}: train loss {record['train_loss']:.4f} acc1 {acc1:.2f} acc5 {acc5:.2f} "
+            f"(best {best_acc1:.2f})")
+        record.update(acc1=acc1, acc5=acc5, val_loss=val_loss, best_acc1=best_acc1, train_images=len(train_set))
+        run.save(epoch + 1, 0, record, {"eval/acc1": acc1, "eval/acc5": acc5, "eval/loss": val_loss})
+    run.close()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ them; no labels needed) are written to <output-dir>/instance.npy, tokens.npy and
     torchrun --nproc_per_node 8 linprobe.py --extract --data 'in22k/{000000..014197}.tar' --pretrained CKPT
 """
 import argparse
+import math
 import os
 import shutil
 
@@ -123,12 +124,130 @@ def load_encoder(args, rank, log):
     return encoder
 
 
+def train_one_epoch(probe, head, loader, optimizer, scaler, epoch, run, args, device):
+    """One epoch of the probe's head on the frozen encoder's features, from where a resumed run stopped."""
+    steps = run.steps_per_epoch
+    first = run.start_step if epoch == run.start_epoch else 0
+    batches = data.epoch_batches(loader, epoch, first * args.accum_iter)
+    for step in run.steps(epoch, first):
+        lr = utils.cosine_schedule(epoch + step / steps, args.epochs, args.warmup_epochs, args.lr)  # per iteration
+        utils.set_lr(optimizer, lr)
+        losses = []
+        for i in range(args.accum_iter):
+            images, targets = data.to_device(next(batches), device, args.mean, args.std)
+            with utils.no_sync(head, i < args.accum_iter - 1):
+                with utils.autocast(device, args.amp):
+                    loss = F.cross_entropy(head(probe.features(images)), targets)  # features: no gradient
+                scaler.scale(loss / args.accum_iter).backward()
+            losses.append(loss.detach())
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(probe.head.parameters(), math.inf)  # logged, not clipped
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        run.log_step(loss=torch.stack(losses).mean(), lr=lr, grad_norm=grad_norm)
+
+
+def accuracy_counts(logits, targets):
+    """Top-1 and top-5 hits in a batch: logits (B, C), integer targets (B,) -> float64 (2,)."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
+    hits = top == targets[:, None]
+    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).double()
+
+
+@torch.no_grad()
+def evaluate(model_fn, loader, device, amp, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
+    """(top-1 %, top-5 %, mean cross-entropy) of model_fn(images) -> logits over a whole evaluation set of
+    images normalised on the device with mean, std (to_device).
+
+    Each process counts its share (make_loader(train=False) gives every image to exactly one process) and
+    the sums are added over processes, so the result is exact however the set divides.
+    """
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, loss sum, images
+    for batch in loader:
+        images, targets = data.to_device(batch, device, mean, std)
+        with utils.autocast(device, amp):
+            logits = model_fn(images).float()  # (B, C)
+        sums[:2] += accuracy_counts(logits, targets)
+        sums[2] += F.cross_entropy(logits, targets, reduction="sum").double()
+        sums[3] += len(targets)
+    top1, top5, loss, count = utils.all_reduce_sum(sums).tolist()
+    return 100 * top1 / count, 100 * top5 / count, loss / count
+
+
+def evaluate_checkpoint(model, val_loader, device, run, checkpoint, args, log):
+    """--eval-only: top-1 and top-5 of the classifier that <output-dir>/checkpoint-last.pth holds, logged."""
+    if checkpoint is None:
+        utils.fail(f"--eval-only needs a trained model: {run.path} does not exist")
+    model.eval()
+    acc1, acc5, val_loss = evaluate(model, val_loader, device, args.amp, args.mean, args.std)
+    log(f"evaluation of {run.path}: acc1 {acc1:.2f} acc5 {acc5:.2f} on {len(val_loader.dataset)} images")
+    utils.log_json(args.output_dir, dict(epoch=checkpoint["epoch"], eval_only=True, acc1=acc1, acc5=acc5,
+                                         val_loss=val_loss))
+
+
+# ----------------------------------------------------------------------------------------------------
+# k-nearest-neighbour evaluation of frozen features (--knn, and pretrain.py --monitor)
+
+
+@torch.no_grad()
+def extract_features(feature_fn, loader, device, amp, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
+    """L2-normalised float32 features (n, D) and labels (n,) of this process's share of an evaluation loader,
+    its images normalised with mean, std."""
+    features, labels = [], []
+    for batch in loader:
+        images, targets = data.to_device(batch, device, mean, std)
+        with utils.autocast(device, amp):
+            out = feature_fn(images)
+        features.append(F.normalize(out.float(), dim=-1))
+        labels.append(targets)
+    return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_counts(train_features, train_labels, features, labels, num_classes, ks, temperature=0.07, chunk=256):
+    """Weighted k-NN classification (DINO's): the k most cosine-similar training images vote for their class
+    with weight exp(similarity / temperature). All features L2-normalised.
+
+    Returns float64 (len(ks), 2): top-1 and top-5 hits for each k. The similarities are computed for chunks
+    of `chunk` query images at a time, so memory stays at chunk x len(train_features).
+    """
+    if max(ks) > len(train_features):
+        raise ValueError(f"k = {max(ks)} nearest neighbours asked for, but the training set holds only "
+                         f"{len(train_features)} images")
+    hits = torch.zeros(len(ks), 2, dtype=torch.float64, device=features.device)
+    for start in range(0, len(features), chunk):
+        similarity = features[start:start + chunk] @ train_features.T  # (c, N_train)
+        top_similarity, top_index = similarity.topk(max(ks), dim=1)  # (c, k_max), most similar first
+        weights, votes = (top_similarity / temperature).exp(), train_labels[top_index]
+        for i, k in enumerate(ks):
+            scores = weights.new_zeros(len(weights), num_classes).scatter_add_(1, votes[:, :k], weights[:, :k])
+            hits[i] += accuracy_counts(scores, labels[start:start + chunk])
+    return hits
+
+
+def knn_evaluate(feature_fn, train_loader, val_loader, num_classes, device, amp, ks=(10, 20, 100, 200),
+                 temperature=0.07, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
+    """{k: (top-1 %, top-5 %)} of the weighted k-NN classifier on frozen features feature_fn(images) -> (B, D).
+
+    Both loaders come from make_loader(train=False): every process extracts its share, the training
+    features of all processes are gathered, and each validation image is counted once, so the result is the
+    one-process result however the sets divide. The images are normalised with mean, std.
+    """
+    train_features, train_labels = extract_features(feature_fn, train_loader, device, amp, mean, std)
+    train_features, train_labels = utils.all_gather_rows(train_features), utils.all_gather_rows(train_labels)
+    features, labels = extract_features(feature_fn, val_loader, device, amp, mean, std)
+    hits = utils.all_reduce_sum(knn_counts(train_features, train_labels, features, labels, num_classes, ks, temperature))
+    count = utils.all_reduce_sum(torch.tensor(float(len(labels)), dtype=torch.float64, device=device)).item()
+    return {k: (100 * top1 / count, 100 * top5 / count) for k, (top1, top5) in zip(ks, hits.tolist())}
+
+
 def knn(probe, train_set, val_set, num_classes, batch_size, device, args, log):
     """k-NN evaluation of the probe's frozen features; one line per k, one JSON line in log.jsonl and, with
     --report-to, eval/k{k}_acc1 and eval/k{k}_acc5 at step 0."""
     loaders = [data.make_loader(dataset, batch_size, False, args.num_workers, args.seed, device)
                for dataset in (train_set, val_set)]
-    results = utils.knn_evaluate(probe.features, *loaders, num_classes, device, args.amp, args.knn_k,
+    results = knn_evaluate(probe.features, *loaders, num_classes, device, args.amp, args.knn_k,
                                  args.knn_temperature, args.mean, args.std)
     record = dict(knn=True, branch=args.branch, pretrained=args.pretrained, temperature=args.knn_temperature)
     for k, (acc1, acc5) in results.items():
@@ -159,7 +278,7 @@ def extract(probe, transform, batch_size, device, args, log):
 
     for images, names, part in loader:
         with utils.autocast(device, args.amp):
-            rows = probe.features(utils.normalize(images.to(device, non_blocking=True), args.mean, args.std),
+            rows = probe.features(data.normalize(images.to(device, non_blocking=True), args.mean, args.std),
                                   with_tokens=True)
         for kind, values in zip(("instance", "tokens"), rows):
             with open(part_path(part, kind), "ab") as f:
@@ -236,17 +355,30 @@ def main(argv=None):
         f"final norm): {len(train_set)} training / {len(val_set)} validation images, {num_classes} classes, "
         f"lr {args.lr:.3e}, {world_size} process(es) x {local_batch} x {args.accum_iter}")
 
-    def loss_fn(images, targets):
-        return F.cross_entropy(head(probe.features(images)), targets)
-
     def share_statistics():  # evaluate everywhere with the BatchNorm statistics that rank 0 saves
         if world_size > 1:
             for buffer in probe.head.buffers():
                 torch.distributed.broadcast(buffer, 0)
 
     # the frozen encoder is saved with the head, so a checkpoint evaluates on its own
-    utils.fit_classifier(probe, head, loss_fn, train_loader, val_loader, optimizer, scaler, args, device, log,
-                         before_eval=share_statistics, fixed=utils.ARCH_FLAGS + ("final_norm",))
+    run = utils.Run(args, utils.steps_per_epoch(train_loader, args), log, stage="linprobe.py")
+    checkpoint = run.resume(probe, optimizer, scaler, utils.ARCH_FLAGS + ("final_norm",))
+    if args.eval_only:
+        return evaluate_checkpoint(probe, val_loader, device, run, checkpoint, args, log)
+    run.extra["best_acc1"] = 0.0 if checkpoint is None else checkpoint["best_acc1"]
+    for epoch in range(run.start_epoch, args.epochs):
+        probe.train()  # the head's BatchNorm; the encoder stays in eval mode
+        train_one_epoch(probe, head, train_loader, optimizer, scaler, epoch, run, args, device)
+        record = {"epoch": epoch, **run.end_epoch()}
+        probe.eval()
+        share_statistics()
+        acc1, acc5, val_loss = evaluate(probe, val_loader, device, args.amp, args.mean, args.std)
+        run.extra["best_acc1"] = best_acc1 = max(run.extra["best_acc1"], acc1)
+        log(f"epoch {epoch}: train loss {record['train_loss']:.4f} acc1 {acc1:.2f} acc5 {acc5:.2f} "
+            f"(best {best_acc1:.2f})")
+        record.update(acc1=acc1, acc5=acc5, val_loss=val_loss, best_acc1=best_acc1)
+        run.save(epoch + 1, 0, record, {"eval/acc1": acc1, "eval/acc5": acc5, "eval/loss": val_loss})
+    run.close()
 
 
 if __name__ == "__main__":

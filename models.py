@@ -525,7 +525,8 @@ class ExtreMA(nn.Module):
 
     @torch.no_grad()
     def update_momentum(self, m):
-        """target <- m * target + (1 - m) * online, one fused foreach op over all tensors."""
+        """target <- m * target + (1 - m) * online, one fused foreach op over all tensors (m: a number or a 0-d
+        tensor)."""
         torch._foreach_lerp_(self.momentum_params(), self.online_params(), 1.0 - m)
 
     def sample_keep(self, batch_size, device=None):
@@ -667,6 +668,20 @@ def load_encoder(encoder, checkpoint, branch="momentum"):
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], (side, side), encoder.grid_size)
     check_state_dict(encoder, sd, f"{branch} encoder in checkpoint")
     encoder.load_state_dict(sd)
+    return note
+
+
+def load_pretraining(learner, checkpoint):
+    """A whole pretraining checkpoint (ours or official) into an ExtreMA learner, to continue pretraining from it:
+    both encoders as load_encoder loads them (position table resized, an RGB patch embedding adapted), the
+    projectors and the predictor as they are. Returns load_encoder's note."""
+    note = load_encoder(learner.encoder, checkpoint, "online")
+    load_encoder(learner.momentum_encoder, checkpoint, "momentum")
+    sd = model_state_dict(checkpoint)
+    for name in ("projector", "momentum_projector", "predictor"):
+        head = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
+        check_state_dict(getattr(learner, name), head, f"{name} in checkpoint")
+        getattr(learner, name).load_state_dict(head)
     return note
 
 

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
 
 import data
+import linprobe
 import models
 import utils
 
@@ -38,6 +39,10 @@ def get_args(argv=None):
                    help="images per epoch over shards (required there: shards have no length)")
     p.add_argument("--max-skipped", type=float, default=0.01,
                    help="unreadable images are skipped; stop when more than this fraction of a process's epoch is")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="start a new run from a pretraining checkpoint (ours or official; a file or URL): both "
+                        "encoders, class attention, projectors and predictor; the optimizer, schedules and epochs "
+                        "start afresh (a resume reads checkpoint-last.pth instead)")
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--warmup-epochs", type=float, default=40)
     p.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * batch-size / 256")
@@ -137,7 +142,7 @@ def jitter(x, factors, order):
 
 def colour(images, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD, jitter_p=0.8, grayscale_p=0.2,
            strength=(0.4, 0.4, 0.2, 0.1)):
-    """One random colouring per image of a batch (B, C, H, W) (uint8, uint16 or float, see utils.normalize), on
+    """One random colouring per image of a batch (B, C, H, W) (uint8, uint16 or float, see data.normalize), on
     its device with torch's generator: with probability jitter_p ColorJitter(*strength) (factors and order drawn
     per image), then with probability grayscale_p grayscale. Returns float32 normalised with mean, std.
 
@@ -145,7 +150,7 @@ def colour(images, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD, jitter_p=0.
     brightness and contrast only, applied to all channels together (one factor each per image, the contrast
     about the mean over all channels), no saturation, hue or grayscale."""
     b, device = images.shape[0], images.device
-    x = utils.normalize(images, (0.0,) * images.shape[1], (1.0,) * images.shape[1])  # in [0, 1]
+    x = data.normalize(images, (0.0,) * images.shape[1], (1.0,) * images.shape[1])  # in [0, 1]
     rgb = images.shape[1] == 3
     u = (2 * torch.rand(b, 4, device=device) - 1) * (torch.rand(b, 1, device=device) < jitter_p)  # 0: no jitter
     factors = torch.stack([1 + strength[0] * u[:, 0], 1 + strength[1] * u[:, 1], 1 + rgb * strength[2] * u[:, 2],
@@ -154,14 +159,14 @@ def colour(images, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD, jitter_p=0.
     grey = torch.rand(b, device=device) < grayscale_p
     if rgb:
         x = torch.where(grey[:, None, None, None], grayscale(x), x)
-    return utils.normalize(x, mean, std)
+    return data.normalize(x, mean, std)
 
 
 def two_views(images, color_aug, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
     """Crops (B, C, H, W) on the device -> two views, float32 normalised with mean, std, each with its own
     colouring (without color_aug both are the crop itself)."""
     if not color_aug:
-        x = utils.normalize(images, mean, std)
+        x = data.normalize(images, mean, std)
         return x, x
     return colour(images, mean, std), colour(images, mean, std)
 
@@ -246,6 +251,179 @@ def estimate_stats(args, log=print):
         f"--std {' '.join(f'{v:.6g}' for v in args.std)}")
 
 
+def build_optimizer(args, learner, device):
+    """AdamW (0.9, 0.95) without weight decay on biases, norms, pos_embed and cls_token; with
+    --predictor-lr-scale, the predictor's groups step at that multiple of the lr."""
+    groups = utils.param_groups(learner, args.weight_decay)
+    if args.predictor_lr_scale != 1:
+        predictor = {id(p) for p in learner.predictor.parameters()}
+        groups = [dict(g, params=[p for p in g["params"] if (id(p) in predictor) == fast], lr_scale=scale)
+                  for g in groups for fast, scale in ((False, 1.0), (True, args.predictor_lr_scale))]
+    return utils.adamw(groups, lr=0.0, betas=(0.9, 0.95), device=device)
+
+
+def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, color_aug=True, keeps=None,
+               clip_grad=None, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
+    """One ExtreMA optimizer step over --accum-iter micro-batches of crops (b, C, H, W) on the device. keeps: one
+    (M, b, K) tensor of visible patches per micro-batch (None: drawn in the model). Returns the mean loss of the
+    micro-batches, the target_std of the step's targets and the gradient norm before clipping, as device tensors
+    (no host synchronisation)."""
+    learner = model.module if isinstance(model, DDP) else model
+    # Step 1. This step's lr, and the momentum (EMA) update of the target branch. As in the official code the EMA
+    # step comes first: the online branch then chases a target that already includes its last step.
+    utils.set_lr(optimizer, lr)
+    learner.update_momentum(momentum)
+    # Step 2. Forward and backward, micro-batch by micro-batch; the gradients add up to those of the whole batch.
+    losses, targets = [], []
+    for i, images in enumerate(micro_batches):
+        # two colourings of the same crop: x1 for the online encoder, which sees only the visible patches of each
+        # of the M masks (a batch of M*b short sequences); x2 for the momentum encoder, which sees it whole
+        x1, x2 = two_views(images, color_aug, mean, std)
+        with utils.no_sync(model, i < len(micro_batches) - 1):  # DDP all-reduces the gradients of the last only
+            with utils.autocast(images.device, amp):
+                loss, target = model(x1, x2, keep=None if keeps is None else keeps[i], return_target=True)  # (b, P)
+            scaler.scale(loss / len(micro_batches)).backward()  # the target branch has no gradient
+        losses.append(loss.detach())
+        targets.append(target)
+    # Step 3. The optimizer step on the true gradients (fp16: unscaled first), clipped to --clip-grad if asked.
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(learner.parameters(), math.inf if clip_grad is None else clip_grad)
+    scaler.step(optimizer)  # fp16: skipped when a gradient is not finite
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack(losses).mean(), models.target_std(torch.cat(targets)), grad_norm
+
+
+def main(argv=None):
+    args = get_args(argv)
+    check_args(args)
+    rank, world_size, device = utils.init_distributed(args.device)
+    utils.make_output_dir(args.output_dir)
+    amp = utils.resolve_amp(args.amp, device)
+    local_batch = utils.local_batch_size(args.batch_size, world_size, args.accum_iter)
+    utils.set_seed(args.seed + rank)
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    # ============ data: crops on the CPU, colour on the device ============
+    loader, epoch_images = data.pretraining_loader(args, crop_transform(args.img_size, args.crop_min), local_batch,
+                                                   device)
+    steps_per_epoch = len(loader) // args.accum_iter
+    if steps_per_epoch == 0:
+        utils.fail(f"{epoch_images} images give no full batch of {args.batch_size}; lower --batch-size")
+    skipped = SkippedImages(args.max_skipped, steps_per_epoch * args.accum_iter * local_batch)
+
+    # ============ model, optimizer, and the run to resume ============
+    learner = build_model(args).to(device)
+    optimizer = build_optimizer(args, learner, device)
+    scaler = utils.grad_scaler(device, amp)
+    run = utils.Run(args, steps_per_epoch, log, stage="pretrain.py")
+    checkpoint = run.resume(learner, optimizer, scaler, ARCH_FLAGS)  # a resumed --norm-stats auto keeps its values
+    if args.mean is None:
+        estimate_stats(args, log)
+    warn_resharding(args, checkpoint, run, log)
+    if checkpoint is None and args.init is not None:
+        init_from(args.init, learner, log)
+    if args.compile:
+        compile_model(learner, args.compile)
+    optimizer = step_updates(args, learner, optimizer, device, amp)
+    model = DDP(learner) if world_size > 1 else learner
+    base_lr = args.blr * args.batch_size / 256
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+    log(f"{args.arch} {sum(p.numel() for p in learner.online_params()) / 1e6:.1f}M online params | {epoch_images} "
+        f"images, {world_size} process(es) x {local_batch} x {args.accum_iter} = batch {args.batch_size} | lr "
+        f"{base_lr:.2e} | amp {amp} | {steps_per_epoch} steps/epoch on {device}")
+    monitor = Monitor(args, learner, local_batch, device, amp, checkpoint, run, log) if args.monitor else None
+    run.extra.update(in_chans=args.in_chans, mean=args.mean, std=args.std)  # what later stages read
+
+    # ============ training ============
+    for epoch in range(run.start_epoch, args.epochs):
+        learner.train()
+        first = run.start_step if epoch == run.start_epoch else 0  # steps done before a mid-epoch resume
+        batches = data.epoch_batches(loader, epoch, first * args.accum_iter)
+        skipped.count = 0
+        for step in run.steps(epoch, first):
+            it = epoch * steps_per_epoch + step
+            # per-iteration schedules: lr warms up linearly then follows a half cosine to 0; the EMA momentum rises
+            # from --ema to 1 on a half cosine, so the target settles as training ends
+            lr = utils.cosine_schedule(it, total_steps, warmup_steps, base_lr)
+            momentum = models.momentum_at(it / steps_per_epoch, args.epochs, args.ema)
+            loaded = [next(batches) for _ in range(args.accum_iter)]
+            for batch in loaded:
+                skipped.add(batch, epoch)
+            loss, target_std, grad_norm = train_step(
+                model, optimizer, scaler, [batch.images.to(device, non_blocking=True) for batch in loaded], lr,
+                momentum, amp, args.color_aug, clip_grad=args.clip_grad, mean=args.mean, std=args.std)
+            run.count(samples=sum(len(b.names) for b in loaded), skipped_images=sum(len(b.skipped) for b in loaded))
+            run.log_step(loss=loss, lr=lr, momentum=momentum, grad_norm=grad_norm, target_std=target_std)
+
+        record = {"epoch": epoch, **run.end_epoch(timing=True), **({"init": args.init} if args.init else {})}
+        if (record["target_std"] or 0) < COLLAPSE_STD:
+            log(f"warning: target_std {record['target_std']} < {COLLAPSE_STD} in epoch {epoch}: the target "
+                f"representation is collapsing; try --predictor-lr-scale 10 or --loss infonce (README: Is it "
+                f"learning?)" if record["target_std"] is not None else f"warning: no target_std in epoch {epoch}: "
+                f"a step's batch of one image has no spread to measure")
+        if monitor is not None:
+            monitor.evaluate(epoch, record)
+        log(f"epoch {epoch}: loss {record['train_loss']:.4f} target_std {record['target_std'] or float('nan'):.3f} | "
+            f"{record['samples']} images read, {record['skipped_images']} unreadable skipped"
+            + (f" {MONITOR_K}-NN acc1 {record['knn_acc1']:.2f}" if "knn_acc1" in record else ""))
+        run.save(epoch + 1, 0, record, {"monitor/knn_acc1": record.get("knn_acc1")})
+        if rank == 0 and args.save_every and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+            utils.keep_copy(run.path, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+    run.close()
+
+
+def init_from(path, learner, log):
+    """--init: a released or earlier pretraining checkpoint's weights as this run's starting point (continued
+    pretraining on one's own data); the position table is resized and an RGB patch embedding adapted as the
+    other stages do."""
+    try:
+        note = models.load_pretraining(learner, utils.load_checkpoint(path))
+    except ValueError as e:
+        utils.fail(f"--init {path}: {e}")
+    log(f"--init: started from {path}" + (f"; {note}" if note else ""))
+
+
+def warn_resharding(args, checkpoint, run, log):
+    """A mid-epoch resume over shards with another --num-workers splits the rest of the epoch anew."""
+    saved = None if checkpoint is None else checkpoint["args"].get("num_workers")
+    if run.start_step and data.is_shards(args.data) and saved != args.num_workers:
+        log(f"warning: resumed mid-epoch over shards with --num-workers {args.num_workers}, not {saved}: the shards "
+            f"of the rest of epoch {run.start_epoch} are split anew, so it may read images the run has already used "
+            f"in it")
+
+
+class Monitor:
+    """--monitor: the k-NN top-1 of the momentum encoder's instance features on a labelled set (linprobe.py's
+    classifier), at initialisation (the baseline knn_acc1 has to beat, kept in the checkpoint) and every
+    --monitor-every epochs, into the epoch's record."""
+
+    def __init__(self, args, learner, batch_size, device, amp, checkpoint, run, log):
+        self.args, self.encoder, self.device, self.amp = args, learner.momentum_encoder, device, amp
+        self.loaders, self.num_classes = monitor_loaders(args, batch_size, device)
+        self.init = self.knn() if checkpoint is None else checkpoint.get("knn_acc1_init")  # None: began unmonitored
+        if self.init is not None:
+            log(f"monitor: {MONITOR_K}-NN acc1 {self.init:.2f} at initialisation")
+        if checkpoint is None:
+            run.reporter.scalars(0, {"monitor/knn_acc1": self.init})
+        run.extra["knn_acc1_init"] = self.init
+
+    def knn(self):
+        return linprobe.knn_evaluate(lambda images: self.encoder.forward_features(images)[1], *self.loaders,
+                                     self.num_classes, self.device, self.amp, (MONITOR_K,), MONITOR_TEMPERATURE,
+                                     self.args.mean, self.args.std)[MONITOR_K][0]
+
+    def evaluate(self, epoch, record):
+        if (epoch + 1) % self.args.monitor_every == 0 or epoch + 1 == self.args.epochs:
+            start = time.time()
+            record.update(knn_acc1=self.knn(), knn_time_s=round(time.time() - start, 2))
+            if self.init is not None:
+                record["knn_acc1_init"] = self.init
+
+
+# ============ speed options: the same step, faster ============
+
+
 def compile_model(learner, mode="default"):
     """torch.compile the whole forward (both branches, masking and loss) in place: state_dict keys stay."""
     learner.compile(mode=mode)
@@ -257,7 +435,7 @@ class GraphedUpdates:
     A graph replays fixed addresses, so lr and momentum live in device tensors and the gradients are zeroed in
     place, never freed. Each update runs eagerly on its first call (AdamW creates its state there) and is
     captured on the second; off CUDA it always runs eagerly (what the CPU tests check). Stands in for the
-    optimizer in train_step.
+    optimizer in train_step, and takes over learner.update_momentum, so the step reads the same with or without it.
     """
 
     def __init__(self, learner, optimizer):
@@ -265,8 +443,10 @@ class GraphedUpdates:
         self.learner, self.optimizer, self.param_groups = learner, optimizer, optimizer.param_groups
         for group in optimizer.param_groups:  # after a resume: the loaded lr becomes a tensor set in place
             group.update(lr=torch.tensor(float(group["lr"]), device=device), capturable=True)
-        self.ema_weight = torch.zeros((), device=device)  # 1 - momentum
+        self.momentum = torch.zeros((), device=device)
         self.cuda, self.seen, self.graphs = device.type == "cuda", set(), {}
+        self.ema_step = learner.update_momentum
+        learner.update_momentum = self.update_momentum
 
     def replay(self, name, update):
         if not self.cuda or name not in self.seen:
@@ -278,17 +458,11 @@ class GraphedUpdates:
                 update()
         self.graphs[name].replay()
 
-    def ema_update(self):
-        """target += (1 - m) * (online - target): models.ExtreMA.update_momentum with m read from a tensor."""
-        target = self.learner.momentum_params()
-        step = torch._foreach_sub(self.learner.online_params(), target)
-        torch._foreach_mul_(step, self.ema_weight)
-        torch._foreach_add_(target, step)
-
     @torch.no_grad()
     def update_momentum(self, m):
-        self.ema_weight.fill_(1.0 - m)
-        self.replay("momentum", self.ema_update)
+        """models.ExtreMA.update_momentum with m read from a device tensor."""
+        self.momentum.fill_(m)
+        self.replay("momentum", lambda: self.ema_step(self.momentum))
 
     def step(self):
         self.replay("step", self.optimizer.step)
@@ -306,171 +480,6 @@ def step_updates(args, learner, optimizer, device, amp):
     if amp == "fp16":
         utils.fail("--cuda-graphs needs --amp bf16 or none (the fp16 loss scaler skips steps from the host)")
     return GraphedUpdates(learner, optimizer)
-
-
-def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, color_aug=True, keeps=None,
-               clip_grad=None, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
-    """One ExtreMA optimizer step over accum-iter micro-batches of crops (b, C, H, W) on the device, each
-    coloured into its two views here (two_views, normalised with mean, std); masks drawn unless `keeps` gives
-    one (M, b, K) tensor per micro-batch; optimizer may be GraphedUpdates, which also does the momentum update;
-    gradients clipped to the norm clip_grad (None: not clipped). Returns the mean loss and the mean target_std
-    of the micro-batches and the gradient norm before clipping, as device tensors (no host synchronisation)."""
-    learner = model.module if isinstance(model, DDP) else model
-    utils.set_lr(optimizer, lr)
-    # as the official code: the EMA step precedes the forward
-    (optimizer if isinstance(optimizer, GraphedUpdates) else learner).update_momentum(momentum)
-    batches = [(images, None if keeps is None else keeps[i]) for i, images in enumerate(micro_batches)]
-    spreads = []
-
-    def loss_fn(images, keep):
-        loss, k = model(*two_views(images, color_aug, mean, std), keep=keep, return_target=True)
-        spreads.append(models.target_std(k))
-        return loss
-
-    loss, grad_norm = utils.accumulate_step(model, optimizer, scaler, batches, loss_fn, micro_batches[0].device, amp,
-                                            clip_grad)
-    return loss, sum(spreads) / len(spreads), grad_norm
-
-
-def main(argv=None):
-    args = get_args(argv)
-    check_args(args)
-    rank, world_size, device = utils.init_distributed(args.device)
-    utils.make_output_dir(args.output_dir)
-    amp = utils.resolve_amp(args.amp, device)
-    local_batch = utils.local_batch_size(args.batch_size, world_size, args.accum_iter)
-    utils.set_seed(args.seed + rank)
-    log = print if rank == 0 else (lambda *a, **k: None)
-
-    if not 0 <= args.max_skipped <= 1:
-        utils.fail(f"--max-skipped is a fraction of the epoch, 0 to 1, got {args.max_skipped}")
-    if args.norm_stats == "auto":
-        estimate_stats(args, log)
-    loader, epoch_images = data.pretraining_loader(args, crop_transform(args.img_size, args.crop_min), local_batch,
-                                                   device)
-    steps_per_epoch = len(loader) // args.accum_iter
-    if steps_per_epoch == 0:
-        utils.fail(f"{epoch_images} images give no full batch of {args.batch_size}; lower --batch-size")
-    skipped = SkippedImages(args.max_skipped, steps_per_epoch * args.accum_iter * local_batch)
-
-    if args.monitor is not None:
-        monitor, monitor_classes = monitor_loaders(args, local_batch, device)
-
-    learner = build_model(args).to(device)
-    groups = utils.param_groups(learner, args.weight_decay)
-    if args.predictor_lr_scale != 1:
-        predictor = {id(p) for p in learner.predictor.parameters()}
-        groups = [dict(g, params=[p for p in g["params"] if (id(p) in predictor) == fast], lr_scale=scale)
-                  for g in groups for fast, scale in ((False, 1.0), (True, args.predictor_lr_scale))]
-    optimizer = utils.adamw(groups, lr=0.0, betas=(0.9, 0.95), device=device)
-    scaler = utils.grad_scaler(device, amp)
-    checkpointer = utils.Checkpointer(args, log=log)
-    checkpoint = checkpointer.resume(learner, optimizer, scaler, args, ARCH_FLAGS)
-    start_epoch, start_step = utils.resume_position(checkpoint)
-    if start_step and data.is_shards(args.data) and checkpoint["args"].get("num_workers") != args.num_workers:
-        log(f"warning: resumed mid-epoch over shards with --num-workers {args.num_workers}, not "
-            f"{checkpoint['args'].get('num_workers')}: the shards of the rest of epoch {start_epoch} are split "
-            f"anew, so it may read images the run has already used in it")
-    if args.compile:
-        compile_model(learner, args.compile)
-    updates = step_updates(args, learner, optimizer, device, amp)
-    model = DDP(learner, broadcast_buffers=False) if world_size > 1 else learner
-
-    base_lr = args.blr * args.batch_size / 256
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
-    n_params = sum(p.numel() for p in learner.online_params()) / 1e6
-    log(f"{args.arch} {n_params:.1f}M online params | {epoch_images} images, {world_size} process(es) x "
-        f"{local_batch} x {args.accum_iter} = batch {args.batch_size} | lr {base_lr:.2e} | amp {amp} | "
-        f"{steps_per_epoch} steps/epoch on {device}")
-
-    def monitor_knn():  # the k-NN top-1 of the momentum encoder's instance features on the monitor's set
-        encoder = learner.momentum_encoder
-        return utils.knn_evaluate(lambda images: encoder.forward_features(images)[1], *monitor, monitor_classes,
-                                  device, amp, (MONITOR_K,), MONITOR_TEMPERATURE, args.mean, args.std)[MONITOR_K][0]
-
-    reporter = utils.Reporter(args, start_epoch * steps_per_epoch + start_step)
-    knn_init = None  # the monitor's value at initialisation, the baseline that knn_acc1 has to beat
-    if args.monitor is not None:
-        knn_init = monitor_knn() if checkpoint is None else checkpoint.get("knn_acc1_init")  # None: began unmonitored
-        if knn_init is not None:
-            log(f"monitor: {MONITOR_K}-NN acc1 {knn_init:.2f} at initialisation")
-        if checkpoint is None:
-            reporter.scalars(0, {"monitor/knn_acc1": knn_init})
-
-    def state(epoch, step):
-        return utils.epoch_state(learner, optimizer, scaler, args, epoch, step, knn_acc1_init=knn_init,
-                                 in_chans=args.in_chans, mean=args.mean, std=args.std)
-
-    for epoch in range(start_epoch, args.epochs):
-        first = start_step if epoch == start_epoch else 0  # steps done before a mid-epoch resume
-        learner.train()
-        batches = utils.epoch_batches(loader, epoch, first * args.accum_iter)
-        # loss, target_std, finite grad norms and their count, images read, unreadable ones skipped
-        sums = checkpointer.partial_sums(torch.zeros(6, dtype=torch.float64, device=device))
-        meter, skipped.count = utils.Meter(steps_per_epoch - first), 0
-        for step in range(first, steps_per_epoch):
-            checkpointer.boundary(lambda: state(epoch, step), sums, f"epoch {epoch} step {step}/{steps_per_epoch}")
-            utils.seed_step(args.seed, rank, epoch, step)  # the same masks and augmentations when resumed
-            it = epoch * steps_per_epoch + step
-            loaded = [next(batches) for _ in range(args.accum_iter)]
-            for batch in loaded:
-                skipped.add(batch, epoch)
-            micro_batches = [batch.images.to(device, non_blocking=True) for batch in loaded]
-            lr = utils.cosine_schedule(it, total_steps, warmup_steps, base_lr)
-            momentum = models.momentum_at(it / steps_per_epoch, args.epochs, args.ema)
-            loss, spread, grad_norm = train_step(model, updates, scaler, micro_batches, lr, momentum, amp,
-                                                 args.color_aug, clip_grad=args.clip_grad, mean=args.mean,
-                                                 std=args.std)
-            counts = torch.tensor([sum(len(b.names) for b in loaded), sum(len(b.skipped) for b in loaded)],
-                                  dtype=torch.float64)
-            sums += torch.cat([torch.stack([loss.detach(), spread]).double(),
-                               utils.finite_and_count(grad_norm.double()), counts.to(device, non_blocking=True)])
-            if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
-                value, std, norm = torch.stack([loss.float(), spread.float(), grad_norm.float()]).tolist()
-                if not math.isfinite(value):
-                    resumed = checkpoint is not None and (epoch, step) == (start_epoch, start_step)
-                    utils.fail(f"non-finite loss {value} at epoch {epoch} step {step}; " + (
-                        f"the weights of {checkpointer.path} diverge at their first step: go back to an earlier "
-                        f"checkpoint-<epoch>.pth (copy it to checkpoint-last.pth) or start afresh" if resumed
-                        else "the last good checkpoint is kept"))
-                log(f"epoch {epoch} step {step + 1}/{steps_per_epoch} loss {value:.4f} lr {lr:.3e} "
-                    f"m {momentum:.5f} grad_norm {norm:.3f} "
-                    f"{meter.line(step + 1 - first, (step + 1 - first) * args.batch_size)}")
-                reporter.scalars(it + 1, {
-                    "train/loss": value, "train/lr": lr, "train/momentum": momentum, "train/grad_norm": norm,
-                    "train/loss_scale": scaler.get_scale() if amp == "fp16" else None, "train/target_std": std,
-                    "train/images_per_s": meter.rate((step + 1 - first) * args.batch_size)})
-
-        totals = utils.all_reduce_sum(sums).tolist()
-        epoch_loss, epoch_std = (total / (steps_per_epoch * world_size) for total in totals[:2])
-        grad_norm = totals[2] / totals[3] if totals[3] else None  # the mean of the steps not skipped (fp16)
-        images_read, images_skipped = int(totals[4]), int(totals[5])
-        if not math.isfinite(epoch_loss):
-            utils.fail(f"non-finite loss at epoch {epoch}; the last good checkpoint is kept")
-        elapsed = time.time() - meter.start
-        record = {"epoch": epoch, "train_loss": epoch_loss, "target_std": epoch_std, "lr": lr, "momentum": momentum,
-                  "grad_norm": grad_norm, "samples": images_read, "skipped_images": images_skipped,
-                  "time_s": round(elapsed, 2),
-                  "images_per_s": round((steps_per_epoch - first) * args.batch_size / elapsed, 1)}
-        if epoch_std < COLLAPSE_STD:
-            log(f"warning: target_std {epoch_std:.3f} < {COLLAPSE_STD} in epoch {epoch}: the target representation "
-                f"is collapsing; try --predictor-lr-scale 10 or --loss infonce (README: Is it learning?)")
-        if args.monitor is not None and ((epoch + 1) % args.monitor_every == 0 or epoch + 1 == args.epochs):
-            start = time.time()
-            record.update(knn_acc1=monitor_knn(), knn_time_s=round(time.time() - start, 2))
-            if knn_init is not None:
-                record["knn_acc1_init"] = knn_init
-        log(f"epoch {epoch}: loss {epoch_loss:.4f} target_std {epoch_std:.3f} | {images_read} images read, "
-            f"{images_skipped} unreadable skipped"
-            + (f" {MONITOR_K}-NN acc1 {record['knn_acc1']:.2f}" if "knn_acc1" in record else "")
-            + (f" (at initialisation {knn_init:.2f})" if "knn_acc1_init" in record else ""))
-        checkpointer.save(state(epoch + 1, 0), record)
-        reporter.scalars((epoch + 1) * steps_per_epoch, {"epoch/loss": epoch_loss, "epoch/target_std": epoch_std,
-                                                         "epoch/grad_norm": grad_norm,
-                                                         "monitor/knn_acc1": record.get("knn_acc1")})
-        if rank == 0 and args.save_every and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-            utils.keep_copy(checkpointer.path, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
-    reporter.close()
 
 
 if __name__ == "__main__":

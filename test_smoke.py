@@ -362,7 +362,7 @@ def test_device_colouring_matches_torchvision_ops():
 
 def test_device_colouring_probabilities_and_independent_views():
     images = colour_batch(4000)
-    torch.testing.assert_close(pretrain.colour(images, jitter_p=0, grayscale_p=0), utils.normalize(images))
+    torch.testing.assert_close(pretrain.colour(images, jitter_p=0, grayscale_p=0), data.normalize(images))
     torch.manual_seed(0)
     x1, x2 = (unnormalize(x) for x in pretrain.two_views(images, True))
     original = images.float() / 255
@@ -375,7 +375,7 @@ def test_device_colouring_probabilities_and_independent_views():
     assert abs((grey1 & grey2).float().mean() - 0.04) < 0.015  # independent draws per view, not 0.2
     assert not torch.allclose(x1, x2)
     x1, x2 = pretrain.two_views(images, False)
-    assert torch.equal(x1, x2) and torch.equal(x1, utils.normalize(images))
+    assert torch.equal(x1, x2) and torch.equal(x1, data.normalize(images))
 
 
 def test_pretrain_views_share_one_crop(tmp_path, monkeypatch):
@@ -941,18 +941,25 @@ def test_min_lr_floor(tmp_path):
     """finetune's cosine ends at --min-lr (1e-6); linprobe's at 0, as the official code."""
     assert finetune.get_args([]).min_lr == 1e-6 and not hasattr(linprobe.get_args([]), "min_lr")
     assert utils.cosine_schedule(100, 100, 5, 2e-3, final=1e-6) == pytest.approx(1e-6)
-    model = torch.nn.Linear(2, 1)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     cpu = torch.device("cpu")
-    loader = data.make_loader(torch.utils.data.TensorDataset(torch.randn(4, 2), torch.randn(4, 1)), 1, True, 0, 0, cpu)
-    loss_fn = lambda x, y: F.mse_loss(model(x), y)
+    loader = data.make_loader(torch.utils.data.TensorDataset(torch.randn(4, 3, 2, 2), torch.arange(4) % 3), 1, True,
+                              0, 0, cpu)
+    probe = argparse.Namespace(features=lambda x: x, head=model)
     for min_lr in (0.25, None):
         args = argparse.Namespace(accum_iter=1, epochs=2, warmup_epochs=0, lr=1.0, amp="none", print_freq=100,
-                                  batch_size=1, seed=0, output_dir=str(tmp_path), save_interval=0,
-                                  mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD,
-                                  **({} if min_lr is None else {"min_lr": min_lr}))
-        _, lr, _ = utils.train_one_epoch(loss_fn, model, loader, optimizer, utils.grad_scaler(cpu, "none"), 1, args,
-                                         cpu, utils.Checkpointer(args), lambda step: {}, log=lambda *a: None)
+                                  batch_size=1, seed=0, output_dir=str(tmp_path), save_interval=0, report_to="none",
+                                  mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD, reprob=0.0, smoothing=0.0,
+                                  clip_grad=None, **({} if min_lr is None else {"min_lr": min_lr}))
+        run = utils.Run(args, 4, log=lambda *a: None)
+        scaler = utils.grad_scaler(cpu, "none")
+        run.resume(model, optimizer, scaler)
+        if min_lr is None:
+            linprobe.train_one_epoch(probe, model, loader, optimizer, scaler, 1, run, args, cpu)
+        else:
+            finetune.train_one_epoch(model, loader, optimizer, scaler, None, 3, 1, run, args, cpu)
+        lr = run.end_epoch()["lr"]
         floor = min_lr or 0.0
         assert lr == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
         assert optimizer.param_groups[0]["lr"] == lr
@@ -1797,8 +1804,8 @@ def test_full_disk_during_checkpoint_write(tmp_path, monkeypatch):
 def test_second_ctrl_c_and_bad_save_interval(tmp_path):
     """The first Ctrl-C only asks for a stop at the next step boundary; a second one stops at once, in one line."""
     with pytest.raises(SystemExit, match=r"^error: --save-interval must be 0 \(only at epoch ends\) or positive"):
-        utils.Checkpointer(argparse.Namespace(output_dir=str(tmp_path), save_interval=-1))
-    checkpointer = utils.Checkpointer(argparse.Namespace(output_dir=str(tmp_path), save_interval=30))
+        utils.Run(argparse.Namespace(output_dir=str(tmp_path), save_interval=-1), 1)
+    checkpointer = utils.Run(argparse.Namespace(output_dir=str(tmp_path), save_interval=30), 1)
     signal.raise_signal(signal.SIGINT)
     assert checkpointer.signal == "SIGINT"
     utils.save_checkpoint({"epoch": 0}, checkpointer.path)
@@ -1846,15 +1853,15 @@ def test_stop_signal_mid_epoch_then_exact_resume(tmp_path, monkeypatch, capsys, 
     and exits 143; the same command resumes mid-epoch and ends with the weights and log of a straight run."""
     run = stage_runs(tmp_path, det_small_heads)[stage]
     run(tmp_path / "straight")
-    step, calls = utils.accumulate_step, []
+    step, calls = utils.set_lr, []
 
-    def signalled_step(*a, **k):
+    def signalled_step(*a, **k):  # set_lr begins every optimizer step of every stage
         calls.append(1)
         if len(calls) == 1:
             os.kill(os.getpid(), signum)
         return step(*a, **k)
 
-    monkeypatch.setattr(utils, "accumulate_step", signalled_step)
+    monkeypatch.setattr(utils, "set_lr", signalled_step)
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
         run(tmp_path / "resumed")
@@ -1866,7 +1873,7 @@ def test_stop_signal_mid_epoch_then_exact_resume(tmp_path, monkeypatch, capsys, 
         f"same command to resume)")
     checkpoint = torch.load(tmp_path / "resumed" / "checkpoint-last.pth", weights_only=False)
     assert (checkpoint["iter"] == 1) if stage == "seg" else (checkpoint["epoch"], checkpoint["step"]) == (-1, 1)
-    monkeypatch.setattr(utils, "accumulate_step", step)
+    monkeypatch.setattr(utils, "set_lr", step)
     run(tmp_path / "resumed")
     clock = lambda records: [{k: v for k, v in r.items() if k != "time"} for r in records]
     assert clock(read_log(tmp_path / "resumed")) == clock(read_log(tmp_path / "straight"))
@@ -1907,9 +1914,9 @@ def test_resumed_epoch_keeps_the_data_order_with_workers():
     """make_loader's sampler started part-way gives the rest of the same epoch's order, with workers too."""
     dataset = torch.utils.data.TensorDataset(torch.arange(40))
     loader = data.make_loader(dataset, 4, True, num_workers=2, seed=3, device=torch.device("cpu"))
-    full = [batch[0].tolist() for batch in utils.epoch_batches(loader, 5)]
-    assert [batch[0].tolist() for batch in utils.epoch_batches(loader, 5, skip_batches=3)] == full[3:]
-    assert len(full) == 10 and full != [batch[0].tolist() for batch in utils.epoch_batches(loader, 6)]
+    full = [batch[0].tolist() for batch in data.epoch_batches(loader, 5)]
+    assert [batch[0].tolist() for batch in data.epoch_batches(loader, 5, skip_batches=3)] == full[3:]
+    assert len(full) == 10 and full != [batch[0].tolist() for batch in data.epoch_batches(loader, 6)]
 
 
 def run_with_deadline(*args, timeout=120, env=None):
@@ -2038,9 +2045,9 @@ def test_sigusr1_to_torchrun_then_resume_on_one_process(tmp_path, capsys, monkey
     pretrain.main(flags)
     assert len(steps) == 6 - done
     record = read_log(out)[-1]
-    per_process = checkpoint["sums_per_process"].tolist()
-    assert record["train_loss"] == pytest.approx((per_process[0] + sum(s[0] for s in steps)) / 6, rel=1e-5)
-    assert record["target_std"] == pytest.approx((per_process[1] + sum(s[1] for s in steps)) / 6, rel=1e-5)
+    per_process = checkpoint["sums_per_process"]
+    assert record["train_loss"] == pytest.approx((per_process["loss"] + sum(s[0] for s in steps)) / 6, rel=1e-5)
+    assert record["target_std"] == pytest.approx((per_process["target_std"] + sum(s[1] for s in steps)) / 6, rel=1e-5)
 
 
 def test_one_run_per_output_folder(tmp_path):
@@ -2125,7 +2132,7 @@ def test_unusable_values_and_misleading_messages(tmp_path):
     with pytest.raises(utils.DataError, match=rf"^cannot read image {folder / 'deep.png'}: I;16 pixels"):
         data.load_rgb(str(folder / "deep.png"))  # the evaluation stages' RGB reader: no silent clipping either
 
-    utils.Checkpointer(argparse.Namespace(output_dir=str(tmp_path), save_interval=30))
+    utils.Run(argparse.Namespace(output_dir=str(tmp_path), save_interval=30), 1)
     signal.raise_signal(signal.SIGINT)
     with pytest.raises(SystemExit, match=r"^error: interrupted by a second Ctrl-C; no checkpoint was written$"):
         utils.run_main(lambda: signal.raise_signal(signal.SIGINT))
@@ -2355,13 +2362,13 @@ def test_knn_counts_by_hand():
     # query 0: similarities 1, 0.8, 0, -1. k=1: class 0. k=3 at T=1: class 0 has e^1 = 2.72, class 1 has
     # e^0.8 + e^0 = 3.23, so class 1 wins (top-1 miss, top-5 hit); at T=0.07 class 0 has e^14.3 and wins.
     # query 1: similarities 0, 0.6, 1, 0: class 1 for every k (k=3 ties a with d: class 1 still leads)
-    hits = utils.knn_counts(train, train_labels, queries, labels, num_classes=3, ks=(1, 3), temperature=1.0)
+    hits = linprobe.knn_counts(train, train_labels, queries, labels, num_classes=3, ks=(1, 3), temperature=1.0)
     assert hits.tolist() == [[2, 2], [1, 2]]
-    hits = utils.knn_counts(train, train_labels, queries, labels, num_classes=3, ks=(1, 3), temperature=0.07,
+    hits = linprobe.knn_counts(train, train_labels, queries, labels, num_classes=3, ks=(1, 3), temperature=0.07,
                             chunk=1)
     assert hits.tolist() == [[2, 2], [2, 2]]
     with pytest.raises(ValueError, match="k = 5 nearest neighbours .* only 4 images"):
-        utils.knn_counts(train, train_labels, queries, labels, num_classes=3, ks=(1, 5))
+        linprobe.knn_counts(train, train_labels, queries, labels, num_classes=3, ks=(1, 5))
 
 
 def test_linprobe_knn(tmp_path, pretrained):
@@ -2755,16 +2762,19 @@ def test_wandb_offline_run_resumes_its_id_and_knn_reports(tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize("amp", ["none", "fp16"])
-def test_clip_grad_bounds_the_update_and_returns_the_norm_before(amp):
-    """accumulate_step over two micro-batches: the returned norm is the total norm of the (unscaled, under fp16)
+def test_clip_grad_bounds_the_update_and_returns_the_norm_before(tmp_path, amp):
+    """A fine-tuning step over two micro-batches: the returned norm is the total norm of the (unscaled, under fp16)
     gradients, computed here by hand; with SGD at lr 1 the update is the gradient clipped to the norm 0.5."""
     cpu = torch.device("cpu")
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
-    x, y = torch.randn(6, 8), torch.randn(6, 4)
-    loss_fn = lambda a, b: 10 * F.mse_loss(model(a).float(), b)
-    with utils.autocast(cpu, amp):
-        (loss_fn(x[:3], y[:3]) / 2 + loss_fn(x[3:], y[3:]) / 2).backward()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    x, y = 10 * torch.randn(6, 2, 2, 2), torch.arange(6) % 4
+    loss_fn = lambda a, b: F.cross_entropy(model(a).float(), F.one_hot(b, 4).float())
+    loader = data.make_loader(torch.utils.data.TensorDataset(x, y), 3, True, 0, 0, cpu)
+    for a, b in data.epoch_batches(loader, 0):  # the step's two micro-batches, in its order
+        with utils.autocast(cpu, amp):
+            loss = loss_fn(a, b)
+        (loss / 2).backward()
     grads = [p.grad.clone() for p in model.parameters()]
     norm = torch.cat([g.flatten() for g in grads]).norm().item()
     model.zero_grad()
@@ -2772,8 +2782,13 @@ def test_clip_grad_bounds_the_update_and_returns_the_norm_before(amp):
     before = [p.detach().clone() for p in model.parameters()]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=amp == "fp16")
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    _, returned = utils.accumulate_step(model, optimizer, scaler, [(x[:3], y[:3]), (x[3:], y[3:])], loss_fn, cpu, amp,
-                                        clip_grad=0.5)
+    args = argparse.Namespace(accum_iter=2, epochs=1, warmup_epochs=0, lr=1.0, min_lr=1.0, amp=amp, print_freq=100,
+                              batch_size=6, seed=0, output_dir=str(tmp_path), save_interval=0, report_to="none",
+                              mean=(0.0, 0.0), std=(1.0, 1.0), reprob=0.0, smoothing=0.0, clip_grad=0.5)
+    run = utils.Run(args, 1, log=lambda *a: None)
+    run.resume(model, optimizer, scaler)
+    finetune.train_one_epoch(model, loader, optimizer, scaler, None, 4, 0, run, args, cpu)
+    returned = torch.tensor(run.end_epoch()["grad_norm"])
     assert returned.item() == pytest.approx(norm, rel=1e-3)
     updates = [b - p.detach() for b, p in zip(before, model.parameters())]
     assert torch.cat([u.flatten() for u in updates]).norm().item() == pytest.approx(0.5, rel=1e-4)
@@ -2856,14 +2871,14 @@ def shards(root):
 
 def record_batches(monkeypatch):
     """The names of the images of every batch the pretraining loop takes, by epoch ({epoch: [[names], ...]})."""
-    seen, start = {}, utils.epoch_batches
+    seen, start = {}, data.epoch_batches
 
     def recording(loader, epoch, skip_batches=0):
         for batch in start(loader, epoch, skip_batches):
             seen.setdefault(epoch, []).append(batch.names)
             yield batch
 
-    monkeypatch.setattr(utils, "epoch_batches", recording)
+    monkeypatch.setattr(data, "epoch_batches", recording)
     return seen
 
 
@@ -3020,7 +3035,7 @@ def test_extract_folder_and_shards(sources, tmp_path, official_file):
     image = data.eval_transform(32, v2.InterpolationMode.BILINEAR)(data.decode_image(
         str(sources / "folder" / names[5])))
     with torch.no_grad():
-        patch_tokens, expected = encoder.forward_features(utils.normalize(image[None]))
+        patch_tokens, expected = encoder.forward_features(data.normalize(image[None]))
     assert torch.allclose(torch.from_numpy(instance[5]), expected[0], atol=1e-5)
     assert torch.allclose(torch.from_numpy(tokens[5]), encoder.norm(patch_tokens).mean(1)[0], atol=1e-5)
     shard_instance, shard_tokens, keys = read_extract(tmp_path / "shards")
@@ -3038,13 +3053,13 @@ def test_torchrun_shards_equal_steps_and_extract(sources, tmp_path, official_fil
     driver.write_text(
         "import json, os, sys, torch\n"
         f"sys.path.insert(0, {ROOT!r})\n"
-        "import pretrain, utils\n"
-        "seen, start = {}, utils.epoch_batches\n"
+        "import data, pretrain\n"
+        "seen, start = {}, data.epoch_batches\n"
         "def recording(loader, epoch, skip_batches=0):\n"
         "    for batch in start(loader, epoch, skip_batches):\n"
         "        seen.setdefault(epoch, []).append(batch.names)\n"
         "        yield batch\n"
-        "utils.epoch_batches = recording\n"
+        "data.epoch_batches = recording\n"
         "pretrain.main(json.loads(sys.argv[1]))\n"
         "json.dump(seen, open(sys.argv[2] + os.environ['RANK'], 'w'))\n")
     out = tmp_path / "pre"
@@ -3118,8 +3133,8 @@ def test_one_channel_pretraining_carries_channels_and_statistics(tmp_path, monke
     checkpoint = torch.load(path, weights_only=False)
     assert (checkpoint["in_chans"], checkpoint["mean"], checkpoint["std"]) == (1, [0.4], [0.2])
     assert checkpoint["model"]["encoder.patch_embed.weight"].shape == (64, 8 * 8)
-    seen, to_device = [], utils.to_device
-    monkeypatch.setattr(utils, "to_device", lambda batch, device, mean, std: seen.append(
+    seen, to_device = [], data.to_device
+    monkeypatch.setattr(data, "to_device", lambda batch, device, mean, std: seen.append(
         (batch[0].shape[1], mean, std)) or to_device(batch, device, mean, std))
     for name, main, extra in (("probe", linprobe.main, []), ("knn", linprobe.main, ["--knn", "--knn-k", "2"]),
                               ("finetune", finetune.main, [])):
@@ -3303,7 +3318,7 @@ def test_colouring_of_grey_and_multi_channel_images(channels):
     zeros, ones = (0.0,) * channels, (1.0,) * channels
     for batch in (images, images.to(torch.uint16) * 257):
         torch.testing.assert_close(pretrain.colour(batch, zeros, ones, jitter_p=0, grayscale_p=0),
-                                   utils.normalize(batch, zeros, ones))
+                                   data.normalize(batch, zeros, ones))
     torch.manual_seed(0)
     x = images.double().flatten(1) / 255  # (B, C*H*W)
     fits = []

@@ -590,65 +590,51 @@ def main(argv=None):
     optimizer = utils.adamw(groups, args.lr, (0.9, 0.999), device)
     scaler = utils.grad_scaler(device, amp)
 
-    checkpointer = utils.Checkpointer(args, log=log)
-    checkpoint = checkpointer.resume(detector, optimizer, scaler, args, ARCH_FLAGS)
-    start_epoch, start_step = utils.resume_position(checkpoint)
+    steps_per_epoch = 0 if args.eval_only else utils.steps_per_epoch(train_loader, args)
+    run = utils.Run(args, steps_per_epoch, log, stage="transfer_det.py")
+    checkpoint = run.resume(detector, optimizer, scaler, ARCH_FLAGS)
     if checkpoint is None and args.eval_only:
-        utils.fail(f"--eval-only needs a trained detector at {checkpointer.path}")
+        utils.fail(f"--eval-only needs a trained detector at {run.path}")
     if args.eval_only:
         stats = evaluate(detector, val_loader, val_set.coco, val_set.cat_ids, device, amp)
-        utils.log_json(args.output_dir, {"epoch": start_epoch - 1, "eval_only": True, **stats})
+        utils.log_json(args.output_dir, {"epoch": run.start_epoch - 1, "eval_only": True, **stats})
         return stats
 
     model = detector
     if world > 1:
         model = nn.parallel.DistributedDataParallel(detector, device_ids=[device.index] if device.type == "cuda" else None)
-    steps_per_epoch = len(train_loader) // args.accum_iter
     log(f"{args.epochs} epochs of {steps_per_epoch} steps, lr {args.lr}, amp {amp}, {world} process(es)")
 
-    parts = {}  # the last micro-batch's loss terms, for progress lines
-
-    def loss_fn(images, targets):
-        parts.update(model(images, targets))  # loss_classifier, loss_box_reg, loss_mask, loss_objectness, ...
-        return sum(parts.values())
-
-    def state(epoch, step):
-        return utils.epoch_state(detector, optimizer, scaler, args, epoch, step)
-
-    stats, reporter = {}, utils.Reporter(args, start_epoch * steps_per_epoch + start_step)
-    for epoch in range(start_epoch, args.epochs):
-        first = start_step if epoch == start_epoch else 0  # steps done before a mid-epoch resume
+    stats = {}
+    for epoch in range(run.start_epoch, args.epochs):
+        first = run.start_step if epoch == run.start_epoch else 0  # steps done before a mid-epoch resume
         model.train()
-        meter = utils.Meter(steps_per_epoch - first)
-        loss_sum = checkpointer.partial_sums(torch.zeros(2, device=device))  # loss sum, steps
-        batches = utils.epoch_batches(train_loader, epoch, first * args.accum_iter)
-        for step in range(first, steps_per_epoch):
-            checkpointer.boundary(lambda: state(epoch, step), loss_sum, f"epoch {epoch} step {step}/{steps_per_epoch}")
-            utils.seed_step(args.seed, rank, epoch, step)  # the same scales, flips and samples when resumed
+        batches = data.epoch_batches(train_loader, epoch, first * args.accum_iter)
+        for step in run.steps(epoch, first):
             lr = lr_at(epoch * steps_per_epoch + step, epoch, args)
             utils.set_lr(optimizer, lr)
-            micro_batches = [to_device(*next(batches), device) for _ in range(args.accum_iter)]
-            loss, grad_norm = utils.accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, amp)
-            loss_sum += torch.stack([loss.float(), torch.ones((), device=device)])
-            if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
-                terms = "  ".join(f"{k} {v.item():.4f}" for k, v in parts.items())
-                if not math.isfinite(loss.item()):
-                    utils.fail(f"loss is {loss.item()} at epoch {epoch} step {step} ({terms}); stopping")
-                log(f"epoch {epoch} [{step + 1}/{steps_per_epoch}] loss {loss.item():.4f}  {terms}  lr {lr:.3g}  "
-                    f"{meter.line(step + 1 - first, (step + 1 - first) * args.batch_size)}")
-                reporter.scalars(epoch * steps_per_epoch + step + 1,
-                                 {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm})
-        utils.all_reduce_sum(loss_sum)
-        stats = {"epoch": epoch, "train_loss": (loss_sum[0] / loss_sum[1]).item(), "lr": lr}
-        if not math.isfinite(stats["train_loss"]):
-            utils.fail(f"training loss is {stats['train_loss']} in epoch {epoch}; stopping")
+            losses = []
+            for i in range(args.accum_iter):
+                images, targets = to_device(*next(batches), device)
+                with utils.no_sync(model, i < args.accum_iter - 1):
+                    with utils.autocast(device, amp):
+                        terms = model(images, targets)  # loss_classifier, loss_box_reg, loss_mask, loss_objectness, ...
+                        loss = sum(terms.values())
+                    scaler.scale(loss / args.accum_iter).backward()
+                losses.append(loss.detach())
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)  # logged, not clipped
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            run.log_step(loss=torch.stack(losses).mean(), lr=lr, grad_norm=grad_norm,
+                         **{name: term.detach() for name, term in terms.items()})  # the last micro-batch's terms
+        stats = {"epoch": epoch, **run.end_epoch()}
         stats.update(evaluate(detector, val_loader, val_set.coco, val_set.cat_ids, device, amp))
-        checkpointer.save(state(epoch + 1, 0), stats)
-        reporter.scalars((epoch + 1) * steps_per_epoch, {"epoch/loss": stats["train_loss"], **{
-            f"eval/{k}": v for k, v in stats.items() if k.startswith(("bbox_", "segm_"))}})
+        run.save(epoch + 1, 0, stats, {f"eval/{k}": v for k, v in stats.items() if k.startswith(("bbox_", "segm_"))})
         log(f"epoch {epoch}: train loss {stats['train_loss']:.4f}  box AP {stats.get('bbox_AP', 0):.3f}  "
             f"mask AP {stats.get('segm_AP', 0):.3f}")
-    reporter.close()
+    run.close()
     if world > 1:
         dist.barrier()
     return stats

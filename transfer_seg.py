@@ -165,7 +165,7 @@ class TrainTransform:
         if torch.rand(()) < 0.5:
             img, mask = img.flip(-1), mask.flip(-1)
         img = photometric_distortion(img.float()).div_(255)  # (3, h, w) in [0, 1], h and w <= c
-        img = utils.normalize(img, self.mean, self.std)
+        img = data.normalize(img, self.mean, self.std)
         pad = (0, self.crop - mask.shape[1], 0, self.crop - mask.shape[0])  # right and bottom
         return F.pad(img, pad, value=0.0), F.pad(mask, pad, value=IGNORE_INDEX)  # (3, c, c), (c, c)
 
@@ -181,7 +181,7 @@ class EvalTransform:
         img = TF.pil_to_tensor(img)
         size = keep_ratio_size(*img.shape[-2:], 4 * self.crop, self.crop)
         img = TF.resize(img, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
-        return utils.normalize(img, self.mean, self.std), labels
+        return data.normalize(img, self.mean, self.std), labels
 
 
 def load_annotation(path):
@@ -462,7 +462,7 @@ def endless_batches(loader, first_epoch, skip=0):
     (a run resumed part-way through an evaluation block)."""
     epoch, skip = first_epoch + skip // len(loader), skip % len(loader)
     while True:
-        yield from utils.epoch_batches(loader, epoch, skip)
+        yield from data.epoch_batches(loader, epoch, skip)
         epoch, skip = epoch + 1, 0
 
 
@@ -482,9 +482,9 @@ def main(argv=None):
     log = print if utils.is_main() else (lambda *a, **k: None)
     utils.input_stats(args, log, channels=(3,))
     utils.make_output_dir(args.output_dir)
-    checkpointer = utils.Checkpointer(args, key="iter", log=log)
-    if args.eval_only and not os.path.exists(checkpointer.path):
-        utils.fail(f"--eval-only needs {checkpointer.path}")
+    run = utils.Run(args, args.iters, log, key="iter", stage="transfer_seg.py")
+    if args.eval_only and not os.path.exists(run.path):
+        utils.fail(f"--eval-only needs {run.path}")
 
     train_set, val_set = build_datasets(args)
     train_loader = data.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device)
@@ -493,15 +493,15 @@ def main(argv=None):
         utils.fail(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
 
     utils.set_seed(args.seed)
-    model = build_model(args, log, load_pretrained=not os.path.exists(checkpointer.path)).to(device)
+    model = build_model(args, log, load_pretrained=not os.path.exists(run.path)).to(device)
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     depth = models.ARCHS[args.arch]["depth"]
     optimizer = utils.adamw(utils.layer_decay_groups(model, args.weight_decay, args.layer_decay, depth),
                             args.lr, (0.9, 0.999), device)
     scaler = utils.grad_scaler(device, amp)
-    checkpoint = checkpointer.resume(model, optimizer, scaler, args, ARCH_FLAGS)
-    start_iter = 0 if checkpoint is None else checkpoint["iter"]
+    run.resume(model, optimizer, scaler, ARCH_FLAGS)
+    start_iter = run.start_step
     if args.eval_only:
         metrics = evaluate(model, val_loader, args, device, amp)
         write_per_class(args.output_dir, metrics)
@@ -515,53 +515,38 @@ def main(argv=None):
         f"{len(train_set)} train / {len(val_set)} val images; batch {args.batch_size} = {world} x {local_batch} x "
         f"{args.accum_iter}; amp {amp}")
 
-    def loss_fn(imgs, labels):
-        logits, aux_logits = model(imgs)  # (b, classes, c/4, c/4), (b, classes, c/16, c/16)
-        return seg_loss(logits, labels) + AUX_WEIGHT * seg_loss(aux_logits, labels)
-
-    def state(it):
-        return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "iter": it, "args": vars(args)}
-
     it, metrics = start_iter, None
-    meter = utils.Meter(args.iters - start_iter)
-    reporter = utils.Reporter(args, start_iter)
     while it < args.iters:  # blocks of --eval-every iterations, each one's data stream fixed by its start
         block_start = it // args.eval_every * args.eval_every
         block_end = min(block_start + args.eval_every, args.iters)
         batches = endless_batches(train_loader, first_epoch=block_start, skip=(it - block_start) * args.accum_iter)
         model.train()
-        losses = checkpointer.partial_sums(torch.zeros(2, dtype=torch.float64, device=device))  # loss sum, steps
-        for it in range(it, block_end):
-            checkpointer.boundary(lambda: state(it), losses, f"iteration {it}/{args.iters}")
-            utils.seed_step(args.seed, rank, 0, it)  # the same crops and drop-path when resumed
+        for it in run.steps(0, it, block_end):
             lr = poly_lr(it, args.iters, args.warmup_iters, args.lr)
             utils.set_lr(optimizer, lr)
-            micro_batches = [[t.to(device, non_blocking=True) for t in next(batches)]  # (b, 3, c, c), (b, c, c)
-                             for _ in range(args.accum_iter)]
-            loss, grad_norm = utils.accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, amp)
-            losses += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device)])
-            if (it + 1) % args.print_freq == 0 or it + 1 == block_end:
-                step_loss = loss.item()
-                if not math.isfinite(step_loss):
-                    utils.fail(f"loss is {step_loss} at iteration {it}, stopping")
-                done = it + 1 - start_iter
-                log(f"iter {it + 1}/{args.iters}  loss {step_loss:.4f}  lr {lr:.3e}  "
-                    f"{meter.line(done, done * args.batch_size)}")
-                reporter.scalars(it + 1, {"train/loss": step_loss, "train/lr": lr, "train/grad_norm": grad_norm})
+            losses = []
+            for i in range(args.accum_iter):
+                imgs, labels = (t.to(device, non_blocking=True) for t in next(batches))  # (b, 3, c, c), (b, c, c)
+                with utils.no_sync(model, i < args.accum_iter - 1):
+                    with utils.autocast(device, amp):
+                        logits, aux_logits = model(imgs)  # (b, classes, c/4, c/4), (b, classes, c/16, c/16)
+                        loss = seg_loss(logits, labels) + AUX_WEIGHT * seg_loss(aux_logits, labels)
+                    scaler.scale(loss / args.accum_iter).backward()
+                losses.append(loss.detach())
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)  # logged, not clipped
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            run.log_step(loss=torch.stack(losses).mean(), lr=lr, grad_norm=grad_norm)
         it = block_end
+        record = {"iter": it, **run.end_epoch()}
         metrics = evaluate(model_without_ddp, val_loader, args, device, amp)
-        loss_sum, count = utils.all_reduce_sum(losses).tolist()
-        train_loss = loss_sum / count
-        if not math.isfinite(train_loss):
-            utils.fail(f"training loss is {train_loss} before iteration {it}, stopping")
-        record = {"iter": it, "train_loss": train_loss, "lr": lr,
-                  **summary(metrics), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        record.update(**summary(metrics), time=time.strftime("%Y-%m-%d %H:%M:%S"))
         write_per_class(args.output_dir, metrics)
-        checkpointer.save(state(it), record)
-        reporter.scalars(it, {f"eval/{k}": v for k, v in summary(metrics).items()})
+        run.save(0, it, record, {f"eval/{k}": v for k, v in summary(metrics).items()})
         log(json.dumps(record))
-    reporter.close()
+    run.close()
     if start_iter >= args.iters:
         log(f"already trained for {start_iter} iterations; --eval-only evaluates the checkpoint")
     return metrics

@@ -24,7 +24,6 @@ from contextlib import nullcontext, suppress
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -187,11 +186,11 @@ def parse_args(parser, argv=None):
 
 
 def positive(v):
-    return v > 0
+    return 0 < v < math.inf  # NaN and infinity fail too
 
 
 def not_negative(v):
-    return v >= 0
+    return 0 <= v < math.inf
 
 
 # the numeric flags of any script whose values must lie in a range: flag -> (test, the range in words)
@@ -200,6 +199,7 @@ VALUE_RANGES = {
                                                  "predictor_lr_scale", "clip_grad")},
     **{flag: (not_negative, "at least 0") for flag in ("warmup_epochs", "warmup_iters", "min_lr", "weight_decay",
                                                        "color_jitter", "mixup", "cutmix")},
+    "save_interval": (not_negative, "0 (only at epoch ends) or positive minutes"),
     "smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"), "drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "reprob": (lambda v: 0 <= v <= 1, "in [0, 1]"), "ema": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "crop_min": (lambda v: 0 < v <= 1, "in (0, 1]"), "layer_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -297,6 +297,26 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def all_gather_rows(x):
+    """Concatenate the (n_r, ...) tensors of all processes along dim 0, in rank order (n_r may differ)."""
+    if rank_world()[1] == 1:
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    sizes = [int(n) for n in sizes]
+    padded = x.new_zeros((max(sizes),) + x.shape[1:])
+    padded[:x.shape[0]] = x
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([rows[:n] for rows, n in zip(gathered, sizes)])
+
+
+def no_sync(model, skip):
+    """model.no_sync() for a DDP model when `skip` (a micro-batch before the last: its gradients are not
+    all-reduced yet), else nothing."""
+    return model.no_sync() if skip and isinstance(model, DistributedDataParallel) else nullcontext()
+
+
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -338,6 +358,15 @@ def local_batch_size(batch_size, world_size, accum_iter):
         fail(f"--batch-size {batch_size} does not divide over {world_size} process(es) x "
              f"--accum-iter {accum_iter}")
     return batch_size // (world_size * accum_iter)
+
+
+def steps_per_epoch(loader, args):
+    """Optimizer steps per epoch of a training loader (--accum-iter micro-batches each), or a one-line error."""
+    steps = len(loader) // args.accum_iter
+    if steps == 0:
+        fail(f"{len(loader.sampler)} training images per process make no full step of --batch-size "
+             f"{args.batch_size} with --accum-iter {args.accum_iter}")
+    return steps
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -598,8 +627,8 @@ def load_resumed(module, state_dict, path):
     module.load_state_dict(state_dict)
 
 
-# shape the encoder (the grid sizes pos_embed, the channels the patch embedding): fixed on resume
-ARCH_FLAGS = ("arch", "patch_size", "img_size", "in_chans")
+# shape the encoder (the grid sizes pos_embed, the channels the patch embedding) and its inputs: fixed on resume
+ARCH_FLAGS = ("arch", "patch_size", "img_size", "in_chans", "mean", "std")  # the model learned on these inputs
 # how a run executes, not what it computes: free to change on resume
 RUN_FLAGS = ("output_dir", "device", "num_workers", "print_freq", "save_interval", "save_every", "eval_only",
              "compile", "report_to", "wandb_project", "wandb_name", "grad_checkpointing")
@@ -609,6 +638,9 @@ def check_resumed_args(saved, args, fixed, path, log=print):
     """A resumed run may not change the flags in `fixed` (the architecture: a one-line error naming them); any
     other change of a training flag (--epochs, --blr, --batch-size, ...) is taken, with a one-line warning."""
     now = vars(args)
+    for k in fixed:  # a fixed flag left unset (--norm-stats auto's statistics) takes the run's value
+        if now.get(k, 0) is None and k in saved:
+            now[k] = saved[k]
     changed = [k for k in saved if k in now and saved[k] != now[k] and k not in RUN_FLAGS
                and not (k == "lr" and "blr" in now)]  # lr follows from --blr in linprobe and finetune
     flag = lambda k: "--" + k.replace("_", "-")
@@ -621,194 +653,11 @@ def check_resumed_args(saved, args, fixed, path, log=print):
             + ", ".join(f"{flag(k)} {saved[k]} -> {now[k]}" for k in changed))
 
 
-def epoch_state(model, optimizer, scaler, args, epoch, step, **extra):
-    """The checkpoint of an epoch-based run that has done `step` steps of epoch `epoch` (at the end of epoch e:
-    epoch e + 1, step 0). Its 'epoch' is the last finished epoch (-1 before the first): resume_position's reading."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch - 1, "step": step, "args": vars(args), **extra}
-
-
-def resume_position(checkpoint):
-    """(epoch, step) where a run continues from an epoch_state checkpoint (None: a fresh run): the first epoch not
-    finished and the steps already done in it."""
-    return (0, 0) if checkpoint is None else (checkpoint["epoch"] + 1, checkpoint.get("step", 0))
-
-
 def json_object(line):
     """The JSON object a log line holds, or None (blank, cut short, not an object)."""
     with suppress(json.JSONDecodeError):
         value = json.loads(line)
         return value if isinstance(value, dict) else None
-
-
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
-REQUEUE_STATUS = 143  # 128 + SIGTERM: what a job ended by SIGTERM reports, so schedulers and scripts requeue on it
-
-
-class Checkpointer:
-    """checkpoint-last.pth and log.jsonl of a run, consistent whatever the moment of a kill, plus the checkpoints
-    between epoch ends that stop signals and --save-interval ask for. Every process creates one and calls it.
-
-    save(state, record): rank 0 writes the checkpoint with `record` (the log line it completes) inside, then
-    appends the line; resume() puts back a line lost to a kill between the two and drops lines past the
-    checkpoint, so the log of a resumed run never repeats or skips a line.
-    boundary(...) before each optimizer step: writes a checkpoint when --save-interval minutes have passed since
-    the last one, or after SIGTERM, SIGUSR1 (schedulers' notice of preemption or of the time limit) or SIGINT;
-    after a signal it then says so in one line and exits with REQUEUE_STATUS; the same command resumes. A
-    second Ctrl-C stops at once.
-    """
-
-    def __init__(self, args, key="epoch", log=print):
-        self.output_dir, self.key, self.log = args.output_dir, key, log
-        self.path = os.path.join(args.output_dir, "checkpoint-last.pth")
-        if args.save_interval < 0:
-            fail(f"--save-interval must be 0 (only at epoch ends) or positive minutes, got {args.save_interval}")
-        self.interval = args.save_interval * 60
-        self.eval_only = getattr(args, "eval_only", False)
-        self.log_path = os.path.join(args.output_dir, "log.jsonl")
-        if is_main() and (os.path.isdir(self.log_path) or (os.path.exists(self.log_path)
-                                                             and not os.access(self.log_path, os.W_OK))):
-            fail(f"{self.log_path} is {'a folder' if os.path.isdir(self.log_path) else 'not writable'}: move it "
-                 f"away or give another --output-dir")
-        self.record = self.sums = self.signal = self.pending = None
-        self.last_save, self.fresh = time.monotonic(), False
-        if threading.current_thread() is threading.main_thread():
-            for name in STOP_SIGNALS:
-                signal.signal(getattr(signal, name), self.on_signal)
-        many = rank_world()[1] > 1
-        self.group = dist.new_group(backend="gloo") if many else None  # flags travel on the CPU
-
-    def on_signal(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            held = (f"{self.path} holds the last saved state" if os.path.isfile(self.path)
-                    else "no checkpoint was written")
-            raise KeyboardInterrupt(f"interrupted by a second Ctrl-C; {held}")
-        self.signal = signal.Signals(signum).name
-
-    def local_flags(self):
-        due = self.interval > 0 and time.monotonic() - self.last_save >= self.interval
-        return torch.tensor([self.signal is not None, due], dtype=torch.float32)
-
-    def resume(self, model, optimizer, scaler, args, fixed=ARCH_FLAGS):
-        """Continue from checkpoint-last.pth when it exists: refuse changed `fixed` flags, load model, optimizer
-        and loss scaler, and make log.jsonl end with the checkpoint's line. Returns the checkpoint, or None."""
-        checkpoint = resume_checkpoint(self.output_dir)
-        if checkpoint is None:
-            if not self.eval_only:
-                self.set_aside_log()
-            return None
-        if not isinstance(checkpoint, dict):
-            fail(f"{self.path} is not a checkpoint of this stage (not a dict): move it away or give another "
-                 f"--output-dir")
-        missing = [k for k in ("model", "optimizer", "scaler", self.key) if k not in checkpoint]
-        if missing:
-            fail(f"{self.path} is not a checkpoint of this stage (no {', '.join(missing)}): move it away or give "
-                 f"another --output-dir")
-        check_resumed_args(checkpoint.get("args", {}), args, fixed, self.path, self.log)
-        load_resumed(model, checkpoint["model"], self.path)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        self.record = checkpoint.get("log")
-        if "sums_per_process" in checkpoint:  # per process: right for any number of processes now
-            self.sums = checkpoint["sums_per_process"] * rank_world()[1]
-        else:  # written before sums_per_process: the total over that run's processes
-            self.sums = checkpoint.get("sums")
-        if "log" in checkpoint and is_main():  # checkpoints written before this format leave the log alone
-            self.sync_log(checkpoint["log"])
-        if self.key == "iter":
-            where = f"iteration {checkpoint['iter']}"
-        elif checkpoint.get("step") or checkpoint["epoch"] < 0:
-            where = f"epoch {checkpoint['epoch'] + 1} step {checkpoint['step']}"
-        else:
-            where = f"epoch {checkpoint['epoch']} done"
-        self.log(f"resumed from {self.path} ({where})")
-        return checkpoint
-
-    def set_aside_log(self):
-        """A fresh run (no checkpoint-last.pth) over an old log.jsonl: keep it as log.jsonl.<n>, say so, start anew."""
-        if not is_main() or not os.path.isfile(self.log_path):
-            return
-        n = 1
-        while os.path.lexists(f"{self.log_path}.{n}"):
-            n += 1
-        os.replace(self.log_path, f"{self.log_path}.{n}")
-        self.log(f"{self.log_path} without {self.path} is an earlier run's: kept as log.jsonl.{n}; this run starts "
-                 f"a fresh log")
-
-    def sync_log(self, record):
-        """Drop log lines past `record` (the checkpoint's last line, None before the first), and append it
-        when a kill came between the checkpoint and its line. Blank lines and lines that are not JSON (a line cut
-        short by a kill or a full disk) are dropped, with a one-line warning."""
-        path = self.log_path
-        lines = []
-        if os.path.exists(path):
-            with open(path) as f:
-                lines = f.read().splitlines()
-        records = [json_object(line) for line in lines]
-        bad = [str(number) for number, r in enumerate(records, 1) if r is None]
-        if bad:
-            self.log(f"warning: {path}: dropped line(s) {', '.join(bad)}, blank or not a JSON object (cut short by "
-                     f"a kill?)")
-        done = -1 if record is None else record[self.key]
-        kept = [(line, r) for line, r in zip(lines, records) if r is not None and r.get(self.key, -1) <= done]
-        if record is not None and record not in [r for _, r in kept]:
-            kept.append((json.dumps(record), record))
-        kept = [line for line, _ in kept]
-        if kept != lines:
-            with open(f"{path}.tmp", "w") as f:
-                f.write("".join(line + "\n" for line in kept))
-            os.replace(f"{path}.tmp", path)
-
-    def partial_sums(self, zeros):
-        """Running sums (losses, steps) of a part-done epoch or block saved by boundary(), in rank 0 (the
-        others start from zero as their shares are in them), once; else `zeros`. Saved per process and multiplied
-        by the number of processes now, they are right when a run resumes on another number of processes."""
-        sums, self.sums = self.sums, None
-        return zeros if sums is None or not is_main() else sums.to(zeros.device, zeros.dtype)
-
-    def save(self, state, record=None):
-        """Every process: rank 0 writes the checkpoint, then appends `record` (None between epoch ends)."""
-        if record is not None:
-            self.record = record
-        if not is_main():
-            check_finite(state, self.path)  # in every process, so that all stop on the same step
-        else:
-            save_checkpoint({**state, "log": self.record}, self.path)
-            if record is not None:
-                log_json(self.output_dir, record)
-        self.last_save, self.fresh = time.monotonic(), True
-
-    def boundary(self, state_fn, sums, where):
-        """Before an optimizer step, in every process: save state_fn() (the checkpoint of this position) with the
-        running `sums` (summed over processes, divided by their number) when it is due, unless a loss in them is
-        not finite (then stop in one line); after a stop signal, exit with REQUEUE_STATUS.
-
-        The processes act on the same step: their flags are summed on the CPU (gloo), asynchronously, and
-        read at the next boundary, so no step waits for the accelerator or for another process's clock."""
-        if self.group is None:
-            stop, due = self.local_flags().tolist()
-        else:  # the flags posted at the previous boundary
-            stop, due = 0, 0
-            if self.pending is not None:
-                self.pending.wait()
-                stop, due = self.flags.tolist()
-        if (stop or due) and not self.fresh:
-            total = all_reduce_sum(sums.clone()).cpu()
-            if not total.isfinite().all():  # the weights after a non-finite loss are not worth keeping
-                fail(f"non-finite loss before {where}: not writing {self.path}"
-                     + ("; the previous checkpoint is kept" if os.path.isfile(self.path) else ""))
-            self.save({**state_fn(), "sums_per_process": total / rank_world()[1]})
-        if stop:
-            self.log(f"{self.signal or 'a stop signal in another process'}: saved {self.path} at {where}; "
-                     f"exiting with status {REQUEUE_STATUS} (requeue and rerun the same command to resume)")
-            if self.group is not None:
-                dist.barrier(group=self.group)  # no process exits (and makes a launcher kill the rest) before the write
-                dist.destroy_process_group()
-            raise SystemExit(REQUEUE_STATUS)
-        self.fresh = False
-        if self.group is not None:
-            self.flags = self.local_flags()
-            self.pending = dist.all_reduce(self.flags, group=self.group, async_op=True)
 
 
 def log_json(output_dir, record):
@@ -883,283 +732,295 @@ class Reporter:
             self.wandb.finish()
 
 
-class Meter:
-    """Throughput and ETA for progress lines."""
-
-    def __init__(self, total_steps):
-        self.total, self.start = total_steps, time.time()
-
-    def rate(self, images):
-        """Images per second since the start."""
-        return images / max(time.time() - self.start, 1e-9)
-
-    def line(self, step, images):
-        eta = (time.time() - self.start) / max(step, 1) * (self.total - step)
-        return f"{self.rate(images):.1f} img/s  eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+REQUEUE_STATUS = 143  # 128 + SIGTERM: what a job ended by SIGTERM reports, so schedulers and scripts requeue on it
+VALUE_FORMATS = {"lr": ".3e", "momentum": ".5f"}  # progress-line formats; other values ".4f"
 
 
-# ----------------------------------------------------------------------------------------------------
-# Batches on the device
+class Run:
+    """The job around a stage's training loop, one in every process:
 
+        run = utils.Run(args, steps_per_epoch, log)      # key="iter": steps are iterations, epoch 0
+        checkpoint = run.resume(model, optimizer, scaler, fixed_flags)   # None: a fresh run
+        for epoch in range(run.start_epoch, args.epochs):
+            for step in run.steps(epoch, first):        # saves (and exits) between steps when asked
+                ...                                     # forward, backward, optimizer step
+                run.log_step(loss=loss, lr=lr, grad_norm=grad_norm)   # tensors stay on the device
+            record = {"epoch": epoch, **run.end_epoch()}   # means over the epoch's steps and processes
+            run.save(epoch + 1, 0, record)              # checkpoint-last.pth, then its log line and curves
 
-FULL_SCALE = {torch.uint8: 255, torch.uint16: 65535}  # the value that maps to 1; floating point: 1 (as stored)
-
-
-def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Images (..., C, H, W) on any device -> float32 (x / s - mean) / std per channel, s the dtype's full scale:
-    uint8 / 255, uint16 / 65535, floating point as stored. The loaders ship the decoded dtype (uint8 is a
-    quarter of the bytes of float32) and this runs where the batch lands, without a host synchronisation."""
-    if images.dtype not in FULL_SCALE and not images.is_floating_point():
-        raise ValueError(f"images of dtype {images.dtype}: expected uint8, uint16 or floating point")
-    if not len(mean) == len(std) == images.shape[-3]:
-        raise ValueError(f"{len(mean)} mean and {len(std)} std values for images of {images.shape[-3]} channels")
-    scale = FULL_SCALE.get(images.dtype, 1)
-    stats = torch.tensor((mean, std), dtype=torch.float32).mul_(scale).to(images.device, non_blocking=True)
-    mean, std = stats[:, :, None, None].unbind()  # (C, 1, 1) each
-    return (images.float() - mean) / std
-
-
-def to_device(batch, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """A batch (inputs, targets) on device, images (B, C, H, W) of any stored dtype (uint8, uint16, float32)
-    normalised there into float32 (other inputs as they are)."""
-    images, targets = batch
-    images = images.to(device, non_blocking=True)
-    return normalize(images, mean, std) if images.ndim == 4 else images, targets.to(device, non_blocking=True)
-
-
-def epoch_batches(loader, epoch, skip_batches=0):
-    """The batches of one epoch of a make_loader(train=True) loader, from batch `skip_batches` on (over shards,
-    data.ShardBatches makes the batches and skips them)."""
-    if isinstance(loader.dataset, torch.utils.data.IterableDataset):
-        loader.dataset.set_epoch(epoch, skip_batches)
-    else:
-        loader.sampler.set_epoch(epoch, skip_batches * loader.batch_size)
-    return iter(loader)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training steps and classification evaluation (linear probe, fine-tuning)
-
-
-def accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, amp, clip_grad=None):
-    """One optimizer step over micro-batches (lists of arguments on the device): loss_fn(*micro_batch) under
-    autocast, then the gradients' total norm, clipped to clip_grad (None: not clipped), then the step.
-
-    The same update as one large batch for a loss that is a mean over images: each micro-batch's loss is
-    divided by their number, and a DDP model all-reduces gradients only on the last one.
-    Returns the mean loss and the gradient norm before clipping (under fp16 of the unscaled gradients; not finite
-    where the scaler skips the step), as device tensors (no host synchronisation).
+    A checkpoint holds model, optimizer, scaler, args, the position, `run.extra` (the stage's own entries), the
+    running sums of a part-done epoch (per process: right on another number of processes) and the log line it
+    completes, so resume() can put back a line lost to a kill between the two and drop lines past the checkpoint:
+    the log of a resumed run never repeats or skips a line. After SIGTERM, SIGUSR1 (a scheduler's notice of
+    preemption or of the time limit) or SIGINT the run saves before its next step, says so and exits with
+    REQUEUE_STATUS; the same command resumes. --save-interval also saves between steps. A second Ctrl-C stops at
+    once.
     """
-    total = 0.0
-    for i, batch in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext():
-            with autocast(device, amp):
-                loss = loss_fn(*batch)
-            scaler.scale(loss / len(micro_batches)).backward()
-        total = total + loss.detach()
-    scaler.unscale_(optimizer)  # fp16: the gradients' true values (a no-op for a disabled scaler)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, math.inf if clip_grad is None else clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return total / len(micro_batches), grad_norm
 
+    def __init__(self, args, steps_per_epoch, log=print, key="epoch", stage=None):
+        self.args, self.steps_per_epoch, self.log, self.key, self.stage = args, steps_per_epoch, log, key, stage
+        self.output_dir = args.output_dir
+        self.path = os.path.join(args.output_dir, "checkpoint-last.pth")
+        self.log_path = os.path.join(args.output_dir, "log.jsonl")
+        if not args.save_interval >= 0:  # NaN too
+            fail(f"--save-interval must be 0 (only at epoch ends) or positive minutes, got {args.save_interval}")
+        if is_main() and (os.path.isdir(self.log_path) or (os.path.exists(self.log_path)
+                                                             and not os.access(self.log_path, os.W_OK))):
+            fail(f"{self.log_path} is {'a folder' if os.path.isdir(self.log_path) else 'not writable'}: move it "
+                 f"away or give another --output-dir")
+        self.extra, self.record, self.saved_sums, self.signal, self.pending, self.reporter = {"stage": stage}, None, {}, None, None, None
+        self.counted, self.numbers, self.epoch_curves, self.resumed_at = set(), {}, {}, None
+        self.start_epoch = self.start_step = 0
+        self.last_save, self.fresh = time.monotonic(), False
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                signal.signal(getattr(signal, name), self.on_signal)
+        self.group = dist.new_group(backend="gloo") if rank_world()[1] > 1 else None  # flags travel on the CPU
 
-def finite_and_count(x):
-    """(x, 1) for a finite scalar tensor x, else (0, 0): summed over steps, the mean of the finite values."""
-    finite = x.isfinite()
-    return torch.stack([torch.where(finite, x, 0.0), finite.to(x.dtype)])
+    def on_signal(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            held = (f"{self.path} holds the last saved state" if os.path.isfile(self.path)
+                    else "no checkpoint was written")
+            raise KeyboardInterrupt(f"interrupted by a second Ctrl-C; {held}")
+        self.signal = signal.Signals(signum).name
 
+    # ---- resuming and saving
 
-def train_one_epoch(loss_fn, model, loader, optimizer, scaler, epoch, args, device, checkpointer, state_fn,
-                    start_step=0, log=print, reporter=None):
-    """One epoch of optimizer steps of args.accum_iter micro-batches each, from step start_step on (resumed
-    mid-epoch); returns (mean loss, last lr, mean gradient norm before clipping of the steps taken).
+    def resume(self, model, optimizer, scaler, fixed=ARCH_FLAGS):
+        """Continue from checkpoint-last.pth when it exists: refuse changed `fixed` flags, load model, optimizer and
+        loss scaler, and make log.jsonl end with the checkpoint's line. Returns the checkpoint, or None."""
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.device = next(model.parameters()).device
+        checkpoint = resume_checkpoint(self.output_dir)
+        if checkpoint is None and not getattr(self.args, "eval_only", False):
+            self.set_aside()
+        if checkpoint is not None:
+            missing = [k for k in ("model", "optimizer", "scaler", self.key) if k not in checkpoint]
+            written_by = checkpoint.get("stage") if isinstance(checkpoint, dict) else None
+            if written_by is None and isinstance(checkpoint, dict) and set(checkpoint.get("args", {})) - set(vars(self.args)):
+                written_by = "another stage"  # written before checkpoints named their stage: flags not of this one
+            if written_by not in (None, self.stage):
+                fail(f"{self.path} is {written_by}'s checkpoint, not {self.stage}'s: give another --output-dir"
+                     + (" (pass it as --pretrained to start from its encoder)" if written_by == "pretrain.py" else ""))
+            if not isinstance(checkpoint, dict) or missing:
+                fail(f"{self.path} is not a checkpoint of this stage ("
+                     + ("not a dict" if not isinstance(checkpoint, dict) else f"no {', '.join(missing)}")
+                     + "): move it away or give another --output-dir")
+            check_resumed_args(checkpoint.get("args", {}), self.args, fixed, self.path, self.log)
+            load_resumed(model, checkpoint["model"], self.path)
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scaler.load_state_dict(checkpoint["scaler"])
+            self.record = checkpoint.get("log")
+            if isinstance(checkpoint.get("sums_per_process"), dict):  # rank 0 carries those of every process
+                self.saved_sums = {k: v * rank_world()[1] * is_main() for k, v in checkpoint["sums_per_process"].items()}
+            if "log" in checkpoint and is_main():  # checkpoints written before this format leave the log alone
+                self.sync_log(checkpoint["log"])
+            if self.key == "iter":
+                self.start_step = checkpoint["iter"]
+                where = f"iteration {self.start_step}"
+            else:
+                self.start_epoch, self.start_step = checkpoint["epoch"] + 1, checkpoint.get("step", 0)
+                where = (f"epoch {self.start_epoch} step {self.start_step}" if self.start_step or self.start_epoch == 0
+                         else f"epoch {checkpoint['epoch']} done")
+            self.resumed_at = (self.start_epoch, self.start_step)
+            self.log(f"resumed from {self.path} ({where})")
+        self.reporter = Reporter(self.args, self.global_step(self.start_epoch, self.start_step))
+        return checkpoint
 
-    loss_fn(images, targets) -> scalar loss through `model` (DDP-wrapped or not), with the loader's images
-    normalised on the device with args.mean, args.std (to_device). The lr follows the
-    per-iteration warm-up + cosine schedule from args.lr to args.min_lr (0 where a stage has no --min-lr) over
-    args.epochs, scaled by each group's lr_scale. Before each step, checkpointer.boundary may save
-    state_fn(step); at print steps, `reporter` writes the loss, lr and gradient norm. Uses args.accum_iter, epochs,
-    warmup_epochs, lr, min_lr, clip_grad (None where a stage has no --clip-grad), amp, print_freq, batch_size, seed,
-    mean, std.
-    """
-    rank = rank_world()[0]
-    steps = len(loader) // args.accum_iter
-    if steps == 0:
-        fail(f"{len(loader.sampler)} training images per process make no full step of --batch-size "
-             f"{args.batch_size} with --accum-iter {args.accum_iter}")
-    meter = Meter(steps - start_step)
-    # loss sum, steps, sum and count of the finite gradient norms
-    sums = checkpointer.partial_sums(torch.zeros(4, dtype=torch.float64, device=device))
-    batches = epoch_batches(loader, epoch, start_step * args.accum_iter)
-    for step in range(start_step, steps):
-        checkpointer.boundary(lambda: state_fn(step), sums, f"epoch {epoch} step {step}/{steps}")
-        seed_step(args.seed, rank, epoch, step)
-        lr = cosine_schedule(epoch + step / steps, args.epochs, args.warmup_epochs, args.lr,
-                             getattr(args, "min_lr", 0.0))
-        set_lr(optimizer, lr)
-        micro_batches = [to_device(next(batches), device, args.mean, args.std) for _ in range(args.accum_iter)]
-        loss, grad_norm = accumulate_step(model, optimizer, scaler, micro_batches, loss_fn, device, args.amp,
-                                          getattr(args, "clip_grad", None))
-        sums += torch.cat([torch.stack([loss.double(), torch.ones_like(sums[0])]),
-                           finite_and_count(grad_norm.double())])
-        if (step + 1) % args.print_freq == 0:
-            value, norm = torch.stack([loss.float(), grad_norm.float()]).tolist()
-            if not math.isfinite(value):
-                fail(f"loss is {value} at epoch {epoch} step {step + 1}; stopping")
-            log(f"epoch {epoch} [{step + 1}/{steps}] loss {value:.4f} lr {lr:.3e} grad_norm {norm:.3f} "
-                f"{meter.line(step + 1 - start_step, (step + 1 - start_step) * args.batch_size)}")
-            if reporter is not None:
-                reporter.scalars(epoch * steps + step + 1,
-                                 {"train/loss": value, "train/lr": lr, "train/grad_norm": norm})
-    loss_sum, count, norm_sum, norm_count = all_reduce_sum(sums).tolist()
-    if not math.isfinite(loss_sum):
-        fail(f"training loss is {loss_sum / count} in epoch {epoch}; stopping")
-    return loss_sum / count, lr, norm_sum / norm_count if norm_count else None
+    def save(self, epoch, step, record=None, curves=None):
+        """Every process: rank 0 writes the checkpoint of `step` steps done in `epoch` (at the end of epoch e:
+        e + 1, 0) with `record` (the epoch's log line; None between epoch ends), then appends the line and writes
+        the epoch's curves and `curves`. Its 'epoch' is the last finished epoch (-1 before the first)."""
+        position = {"iter": step} if self.key == "iter" else {"epoch": epoch - 1, "step": step}
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "args": vars(self.args), **position, **self.extra}
+        self.record = record or self.record
+        if not is_main():
+            check_finite(state, self.path)  # in every process, so that all stop on the same step
+        else:
+            save_checkpoint({**state, "log": self.record}, self.path)
+            if record is not None:
+                log_json(self.output_dir, record)
+        if record is not None:
+            self.reporter.scalars(self.global_step(epoch, step), {**self.epoch_curves, **(curves or {})})
+        self.last_save, self.fresh = time.monotonic(), True
 
+    def set_aside(self):
+        """A fresh run (no checkpoint-last.pth) over an earlier run's log.jsonl and checkpoint-<epoch>.pth files:
+        keep them as log.jsonl.<n> and checkpoint-<epoch>.pth.<n>, say so, start anew."""
+        old = [f for f in os.listdir(self.output_dir) if re.fullmatch(r"log\.jsonl|checkpoint-\d+\.pth", f)]
+        if not is_main() or not old:
+            return
+        n = 1
+        while any(os.path.lexists(os.path.join(self.output_dir, f"{f}.{n}")) for f in old):
+            n += 1
+        for f in old:
+            os.replace(os.path.join(self.output_dir, f), os.path.join(self.output_dir, f"{f}.{n}"))
+        if "log.jsonl" in old:
+            self.log(f"{self.log_path} without {self.path} is an earlier run's: kept as log.jsonl.{n}; this run "
+                     f"starts a fresh log")
+        if len(old) > ("log.jsonl" in old):
+            self.log(f"the earlier run's checkpoint-<epoch>.pth files are kept as checkpoint-<epoch>.pth.{n}")
 
-def accuracy_counts(logits, targets):
-    """Top-1 and top-5 hits in a batch: logits (B, C), integer targets (B,) -> float64 (2,)."""
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
-    hits = top == targets[:, None]
-    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).double()
+    def sync_log(self, record):
+        """Drop log lines past `record` (the checkpoint's last line, None before the first), and append it
+        when a kill came between the checkpoint and its line. Blank lines and lines that are not JSON (a line cut
+        short by a kill or a full disk) are dropped, with a one-line warning."""
+        lines = []
+        if os.path.exists(self.log_path):
+            with open(self.log_path) as f:
+                lines = f.read().splitlines()
+        records = [json_object(line) for line in lines]
+        bad = [str(number) for number, r in enumerate(records, 1) if r is None]
+        if bad:
+            self.log(f"warning: {self.log_path}: dropped line(s) {', '.join(bad)}, blank or not a JSON object (cut "
+                     f"short by a kill?)")
+        done = -1 if record is None else record[self.key]
+        kept = [(line, r) for line, r in zip(lines, records) if r is not None and r.get(self.key, -1) <= done]
+        if record is not None and record not in [r for _, r in kept]:
+            kept.append((json.dumps(record), record))
+        kept = [line for line, _ in kept]
+        if kept != lines:
+            with open(f"{self.log_path}.tmp", "w") as f:
+                f.write("".join(line + "\n" for line in kept))
+            os.replace(f"{self.log_path}.tmp", self.log_path)
 
+    # ---- the steps of an epoch
 
-@torch.no_grad()
-def evaluate(model_fn, loader, device, amp, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """(top-1 %, top-5 %, mean cross-entropy) of model_fn(images) -> logits over a whole evaluation set of
-    images normalised on the device with mean, std (to_device).
+    def global_step(self, epoch, step):
+        """Optimizer steps done at (epoch, step): the x axis of the curves."""
+        return step if self.key == "iter" else epoch * self.steps_per_epoch + step
 
-    Each process counts its share (make_loader(train=False) gives every image to exactly one process) and
-    the sums are added over processes, so the result is exact however the set divides.
-    """
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, loss sum, images
-    for batch in loader:
-        images, targets = to_device(batch, device, mean, std)
-        with autocast(device, amp):
-            logits = model_fn(images).float()  # (B, C)
-        sums[:2] += accuracy_counts(logits, targets)
-        sums[2] += F.cross_entropy(logits, targets, reduction="sum").double()
-        sums[3] += len(targets)
-    top1, top5, loss, count = all_reduce_sum(sums).tolist()
-    return 100 * top1 / count, 100 * top5 / count, loss / count
+    def where(self, step):
+        return (f"iteration {step}/{self.steps_per_epoch}" if self.key == "iter"
+                else f"epoch {self.epoch} step {step}/{self.last}")
 
+    def steps(self, epoch, first, last=None):
+        """Steps first..last - 1 of an epoch (default last: the epoch's end). Before each: a checkpoint when one
+        is due (boundary), then the random generators seeded from (seed, rank, epoch, step), so that a resumed run
+        draws the same masks, crops and drop-path as an uninterrupted one. The epoch's sums start here (from the
+        checkpoint's after a mid-epoch resume)."""
+        self.epoch, self.first, self.start_time = epoch, first, time.time()
+        self.last = self.steps_per_epoch if last is None else last
+        saved, self.sums, self.saved_sums = self.saved_sums, {}, {}
+        self.add_all(saved)
+        for step in range(first, self.last):
+            self.step = step
+            self.boundary()
+            seed_step(self.args.seed, rank_world()[0], epoch, step)
+            yield step
 
-def fit_classifier(model, trained, loss_fn, train_loader, val_loader, optimizer, scaler, args, device, log=print,
-                   before_eval=None, fixed=ARCH_FLAGS, **record):
-    """The epoch loop of linprobe.py and finetune.py: resume, then --eval-only or, per epoch, train, evaluate,
-    save <output-dir>/checkpoint-last.pth and log (Checkpointer: in this order, also mid-epoch when asked).
+    def boundary(self):
+        """Before an optimizer step, in every process: save with the epoch's running sums when a save is due,
+        unless a loss in them is not finite (then stop in one line); after a stop signal, exit with REQUEUE_STATUS.
+        The processes act on the same step: their flags are summed on the CPU (gloo), asynchronously, and read at
+        the next boundary, so no step waits for the accelerator or for another process's clock."""
+        if self.group is None:
+            stop, due = self.local_flags().tolist()
+        else:  # the flags posted at the previous boundary
+            stop, due = 0, 0
+            if self.pending is not None:
+                self.pending.wait()
+                stop, due = self.flags.tolist()
+        if (stop or due) and not self.fresh:
+            total = self.reduced_sums()
+            if not math.isfinite(total.get("loss", 0)):  # weights after a non-finite loss: not worth keeping
+                fail(f"non-finite loss before {self.where(self.step)}: not writing {self.path}"
+                     + ("; the previous checkpoint is kept" if os.path.isfile(self.path) else ""))
+            self.extra["sums_per_process"] = {k: v / rank_world()[1] for k, v in total.items()}
+            self.save(self.epoch, self.step)
+            del self.extra["sums_per_process"]
+        if stop:
+            self.log(f"{self.signal or 'a stop signal in another process'}: saved {self.path} at "
+                     f"{self.where(self.step)}; exiting with status {REQUEUE_STATUS} (requeue and rerun the same "
+                     f"command to resume)")
+            if self.group is not None:
+                dist.barrier(group=self.group)  # no process exits (and makes a launcher kill the rest) before the write
+                dist.destroy_process_group()
+            raise SystemExit(REQUEUE_STATUS)
+        self.fresh = False
+        if self.group is not None:
+            self.flags = self.local_flags()
+            self.pending = dist.all_reduce(self.flags, group=self.group, async_op=True)
 
-    model: the whole classifier (evaluated and saved); trained: its DDP-wrapped trained part, which loss_fn
-    calls; before_eval: run before each evaluation; fixed: flags a resumed run may not change; record: extra
-    entries for every log line.
-    """
-    checkpointer = Checkpointer(args, log=log)
-    checkpoint = checkpointer.resume(model, optimizer, scaler, args, fixed)
-    start_epoch, start_step = resume_position(checkpoint)
-    best_acc1 = 0.0 if checkpoint is None else checkpoint["best_acc1"]
-    if args.eval_only:
-        if checkpoint is None:
-            fail(f"--eval-only needs a trained model: {checkpointer.path} does not exist")
-        model.eval()
-        acc1, acc5, val_loss = evaluate(model, val_loader, device, args.amp, args.mean, args.std)
-        log(f"evaluation of {checkpointer.path}: acc1 {acc1:.2f} acc5 {acc5:.2f} on {len(val_loader.dataset)} images")
-        log_json(args.output_dir, dict(epoch=checkpoint["epoch"], eval_only=True, acc1=acc1, acc5=acc5,
-                                       val_loss=val_loss))
-        return
+    def local_flags(self):
+        interval = self.args.save_interval * 60
+        due = interval > 0 and time.monotonic() - self.last_save >= interval
+        return torch.tensor([self.signal is not None, due], dtype=torch.float32)
 
-    def state(epoch, step):
-        return epoch_state(model, optimizer, scaler, args, epoch, step, best_acc1=best_acc1)
+    def add_all(self, values):
+        """Add tensors or numbers to the running sums, on the model's device (a number by a fill: no copy)."""
+        for name, value in values.items():
+            value = (value.detach().double() if torch.is_tensor(value)
+                     else torch.full((), float(value), dtype=torch.float64, device=self.device))
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
 
-    steps = len(train_loader) // args.accum_iter
-    reporter = Reporter(args, start_epoch * steps + start_step)
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        train_loss, lr, grad_norm = train_one_epoch(loss_fn, trained, train_loader, optimizer, scaler, epoch, args,
-                                                    device, checkpointer, lambda step: state(epoch, step),
-                                                    start_step if epoch == start_epoch else 0, log, reporter)
-        model.eval()
-        if before_eval is not None:
-            before_eval()
-        acc1, acc5, val_loss = evaluate(model, val_loader, device, args.amp, args.mean, args.std)
-        best_acc1 = max(best_acc1, acc1)
-        log(f"epoch {epoch}: train loss {train_loss:.4f} acc1 {acc1:.2f} acc5 {acc5:.2f} (best {best_acc1:.2f})")
-        checkpointer.save(state(epoch + 1, 0), dict(epoch=epoch, train_loss=train_loss, lr=lr, grad_norm=grad_norm,
-                                                    acc1=acc1, acc5=acc5, val_loss=val_loss, best_acc1=best_acc1,
-                                                    **record))
-        reporter.scalars((epoch + 1) * steps, {"epoch/loss": train_loss, "eval/acc1": acc1, "eval/acc5": acc5,
-                                               "eval/loss": val_loss})
-    reporter.close()
+    def count(self, **counts):
+        """Add to the epoch's totals (images read, skipped, ...): summed over steps and processes."""
+        self.counted.update(counts)
+        self.add_all(counts)
 
+    def log_step(self, **values):
+        """After an optimizer step: add its tensors to the epoch's running means (no host synchronisation; all
+        but the loss are averaged over the steps where they are finite: fp16 skips steps with infinite gradients,
+        target_std is undefined on one image), and every --print-freq steps
+        read them once: stop on a non-finite loss, print the progress line, write the curves train/<name>. Numbers
+        (lr, momentum) are shown as they are."""
+        self.add_all({"steps": 1, "loss": values["loss"]})
+        for name, value in values.items():  # the others: sums and counts of their finite values
+            if torch.is_tensor(value) and name != "loss":
+                finite = value.detach().isfinite()
+                self.add_all({name: torch.where(finite, value.detach(), 0.0), f"{name}/steps": finite})
+        self.numbers = {k: v for k, v in values.items() if not torch.is_tensor(v)}
+        step = self.step + 1
+        if step % self.args.print_freq and step != self.last:
+            return
+        tensors = [k for k, v in values.items() if torch.is_tensor(v)]
+        shown = {**values, **dict(zip(tensors, torch.stack([values[k].detach().float() for k in tensors]).tolist()))}
+        if not math.isfinite(shown["loss"]):
+            fail(f"non-finite loss {shown['loss']} at {self.where(self.step)}; " + (
+                f"the weights of {self.path} diverge at their first step: go back to an earlier checkpoint-<epoch>.pth "
+                f"(copy it to checkpoint-last.pth) or start afresh" if (self.epoch, self.step) == self.resumed_at
+                else self.kept()))
+        done, elapsed = step - self.first, time.time() - self.start_time
+        rate = done * self.args.batch_size / max(elapsed, 1e-9)
+        eta = time.strftime("%H:%M:%S", time.gmtime(elapsed / done * (self.last - step)))
+        self.log(f"{self.where(step)} " + " ".join(f"{k} {v:{VALUE_FORMATS.get(k, '.4f')}}" for k, v in shown.items()
+                                                   if math.isfinite(v))
+                 + f" {rate:.1f} img/s  eta {eta}")
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.reporter.scalars(self.global_step(self.epoch, step), {
+            **{f"train/{k}": v for k, v in shown.items() if math.isfinite(v)}, "train/loss_scale": scale,
+            "train/images_per_s": rate})
 
-# ----------------------------------------------------------------------------------------------------
-# k-nearest-neighbour evaluation of frozen features (linprobe.py --knn, pretrain.py --monitor)
+    def reduced_sums(self):
+        """The running sums summed over processes, as numbers (one synchronisation)."""
+        names = sorted(self.sums)
+        total = all_reduce_sum(torch.stack([self.sums[k] for k in names])).tolist() if names else []
+        return dict(zip(names, total))
 
+    def kept(self):
+        return "the last good checkpoint is kept" if os.path.isfile(self.path) else "no checkpoint was written"
 
-def all_gather_rows(x):
-    """Concatenate the (n_r, ...) tensors of all processes along dim 0, in rank order (n_r may differ)."""
-    if rank_world()[1] == 1:
-        return x
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-    sizes = [int(n) for n in sizes]
-    padded = x.new_zeros((max(sizes),) + x.shape[1:])
-    padded[:x.shape[0]] = x
-    gathered = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded)
-    return torch.cat([rows[:n] for rows, n in zip(gathered, sizes)])
+    def end_epoch(self, timing=False):
+        """The epoch's record: each logged tensor's mean over the steps and processes ('train_loss' for the loss;
+        None for a value never finite), the totals of count(), the last numbers logged (lr, momentum), and with
+        `timing` time_s and images_per_s. Stops in one line on a non-finite loss."""
+        total = self.reduced_sums()
+        if not math.isfinite(total["loss"]):
+            fail(f"non-finite loss at epoch {self.epoch}; {self.kept()}")
+        means = {k: total[k] / total[f"{k}/steps"] if total[f"{k}/steps"] else None for k in total
+                 if f"{k}/steps" in total}
+        self.epoch_curves = {"epoch/loss": total["loss"] / total["steps"], **{f"epoch/{k}": v for k, v in means.items()}}
+        elapsed = time.time() - self.start_time
+        record = {"train_loss": total["loss"] / total["steps"], **means, **self.numbers,
+                  **{k: int(total[k]) for k in self.counted}}
+        if timing:
+            record.update(time_s=round(elapsed, 2),
+                          images_per_s=round((self.last - self.first) * self.args.batch_size / elapsed, 1))
+        return record
 
-
-@torch.no_grad()
-def extract_features(feature_fn, loader, device, amp, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """L2-normalised float32 features (n, D) and labels (n,) of this process's share of an evaluation loader,
-    its images normalised with mean, std."""
-    features, labels = [], []
-    for batch in loader:
-        images, targets = to_device(batch, device, mean, std)
-        with autocast(device, amp):
-            out = feature_fn(images)
-        features.append(F.normalize(out.float(), dim=-1))
-        labels.append(targets)
-    return torch.cat(features), torch.cat(labels)
-
-
-@torch.no_grad()
-def knn_counts(train_features, train_labels, features, labels, num_classes, ks, temperature=0.07, chunk=256):
-    """Weighted k-NN classification (DINO's): the k most cosine-similar training images vote for their class
-    with weight exp(similarity / temperature). All features L2-normalised.
-
-    Returns float64 (len(ks), 2): top-1 and top-5 hits for each k. The similarities are computed for chunks
-    of `chunk` query images at a time, so memory stays at chunk x len(train_features).
-    """
-    if max(ks) > len(train_features):
-        raise ValueError(f"k = {max(ks)} nearest neighbours asked for, but the training set holds only "
-                         f"{len(train_features)} images")
-    hits = torch.zeros(len(ks), 2, dtype=torch.float64, device=features.device)
-    for start in range(0, len(features), chunk):
-        similarity = features[start:start + chunk] @ train_features.T  # (c, N_train)
-        top_similarity, top_index = similarity.topk(max(ks), dim=1)  # (c, k_max), most similar first
-        weights, votes = (top_similarity / temperature).exp(), train_labels[top_index]
-        for i, k in enumerate(ks):
-            scores = weights.new_zeros(len(weights), num_classes).scatter_add_(1, votes[:, :k], weights[:, :k])
-            hits[i] += accuracy_counts(scores, labels[start:start + chunk])
-    return hits
-
-
-def knn_evaluate(feature_fn, train_loader, val_loader, num_classes, device, amp, ks=(10, 20, 100, 200),
-                 temperature=0.07, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """{k: (top-1 %, top-5 %)} of the weighted k-NN classifier on frozen features feature_fn(images) -> (B, D).
-
-    Both loaders come from make_loader(train=False): every process extracts its share, the training
-    features of all processes are gathered, and each validation image is counted once, so the result is the
-    one-process result however the sets divide. The images are normalised with mean, std.
-    """
-    train_features, train_labels = extract_features(feature_fn, train_loader, device, amp, mean, std)
-    train_features, train_labels = all_gather_rows(train_features), all_gather_rows(train_labels)
-    features, labels = extract_features(feature_fn, val_loader, device, amp, mean, std)
-    hits = all_reduce_sum(knn_counts(train_features, train_labels, features, labels, num_classes, ks, temperature))
-    count = all_reduce_sum(torch.tensor(float(len(labels)), dtype=torch.float64, device=device)).item()
-    return {k: (100 * top1 / count, 100 * top5 / count) for k, (top1, top5) in zip(ks, hits.tolist())}
+    def close(self):
+        if self.reporter is not None:
+            self.reporter.close()

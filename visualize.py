@@ -175,7 +175,7 @@ def picture(image, pca, maps, patch_size):
     gray = ((maps - low) / (high - low).clamp_min(1e-12))[:, None].expand(-1, 3, -1, -1)  # (1+H, 3, h, w)
     panels = torch.cat([pca[None], gray])
     panels = F.interpolate(panels, scale_factor=patch_size, mode="nearest")  # (2+H, 3, S, S)
-    shown = utils.normalize(image, (0.0,) * len(image), (1.0,) * len(image)).clamp(0, 1)  # (C, S, S) in [0, 1]
+    shown = data.normalize(image, (0.0,) * len(image), (1.0,) * len(image)).clamp(0, 1)  # (C, S, S) in [0, 1]
     shown = shown if len(shown) == 3 else shown.mean(0, keepdim=True).expand(3, -1, -1)  # other C: their mean, grey
     panels = torch.cat([shown[None], panels])
     grid = make_grid(panels, nrow=len(panels), padding=2, pad_value=1.0)
@@ -205,7 +205,7 @@ def main(argv=None):
     encoder.to(device).eval()
     utils.make_output_dir(args.output_dir)
     for name, image in load_images(args):
-        x = utils.normalize(image[None].to(device), args.mean, args.std)  # (1, C, S, S)
+        x = data.normalize(image[None].to(device), args.mean, args.std)  # (1, C, S, S)
         tokens, attention = models.last_class_attention(encoder, x)  # (1, N, D), (1, H, 1+N)
         pca = token_pca(tokens[0].cpu(), encoder.grid_size)
         maps = patch_attention(attention.cpu(), encoder.grid_size)[0]
