@@ -36,7 +36,7 @@ import utils
 import visualize
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "official_extrema_tiny.pt")
+FIXTURE = os.path.join(ROOT, "fixtures", "official_extrema_tiny.pt")
 # A tiny pretraining run: ViT-Tiny widths on 32x32 images of 16 patches, small heads.
 TINY = ["--data", "synthetic", "--synthetic-size", "32", "--arch", "vit_tiny", "--img-size", "32",
         "--patch-size", "8", "--batch-size", "16", "--warmup-epochs", "1", "--proj-dim", "32",
