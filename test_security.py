@@ -1,6 +1,6 @@
 """Security and the URL cache: a checkpoint never runs code, whichever way it is read (--pretrained FILE or URL,
 resume, visualize.py), and torch.hub's cache keeps one complete checkpoint per URL. Run with
-`pytest test_security.py` (about 15 s)."""
+`pytest test_security.py` (about 5 s after the imports)."""
 import functools
 import http.server
 import os
