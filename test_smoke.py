@@ -2,6 +2,8 @@
 synthetic data. Run with `pytest test_smoke.py` (a few minutes on a 2-core CPU)."""
 import argparse
 import errno
+import functools
+import http.server
 import io
 import json
 import math
@@ -12,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -225,30 +228,6 @@ def test_load_encoder_resizes_and_names_mismatch(official):
     wrong = models.VisionTransformer(img_size=32, patch_size=8, **models.ARCHS["vit_tiny"])
     with pytest.raises(ValueError, match=r"shape: .*patch_embed.weight"):
         models.load_encoder(wrong, official["checkpoint"], "online")
-
-
-def test_pretrained_url_downloads_once_into_torch_hub_cache(official_file, tmp_path, monkeypatch):
-    """--pretrained file://... (as https://...): the file lands in torch.hub's cache under TORCH_HOME, loads the
-    same weights as the file itself, is read from the cache once the source is gone, and a failed download ends
-    in one line with nothing left in the cache."""
-    fixture, path = official_file
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    source = tmp_path / "server" / "extrema_tiny.pth"
-    source.parent.mkdir()
-    source.write_bytes(open(path, "rb").read())
-    cached = tmp_path / "torch" / "hub" / "checkpoints" / "extrema_tiny.pth"
-    expected = fixture_encoder(fixture, "online").state_dict()
-    for attempt in range(2):  # the second time from the cache alone
-        encoder = models.VisionTransformer(img_size=32, patch_size=8, **models.ARCHS["vit_fixture"])
-        logs = []
-        utils.load_pretrained_encoder(encoder, source.as_uri(), "online", log=logs.append)
-        assert cached.is_file() and logs == [f"loaded the online encoder from {source.as_uri()}"]
-        assert all(torch.equal(v, expected[k]) for k, v in encoder.state_dict().items())
-        source.unlink(missing_ok=True)
-    with pytest.raises(SystemExit, match=r"^error: cannot download file://.*missing\.pth: .*No such file") as e:
-        utils.load_checkpoint((tmp_path / "missing.pth").as_uri())
-    assert "\n" not in str(e.value)
-    assert sorted(os.listdir(cached.parent)) == ["extrema_tiny.pth"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -794,9 +773,13 @@ def test_random_init_is_logged(tmp_path, capsys):
 @pytest.mark.parametrize("script", ["linprobe"])  # finetune passes too (add it; +20 s on 2 cores)
 def test_torchrun_two_processes_exact_evaluation(official_file, tmp_path, monkeypatch, script):
     """Under DDP (2 CPU processes, gloo) a validation set of 3 images is counted exactly: the same top-1,
-    top-5 and loss as one process evaluating the saved checkpoint. --pretrained is a file:// URL: the first
+    top-5 and loss as one process evaluating the saved checkpoint. --pretrained is an http:// URL: the first
     process downloads it into torch.hub's cache while the other waits."""
-    url = "file://" + os.path.abspath(official_file[1])
+    folder, name = os.path.split(official_file[1])
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=folder))
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{name}"
     args = eval_args(tmp_path, "--pretrained", url, "--synthetic-size", "12")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -804,7 +787,9 @@ def test_torchrun_two_processes_exact_evaluation(official_file, tmp_path, monkey
                              "--standalone", f"{script}.py", *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert os.listdir(tmp_path / "torch" / "hub" / "checkpoints") == [os.path.basename(official_file[1])]
+    server.shutdown()
+    server.server_close()
+    assert os.listdir(tmp_path / "torch" / "hub" / "checkpoints") == [os.path.basename(utils.cached_file(url))]
     distributed = read_log(tmp_path)[-1]
     EVAL_SCRIPTS[script].main(args + ["--eval-only"])
     single = read_log(tmp_path)[-1]
@@ -2634,9 +2619,10 @@ def test_documentation_python_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     standin = {"model": models.ExtreMA(**models.ARCHS["vit_fixture"]).state_dict()}
-    for folder in (tmp_path / "torch" / "hub" / "checkpoints", tmp_path):
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save(standin, folder / OFFICIAL_NAME)
+    urls = set(re.findall(rf"https://\S+/{OFFICIAL_NAME}", "".join(map(doc_text, DOC_PAGES))))
+    for path in [tmp_path / OFFICIAL_NAME] + [utils.cached_file(url) for url in urls]:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(standin, path)
     visualize.main(["--pretrained", OFFICIAL_NAME, "--arch", "vit_fixture", "--branch", "online",
                     "--export-timm", "output/vit_base_timm.pth"])
     for page, code in blocks:

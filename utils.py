@@ -6,11 +6,13 @@ import copy
 import ctypes
 import errno
 import fcntl
+import hashlib
 import importlib
 import json
 import math
 import multiprocessing
 import os
+import pickle
 import random
 import re
 import shutil
@@ -19,6 +21,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import urllib.request
 from contextlib import nullcontext, suppress
 
 import numpy as np
@@ -495,40 +498,91 @@ def save_checkpoint(state, path):
         fail(f"cannot write {path}: {cause.strerror if cause is not None and cause.strerror else e}{kept}")
 
 
+def cached_file(url):
+    """Where download_once keeps an http(s):// URL: NAME-<8 hex digits of the URL's SHA-256>.EXT in torch.hub's
+    cache (<TORCH_HOME>/hub/checkpoints), one file per URL, so files of the same name from two places stay apart."""
+    stem, ext = os.path.splitext(os.path.basename(urllib.parse.urlparse(url).path))
+    key = hashlib.sha256(url.encode()).hexdigest()[:8]
+    return os.path.join(torch.hub.get_dir(), "checkpoints", f"{stem}-{key}{ext}")
+
+
 def download_once(url):
-    """The local copy of an http(s):// or file:// checkpoint in torch.hub's cache (<TORCH_HOME>/hub/checkpoints,
-    where torch.hub.load_state_dict_from_url keeps its files), downloaded on first use only; a failed download
-    ends in one line and leaves no partial file. Under torchrun the first process of each node downloads while
-    the others wait at a barrier."""
-    name = os.path.basename(urllib.parse.urlparse(url).path)
-    if not name:
+    """The local copy of an http(s):// checkpoint (cached_file), downloaded on first use only; delete it to download
+    again. A download enters the cache only complete and readable as a checkpoint (read_checkpoint), else one line.
+    The bytes go to an unnamed file in the cache folder (O_TMPFILE), named once complete, so no exit, kill -9
+    included, leaves a partial file; where the file system has none, to NAME.<pid>.partial, removed on errors.
+    Under torchrun the first process of each node downloads while the others wait at a barrier."""
+    if not os.path.basename(urllib.parse.urlparse(url).path):
         fail(f"--pretrained {url} names no file")
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    path = cached_file(url)
     first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if distributed() and not first_on_node:
         dist.barrier()
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        print(f"downloading {url} to {path}")
+        print(f"downloading {url} to {path} (delete that file to download it again)")
+        folder = os.open(os.path.dirname(path), os.O_RDONLY)
         try:
-            torch.hub.download_url_to_file(url, path, progress=is_main())
-        except Exception as e:  # URLError, HTTPError, OSError: no network, a wrong address, a full disk
-            fail(f"cannot download {url}: {' '.join(str(e).split())}")
+            fd, partial = os.open(".", os.O_TMPFILE | os.O_RDWR, 0o644, dir_fd=folder), None
+        except (AttributeError, OSError):  # no O_TMPFILE on this system or file system
+            partial = f"{path}.{os.getpid()}.partial"
+            fd = os.open(partial, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
+        tmp = partial or f"/proc/self/fd/{fd}"
+        try:
+            try:
+                with urllib.request.urlopen(url) as response, open(fd, "wb", closefd=False) as f:
+                    shutil.copyfileobj(response, f)
+            except Exception as e:  # URLError, HTTPError, OSError: no network, a wrong address, a full disk
+                fail(f"cannot download {url}: {' '.join(str(e).split())}")
+            try:
+                read_checkpoint(tmp)
+            except ValueError as e:
+                fail(f"cannot use {url}: {e}; nothing was cached")
+            if partial:
+                os.replace(partial, path)
+            else:  # dst_dir_fd: linkat, which follows tmp's link to the unnamed file
+                with suppress(FileExistsError):  # another job cached the same URL meanwhile
+                    os.link(tmp, os.path.basename(path), dst_dir_fd=folder)
+        finally:
+            os.close(fd)
+            os.close(folder)
+            if partial and os.path.exists(partial):
+                os.remove(partial)
     if distributed() and first_on_node:
         dist.barrier()
     return path
 
 
+def read_checkpoint(path):
+    """torch.load(weights_only=True) on CPU: a checkpoint may hold tensors, dicts, lists, tuples, numbers and
+    strings only (ours and the official ones do), so reading one never runs code from it. Anything else, or a file
+    that is not a checkpoint, raises ValueError with a one-line reason naming what the file holds."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError) as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # the class or function the pickle names
+        if found:
+            raise ValueError(f"it holds {found[1]}, and a checkpoint may hold only tensors, dicts, lists, numbers "
+                             f"and strings (nothing in it was run)") from None
+        with open(path, "rb") as f:
+            start = f.read(16).decode("latin-1")
+        raise ValueError(f"not a checkpoint (starts with {start!r})" if start else "the file is empty") from None
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(" ".join(str(e).split()) or type(e).__name__) from None
+
+
 def load_checkpoint(path):
-    """torch.load on CPU with a one-line error for a missing or unreadable file; an http(s):// or file:// URL is
-    read from torch.hub's cache, downloaded there the first time (download_once)."""
-    if re.match(r"(https?|file)://", path):
+    """read_checkpoint with a one-line error for a missing, unreadable or refused file. A file:// URL is read in
+    place; an http(s):// one from torch.hub's cache, downloaded there the first time (download_once)."""
+    if path.startswith("file://"):
+        path = urllib.request.url2pathname(urllib.parse.urlparse(path).path)
+    elif re.match(r"https?://", path):
         path = download_once(path)
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
+        return read_checkpoint(path)
+    except ValueError as e:
         fail(f"cannot read checkpoint {path}: {e}")
 
 
