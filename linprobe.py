@@ -190,6 +190,20 @@ def evaluate_checkpoint(model, val_loader, device, run, checkpoint, args, log):
 # k-nearest-neighbour evaluation of frozen features (--knn, and pretrain.py --monitor)
 
 
+def all_gather_rows(x):
+    """Concatenate the (n_r, ...) tensors of all processes along dim 0, in rank order (n_r may differ)."""
+    if utils.rank_world()[1] == 1:
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    sizes = [int(n) for n in sizes]
+    padded = x.new_zeros((max(sizes),) + x.shape[1:])
+    padded[:x.shape[0]] = x
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(gathered, padded)
+    return torch.cat([rows[:n] for rows, n in zip(gathered, sizes)])
+
+
 @torch.no_grad()
 def extract_features(feature_fn, loader, device, amp, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
     """L2-normalised float32 features (n, D) and labels (n,) of this process's share of an evaluation loader,
@@ -235,7 +249,7 @@ def knn_evaluate(feature_fn, train_loader, val_loader, num_classes, device, amp,
     one-process result however the sets divide. The images are normalised with mean, std.
     """
     train_features, train_labels = extract_features(feature_fn, train_loader, device, amp, mean, std)
-    train_features, train_labels = utils.all_gather_rows(train_features), utils.all_gather_rows(train_labels)
+    train_features, train_labels = all_gather_rows(train_features), all_gather_rows(train_labels)
     features, labels = extract_features(feature_fn, val_loader, device, amp, mean, std)
     hits = utils.all_reduce_sum(knn_counts(train_features, train_labels, features, labels, num_classes, ks, temperature))
     count = utils.all_reduce_sum(torch.tensor(float(len(labels)), dtype=torch.float64, device=device)).item()

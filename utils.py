@@ -300,20 +300,6 @@ def all_reduce_sum(tensor):
     return tensor
 
 
-def all_gather_rows(x):
-    """Concatenate the (n_r, ...) tensors of all processes along dim 0, in rank order (n_r may differ)."""
-    if rank_world()[1] == 1:
-        return x
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-    sizes = [int(n) for n in sizes]
-    padded = x.new_zeros((max(sizes),) + x.shape[1:])
-    padded[:x.shape[0]] = x
-    gathered = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded)
-    return torch.cat([rows[:n] for rows, n in zip(gathered, sizes)])
-
-
 def no_sync(model, skip):
     """model.no_sync() for a DDP model when `skip` (a micro-batch before the last: its gradients are not
     all-reduced yet), else nothing."""
