@@ -631,6 +631,17 @@ def encoder_config(checkpoint):
                 rel_pos_bias=any(k.endswith(".relative_position_bias_table") for k in sd), mean=mean, std=std)
 
 
+def pretrained_encoder(checkpoint, branch="momentum"):
+    """The VisionTransformer of one branch of a checkpoint in evaluation mode, its architecture read from the
+    checkpoint (encoder_config) and its weights loaded: tokens, instance = encoder(images) at any image size."""
+    config = encoder_config(checkpoint)
+    arch = config.pop("arch")
+    del config["mean"], config["std"]
+    encoder = VisionTransformer(**ARCHS[arch], **config)
+    load_encoder(encoder, checkpoint, branch)
+    return encoder.eval()
+
+
 def encoder_state_dict(checkpoint, branch="momentum"):
     """The encoder weights of one branch from a pretrain.py checkpoint ({'model': ...}), an official
     one ({'state_dict': ...}) or a bare state_dict of either."""
@@ -702,17 +713,6 @@ def load_encoder(encoder, checkpoint, branch="momentum"):
     check_state_dict(encoder, sd, f"{branch} encoder in checkpoint")
     encoder.load_state_dict(sd)
     return note
-
-
-def pretrained_encoder(checkpoint, branch="momentum"):
-    """The VisionTransformer of one branch of a checkpoint in evaluation mode, its architecture read from the
-    checkpoint (encoder_config) and its weights loaded: tokens, instance = encoder(images) at any image size."""
-    config = encoder_config(checkpoint)
-    arch = config.pop("arch")
-    del config["mean"], config["std"]
-    encoder = VisionTransformer(**ARCHS[arch], **config)
-    load_encoder(encoder, checkpoint, branch)
-    return encoder.eval()
 
 
 # ----------------------------------------------------------------------------------------------------
