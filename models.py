@@ -612,7 +612,8 @@ def encoder_config(checkpoint):
     {'arch', 'img_size', 'patch_size', 'in_chans', 'ca_depth', 'rel_pos_bias', 'mean', 'std'}. The arch is the
     ARCHS entry of the encoder's width and depth (the name the checkpoint records where several fit: the heads
     are not in the shapes); img_size is the side of its position table's grid; mean, std: None when not recorded."""
-    sd = encoder_state_dict(checkpoint, "online")  # both branches have the same architecture
+    online = any(k.startswith("encoder.") for k in model_state_dict(checkpoint))
+    sd = encoder_state_dict(checkpoint, "online" if online else "momentum")  # both branches: one architecture
     if "patch_embed.weight" not in sd or "pos_embed" not in sd:
         raise ValueError("its encoder has no patch embedding or position table: not an ExtreMA encoder")
     in_chans, mean, std = checkpoint_inputs(checkpoint)

@@ -70,10 +70,12 @@ def test_official_checkpoint_read_without_flags(official_file, tmp_path):
                                                      ca_depth=2, rel_pos_bias=False, mean=None, std=None)
     linprobe.main(EVAL + ["--pretrained", official_file, "--knn", "--knn-k", "2", "--output-dir", str(tmp_path)])
     assert read_log(tmp_path)[-1]["k2_acc1"] >= 0
-    # args saved as a Namespace (older checkpoints) name the arch as well as a dict does
-    ours = {"model": {"encoder." + k: v for k, v in models.encoder_state_dict(checkpoint).items()},
+    # a checkpoint of one momentum encoder, its args saved as a Namespace (older checkpoints) or a dict
+    ours = {"model": {"momentum_encoder." + k: v for k, v in models.encoder_state_dict(checkpoint).items()},
             "args": argparse.Namespace(arch="vit_fixture", in_chans=3, mean=[0.5] * 3, std=[0.2] * 3)}
     assert models.encoder_config(ours)["mean"] == [0.5] * 3
+    ours["args"] = vars(ours["args"])
+    assert models.encoder_config(ours)["arch"] == "vit_fixture"
 
 
 def test_load_encoder_names_the_patch_size():
