@@ -32,8 +32,8 @@ SUBSET_SEED = 0  # --label-fraction draws the same images whatever --seed
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
-    utils.add_common_args(p, "ImageNet root (ROOT/train, ROOT/val)", "output/finetune", 224, 1024, 10,
-                          branch="online")
+    utils.add_common_args(p, "ImageNet root (ROOT/train, ROOT/val)", "output/finetune", None, 1024, 10,
+                          branch="online", img_help=utils.IMG_HELP)
     p.add_argument("--synthetic-size", type=int, default=256, help="training images in the synthetic set")
     p.add_argument("--num-classes", type=int, default=None, help="synthetic: default 10; folders: their classes")
     p.add_argument("--train-subset", default=None,

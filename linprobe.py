@@ -29,8 +29,8 @@ import utils
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
-    utils.add_common_args(p, "ImageNet root (ROOT/train, ROOT/val)", "output/linprobe", 224, 4096, 10,
-                          branch="momentum")
+    utils.add_common_args(p, "ImageNet root (ROOT/train, ROOT/val)", "output/linprobe", None, 4096, 10,
+                          branch="momentum", img_help=utils.IMG_HELP)
     p.add_argument("--synthetic-size", type=int, default=256, help="training images in the synthetic set")
     p.add_argument("--num-classes", type=int, default=None, help="synthetic: default 10; folders: their classes")
     p.add_argument("--final-norm", action="store_true",
@@ -114,8 +114,10 @@ class LARS(torch.optim.Optimizer):
 def load_encoder(args, rank, log):
     """The frozen encoder: --pretrained's --branch, else random (the same in every process)."""
     utils.set_seed(args.seed)  # every process draws the same random encoder (used without --pretrained)
+    config = models.encoder_config(utils.load_checkpoint(args.pretrained)) if args.pretrained else {}
     encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
-                                       **models.ARCHS[args.arch], ca_depth=2, layer_scale=0.1)
+                                       **models.ARCHS[args.arch], ca_depth=config.get("ca_depth", 2),
+                                       rel_pos_bias=config.get("rel_pos_bias", False))
     utils.set_seed(args.seed + rank)
     # --knn and --extract train nothing, so they always read --pretrained, even where a probe's checkpoint-last.pth
     # exists

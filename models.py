@@ -594,12 +594,54 @@ def model_state_dict(checkpoint):
     return sd
 
 
+def saved_args(checkpoint):
+    """The flags a checkpoint of ours records as a dict (saved as a dict or an argparse.Namespace); {} for others."""
+    args = checkpoint.get("args") or {}
+    return args if isinstance(args, dict) else vars(args)
+
+
 def checkpoint_inputs(checkpoint):
     """(in_chans, mean, std) that a checkpoint records (its own keys, else its args); one that records no
     in_chans (official, or of ours before they were recorded) holds an RGB model; mean, std: None when absent."""
-    args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    args = saved_args(checkpoint)
     in_chans, mean, std = (checkpoint.get(key, args.get(key)) for key in ("in_chans", "mean", "std"))
     return in_chans or 3, mean, std
+
+
+def encoder_config(checkpoint):
+    """The encoder a checkpoint (ours, official, or either's bare state_dict) holds, read from its weights:
+    {'arch', 'img_size', 'patch_size', 'in_chans', 'ca_depth', 'rel_pos_bias', 'mean', 'std'}. The arch is the
+    ARCHS entry of the encoder's width and depth (the name the checkpoint records where several fit: the heads
+    are not in the shapes); img_size is the side of its position table's grid; mean, std: None when not recorded."""
+    online = any(k.startswith("encoder.") for k in model_state_dict(checkpoint))
+    sd = encoder_state_dict(checkpoint, "online" if online else "momentum")  # both branches: one architecture
+    if "patch_embed.weight" not in sd or "pos_embed" not in sd:
+        raise ValueError("its encoder has no patch embedding or position table: not an ExtreMA encoder")
+    in_chans, mean, std = checkpoint_inputs(checkpoint)
+    dim, inputs = sd["patch_embed.weight"].shape
+    patch = math.isqrt(inputs // in_chans)
+    if in_chans * patch * patch != inputs:
+        raise ValueError(f"a patch embedding over {inputs} inputs is not {in_chans} channel(s) of square patches")
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    fits = [name for name, sizes in ARCHS.items() if (sizes["embed_dim"], sizes["depth"]) == (dim, depth)]
+    if not fits:
+        raise ValueError(f"its encoder ({dim} wide, {depth} blocks) is none of models.ARCHS ({', '.join(ARCHS)})")
+    named = checkpoint.get("arch", saved_args(checkpoint).get("arch"))
+    side = math.isqrt(sd["pos_embed"].shape[1])
+    return dict(arch=named if named in fits else fits[0], img_size=side * patch, patch_size=patch, in_chans=in_chans,
+                ca_depth=len({k.split(".")[1] for k in sd if k.startswith("ca_blocks.")}),
+                rel_pos_bias=any(k.endswith(".relative_position_bias_table") for k in sd), mean=mean, std=std)
+
+
+def pretrained_encoder(checkpoint, branch="momentum"):
+    """The VisionTransformer of one branch of a checkpoint in evaluation mode, its architecture read from the
+    checkpoint (encoder_config) and its weights loaded: tokens, instance = encoder(images) at any image size."""
+    config = encoder_config(checkpoint)
+    arch = config.pop("arch")
+    del config["mean"], config["std"]
+    encoder = VisionTransformer(**ARCHS[arch], **config)
+    load_encoder(encoder, checkpoint, branch)
+    return encoder.eval()
 
 
 def encoder_state_dict(checkpoint, branch="momentum"):
@@ -650,6 +692,10 @@ def load_encoder(encoder, checkpoint, branch="momentum"):
     note = None
     weight = sd.get("patch_embed.weight")
     if weight is not None and weight.shape[1] != encoder.patch_embed.in_features:
+        recorded = checkpoint_inputs(checkpoint)[0]
+        patch = math.isqrt(weight.shape[1] // recorded)
+        if recorded * patch * patch == weight.shape[1] and patch != encoder.patch_size:
+            raise ValueError(f"patch size {patch} in the checkpoint, {encoder.patch_size} given")
         chans = weight.shape[1] / encoder.patch_size ** 2
         if chans != 3:
             raise ValueError(f"the checkpoint's patch embedding takes {chans:g} channels of {encoder.patch_size}-px "

@@ -30,6 +30,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+OFFICIAL_ARCH = {"arch": "vit_base", "patch_size": 16, "img_size": 224}  # a stage's encoder without --pretrained
+IMG_HELP = "input side (default: the --pretrained checkpoint's, else 224)"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,9 +119,12 @@ def add_encoder_args(parser, img_size, branch=None, img_help=None):
     --in-chans, --mean and --std (input_stats) and, with a default `branch`, --pretrained and --branch."""
     from models import ARCHS
     p = parser
-    p.add_argument("--arch", default="vit_base", choices=list(ARCHS))
+    reads = branch is not None  # a stage that reads an encoder: its architecture comes from --pretrained
+    p.add_argument("--arch", default=None if reads else "vit_base", choices=list(ARCHS),
+                   help="default: the --pretrained checkpoint's, else vit_base" if reads else None)
     p.add_argument("--img-size", type=int, default=img_size, help=img_help)
-    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--patch-size", type=int, default=None if reads else 16,
+                   help="default: the --pretrained checkpoint's, else 16" if reads else None)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--in-chans", type=int, default=None,
                    help="input channels (default: 3 for pretraining; later stages: what the --pretrained checkpoint "
@@ -134,6 +139,24 @@ def add_encoder_args(parser, img_size, branch=None, img_help=None):
                             "downloaded once into torch.hub's cache (none: random initialisation)")
         p.add_argument("--branch", choices=["online", "momentum"], default=branch,
                        help="the encoder of a pretraining checkpoint to use")
+
+
+def arch_from_pretrained(args):
+    """Set --arch, --patch-size and --img-size left unset to those of the --pretrained checkpoint
+    (models.encoder_config), else to the official ViT-B/16 at 224; an --arch or --patch-size that contradicts the
+    checkpoint is refused in one line naming both values (another --img-size resizes the position table)."""
+    from models import encoder_config
+    found = OFFICIAL_ARCH
+    if args.pretrained is not None:
+        try:
+            found = encoder_config(load_checkpoint(args.pretrained))
+        except ValueError as e:
+            fail(f"{args.pretrained}: {e}")
+    for key in OFFICIAL_ARCH:
+        given = getattr(args, key)
+        if key != "img_size" and args.pretrained is not None and given not in (None, found[key]):
+            fail(f"{args.pretrained}: {key.replace('_', ' ')} {found[key]} in the checkpoint, {given} given")
+        setattr(args, key, found[key] if given is None else given)
 
 
 def add_common_args(parser, data_help, output_dir, img_size, batch_size, num_workers, print_freq=20, branch=None,
@@ -185,6 +208,8 @@ def parse_args(parser, argv=None):
         fail(f"--device must be cuda or cpu, got {args.device!r} (choose GPUs with CUDA_VISIBLE_DEVICES; "
              f"under torchrun each process takes GPU LOCAL_RANK)")
     check_values(args)
+    if getattr(args, "branch", None) is not None:  # a stage that reads an encoder
+        arch_from_pretrained(args)
     return args
 
 
@@ -504,6 +529,8 @@ def download_once(url):
     first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if distributed() and not first_on_node:
         dist.barrier()
+    while not first_on_node and not os.path.exists(path):  # torchrun before its process group (parse_args)
+        time.sleep(1)
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         print(f"downloading {url} to {path} (delete that file to download it again)")

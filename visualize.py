@@ -15,6 +15,13 @@ the arguments that build it, and names what that layout cannot hold (the class-a
 
     python visualize.py --pretrained CKPT --branch online --export-timm output/vit_base_timm.pth
 
+--export-hf DIR writes the same model as a Hugging Face folder in timm's layout (config.json, model.safetensors, with
+timm's save_for_hf), which timm.create_model("local-dir:DIR", pretrained=True) loads; publish it with
+huggingface_hub.upload_folder(repo_id="you/extrema-vit", folder_path=DIR). --export-onnx FILE writes the encoder
+as ONNX, input `images` (B, C, --img-size, --img-size), outputs `tokens` (B, N, D) and `instance` (B, D):
+
+    python visualize.py --pretrained CKPT --export-hf output/extrema_hf --export-onnx output/extrema.onnx
+
 Curves: --curves LOG [LOG ...] draws the per-epoch records of one or more log.jsonl files (or the folders that
 hold them) into one PNG: training loss, target_std, k-NN top-1 of the monitor (dotted: at initialisation) and lr
 against epoch, one colour per run, labelled by its folder. Needs matplotlib (pip install matplotlib):
@@ -44,10 +51,15 @@ def get_args(argv=None):
                    help="'synthetic': pictures of generated images instead of image files")
     p.add_argument("--synthetic-size", type=int, default=2, help="synthetic images to draw")
     p.add_argument("--output-dir", default="output/visualize", help="the PNGs go here")
-    utils.add_encoder_args(p, 224, branch="momentum",
-                           img_help="side of the square the images are resized and cropped to (pictures)")
+    utils.add_encoder_args(p, None, branch="momentum",
+                           img_help="side of the square the images are resized and cropped to (pictures), and the "
+                                    "ONNX input's (default: the --pretrained checkpoint's, else 224)")
     p.add_argument("--export-timm", default=None, metavar="FILE",
                    help="write the encoder of --pretrained in timm's ViT layout to FILE instead of pictures")
+    p.add_argument("--export-hf", default=None, metavar="DIR",
+                   help="write the encoder of --pretrained as a Hugging Face folder of timm's (needs timm)")
+    p.add_argument("--export-onnx", default=None, metavar="FILE",
+                   help="write the encoder of --pretrained as ONNX (needs onnx), batch size free")
     p.add_argument("--curves", nargs="+", default=None, metavar="LOG",
                    help="draw the curves of these log.jsonl files (or their folders) instead of pictures")
     p.add_argument("--output", default=None, metavar="FILE", help="the PNG of --curves (default: "
@@ -55,17 +67,20 @@ def get_args(argv=None):
     return utils.parse_args(p, argv)
 
 
-def export_timm(args):
-    """Write {'state_dict', 'timm_kwargs' (with in_chans), 'left_out', 'mean', 'std' (of the inputs in [0, 1])} and
-    say how to load it."""
-    if args.pretrained is None:
-        utils.fail("--export-timm needs --pretrained")
+def timm_export(args):
+    """(state_dict, timm_kwargs, left_out) of the --pretrained encoder in timm's ViT layout; sets args.mean, args.std."""
     utils.input_stats(args)
     try:
         state_dict, left_out = models.timm_state_dict(utils.load_checkpoint(args.pretrained), args.branch)
-        kwargs = models.timm_vit_kwargs(state_dict, args.arch)
+        return state_dict, models.timm_vit_kwargs(state_dict, args.arch), left_out
     except ValueError as e:
         utils.fail(f"{args.pretrained}: {e}")
+
+
+def export_timm(args):
+    """Write {'state_dict', 'timm_kwargs' (with in_chans), 'left_out', 'mean', 'std' (of the inputs in [0, 1])} and
+    say how to load it."""
+    state_dict, kwargs, left_out = timm_export(args)
     os.makedirs(os.path.dirname(args.export_timm) or ".", exist_ok=True)
     utils.save_checkpoint(dict(state_dict=state_dict, timm_kwargs=kwargs, left_out=left_out, mean=args.mean,
                                std=args.std), args.export_timm)
@@ -75,6 +90,35 @@ def export_timm(args):
     print(f"left out (no place in timm's ViT): {', '.join(left_out) or 'nothing'}")
     print(f"load: timm.create_model('vit_base_patch16_224', **export['timm_kwargs']).load_state_dict("
           f"export['state_dict']) with export = torch.load('{args.export_timm}')")
+
+
+def export_hf(args):
+    """Write the timm model of export_timm, with its input statistics, as a Hugging Face folder (timm's save_for_hf)."""
+    timm = utils.optional_import("timm", "timm", "--export-hf")
+    utils.optional_import("safetensors", "safetensors", "--export-hf")
+    state_dict, kwargs, _ = timm_export(args)
+    model = timm.create_model("vit_base_patch16_224", **kwargs)
+    model.load_state_dict(state_dict)
+    timm.models.save_for_hf(model, args.export_hf, safe_serialization=True,
+                            model_config={"pretrained_cfg": {"tag": "extrema", "license": "mit"}},
+                            data_config={"mean": args.mean, "std": args.std})
+    print(f"wrote {args.export_hf}: load with timm.create_model('local-dir:{args.export_hf}', pretrained=True)")
+
+
+def export_onnx(args):
+    """Write the encoder as ONNX: `images` (B, C, S, S) -> `tokens` (B, N, D), `instance` (B, D), both after the
+    final norm, B free. The TorchScript exporter (dynamo=False) needs onnx only; torch.export's needs onnxscript."""
+    utils.optional_import("onnx", "onnx", "--export-onnx")
+    utils.input_stats(args)
+    encoder = models.pretrained_encoder(utils.load_checkpoint(args.pretrained), args.branch)
+    images = torch.zeros(2, encoder.in_chans, args.img_size, args.img_size)
+    batch = {0: "batch"}
+    os.makedirs(os.path.dirname(args.export_onnx) or ".", exist_ok=True)
+    torch.onnx.export(encoder, (images,), args.export_onnx, input_names=["images"], output_names=["tokens", "instance"],
+                      dynamic_axes=dict(images=batch, tokens=batch, instance=batch), dynamo=False)
+    print(f"wrote {args.export_onnx}: images (B, {encoder.in_chans}, {args.img_size}, {args.img_size}) normalised "
+          f"with mean {args.mean} and std {args.std} -> tokens (B, N, {encoder.embed_dim}), instance "
+          f"(B, {encoder.embed_dim})")
 
 
 CURVES = (("train_loss", "training loss"), ("target_std", "target_std (collapse below 0.1)"),
@@ -185,8 +229,14 @@ def picture(image, pca, maps, patch_size):
 @torch.no_grad()
 def main(argv=None):
     args = get_args(argv)
-    if args.export_timm is not None:
-        return export_timm(args)
+    exports = [(flag, write) for flag, write in (("export_timm", export_timm), ("export_hf", export_hf),
+                                                 ("export_onnx", export_onnx)) if getattr(args, flag) is not None]
+    if exports and args.pretrained is None:
+        utils.fail(f"--{exports[0][0].replace('_', '-')} needs --pretrained")
+    for _, write in exports:
+        write(args)
+    if exports:
+        return
     if args.curves is not None:
         return plot_curves(args)
     utils.check_image_size(args)
