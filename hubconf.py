@@ -9,10 +9,6 @@ checkpoint's mean and std, ImageNet's for the official ones).
 once into torch.hub's cache); one entry per official checkpoint downloads it the same way (pretrained=False: the
 ViT-B/16 with random weights).
 """
-import re
-
-import torch
-
 import models
 
 dependencies = ["torch", "einops"]
@@ -23,11 +19,7 @@ OFFICIAL_URL = "https://frontiers.blob.core.windows.net/pretraining/checkpoints/
 def extrema(checkpoint, branch="momentum"):
     """The encoder of one branch ("momentum" or "online") of a checkpoint file or URL, its architecture read from
     the checkpoint, in evaluation mode."""
-    if re.match(r"(https?|file)://", checkpoint):
-        state = torch.hub.load_state_dict_from_url(checkpoint, map_location="cpu", weights_only=True)
-    else:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    return models.pretrained_encoder(state, branch)
+    return models.pretrained_encoder(models.load_checkpoint(checkpoint), branch)
 
 
 def _official(name):

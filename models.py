@@ -6,8 +6,15 @@ Self-contained (torch and einops only): copy this file into your project.
 
 Shapes: B images, N patches, K visible patches per mask, M masks, D channels, P projector outputs.
 """
+import hashlib
 import math
+import os
+import pickle
 import re
+import shutil
+import urllib.parse
+import urllib.request
+from contextlib import suppress
 
 import torch
 import torch.distributed as dist
@@ -554,6 +561,91 @@ class ExtreMA(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints
+
+
+def read_checkpoint(path):
+    """torch.load(weights_only=True) on CPU: a checkpoint may hold tensors, dicts, lists, tuples, numbers and
+    strings only (ours and the official ones do), so reading one never runs code from it. Anything else, or a file
+    that is not a checkpoint, raises ValueError with a one-line reason naming what the file holds."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError) as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # the class or function the pickle names
+        if found:
+            raise ValueError(f"it holds {found[1]}, and a checkpoint may hold only tensors, dicts, lists, numbers "
+                             f"and strings (nothing in it was run)") from None
+        with open(path, "rb") as f:
+            start = f.read(16).decode("latin-1")
+        raise ValueError(f"not a checkpoint (starts with {start!r})" if start else "the file is empty") from None
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(" ".join(str(e).split()) or type(e).__name__) from None
+
+
+def cached_file(url):
+    """Where download keeps an http(s):// URL: NAME-<8 hex digits of the URL's SHA-256>.EXT in torch.hub's cache
+    (<TORCH_HOME>/hub/checkpoints), one file per URL, so files of the same name from two places stay apart."""
+    stem, ext = os.path.splitext(os.path.basename(urllib.parse.urlparse(url).path))
+    key = hashlib.sha256(url.encode()).hexdigest()[:8]
+    return os.path.join(torch.hub.get_dir(), "checkpoints", f"{stem}-{key}{ext}")
+
+
+def download(url, log=print):
+    """The local copy of an http(s):// checkpoint (cached_file), downloaded on first use only; delete it to download
+    again. A download enters the cache only complete and readable as a checkpoint (read_checkpoint). The bytes go
+    to an unnamed file in the cache folder (O_TMPFILE), named once complete, so no exit, kill -9 included, leaves a
+    partial file; where the file system has none, to NAME.<pid>.partial, removed on errors."""
+    if not os.path.basename(urllib.parse.urlparse(url).path):
+        raise ValueError(f"--pretrained {url} names no file")
+    path = cached_file(url)
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if log is not None:
+        log(f"downloading {url} to {path} (delete that file to download it again)")
+    folder = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        fd, partial = os.open(".", os.O_TMPFILE | os.O_RDWR, 0o644, dir_fd=folder), None
+    except (AttributeError, OSError):  # no O_TMPFILE on this system or file system
+        partial = f"{path}.{os.getpid()}.partial"
+        fd = os.open(partial, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
+    tmp = partial or f"/proc/self/fd/{fd}"
+    try:
+        try:
+            with urllib.request.urlopen(url) as response, open(fd, "wb", closefd=False) as f:
+                shutil.copyfileobj(response, f)
+        except Exception as e:  # URLError, HTTPError, OSError: no network, a wrong address, a full disk
+            raise ValueError(f"cannot download {url}: {' '.join(str(e).split())}") from None
+        try:
+            read_checkpoint(tmp)
+        except ValueError as e:
+            raise ValueError(f"cannot use {url}: {e}; nothing was cached") from None
+        if partial:
+            os.replace(partial, path)
+        else:  # dst_dir_fd: linkat, which follows tmp's link to the unnamed file
+            with suppress(FileExistsError):  # another job cached the same URL meanwhile
+                os.link(tmp, os.path.basename(path), dst_dir_fd=folder)
+    finally:
+        os.close(fd)
+        os.close(folder)
+        if partial and os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+
+def load_checkpoint(path, log=print):
+    """A checkpoint file or URL, read without running code from it (read_checkpoint): a file:// URL in place, an
+    http(s):// one from torch.hub's cache, downloaded there the first time (download). ValueError in one line
+    for a missing, unreadable or refused file."""
+    if path.startswith("file://"):
+        path = urllib.request.url2pathname(urllib.parse.urlparse(path).path)
+    elif re.match(r"https?://", path):
+        path = download(path, log)
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path} does not exist")
+    try:
+        return read_checkpoint(path)
+    except ValueError as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
 
 
 def convert_official_state_dict(state_dict):

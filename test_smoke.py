@@ -789,7 +789,7 @@ def test_torchrun_two_processes_exact_evaluation(official_file, tmp_path, monkey
     assert result.returncode == 0, result.stderr[-2000:]
     server.shutdown()
     server.server_close()
-    assert os.listdir(tmp_path / "torch" / "hub" / "checkpoints") == [os.path.basename(utils.cached_file(url))]
+    assert os.listdir(tmp_path / "torch" / "hub" / "checkpoints") == [os.path.basename(models.cached_file(url))]
     distributed = read_log(tmp_path)[-1]
     EVAL_SCRIPTS[script].main(args + ["--eval-only"])
     single = read_log(tmp_path)[-1]
@@ -2620,7 +2620,7 @@ def test_documentation_python_examples_run(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     standin = {"model": models.ExtreMA(**models.ARCHS["vit_fixture"]).state_dict()}
     urls = set(re.findall(rf"https://\S+/{OFFICIAL_NAME}", "".join(map(doc_text, DOC_PAGES))))
-    for path in [tmp_path / OFFICIAL_NAME] + [utils.cached_file(url) for url in urls]:
+    for path in [tmp_path / OFFICIAL_NAME] + [models.cached_file(url) for url in urls]:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save(standin, path)
     visualize.main(["--pretrained", OFFICIAL_NAME, "--arch", "vit_fixture", "--branch", "online",

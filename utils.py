@@ -6,13 +6,11 @@ import copy
 import ctypes
 import errno
 import fcntl
-import hashlib
 import importlib
 import json
 import math
 import multiprocessing
 import os
-import pickle
 import random
 import re
 import shutil
@@ -20,14 +18,14 @@ import signal
 import sys
 import threading
 import time
-import urllib.parse
-import urllib.request
 from contextlib import nullcontext, suppress
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+import models
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 OFFICIAL_ARCH = {"arch": "vit_base", "patch_size": 16, "img_size": 224}  # a stage's encoder without --pretrained
@@ -117,10 +115,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def add_encoder_args(parser, img_size, branch=None, img_help=None):
     """The flags of every script that builds an encoder: --arch, --img-size, --patch-size, --device, the inputs'
     --in-chans, --mean and --std (input_stats) and, with a default `branch`, --pretrained and --branch."""
-    from models import ARCHS
     p = parser
     reads = branch is not None  # a stage that reads an encoder: its architecture comes from --pretrained
-    p.add_argument("--arch", default=None if reads else "vit_base", choices=list(ARCHS),
+    p.add_argument("--arch", default=None if reads else "vit_base", choices=list(models.ARCHS),
                    help="default: the --pretrained checkpoint's, else vit_base" if reads else None)
     p.add_argument("--img-size", type=int, default=img_size, help=img_help)
     p.add_argument("--patch-size", type=int, default=None if reads else 16,
@@ -145,11 +142,10 @@ def arch_from_pretrained(args):
     """Set --arch, --patch-size and --img-size left unset to those of the --pretrained checkpoint
     (models.encoder_config), else to the official ViT-B/16 at 224; an --arch or --patch-size that contradicts the
     checkpoint is refused in one line naming both values (another --img-size resizes the position table)."""
-    from models import encoder_config
     found = OFFICIAL_ARCH
     if args.pretrained is not None:
         try:
-            found = encoder_config(load_checkpoint(args.pretrained))
+            found = models.encoder_config(load_checkpoint(args.pretrained))
         except ValueError as e:
             fail(f"{args.pretrained}: {e}")
     for key in OFFICIAL_ARCH:
@@ -509,94 +505,20 @@ def save_checkpoint(state, path):
         fail(f"cannot write {path}: {cause.strerror if cause is not None and cause.strerror else e}{kept}")
 
 
-def cached_file(url):
-    """Where download_once keeps an http(s):// URL: NAME-<8 hex digits of the URL's SHA-256>.EXT in torch.hub's
-    cache (<TORCH_HOME>/hub/checkpoints), one file per URL, so files of the same name from two places stay apart."""
-    stem, ext = os.path.splitext(os.path.basename(urllib.parse.urlparse(url).path))
-    key = hashlib.sha256(url.encode()).hexdigest()[:8]
-    return os.path.join(torch.hub.get_dir(), "checkpoints", f"{stem}-{key}{ext}")
-
-
-def download_once(url):
-    """The local copy of an http(s):// checkpoint (cached_file), downloaded on first use only; delete it to download
-    again. A download enters the cache only complete and readable as a checkpoint (read_checkpoint), else one line.
-    The bytes go to an unnamed file in the cache folder (O_TMPFILE), named once complete, so no exit, kill -9
-    included, leaves a partial file; where the file system has none, to NAME.<pid>.partial, removed on errors.
-    Under torchrun the first process of each node downloads while the others wait at a barrier."""
-    if not os.path.basename(urllib.parse.urlparse(url).path):
-        fail(f"--pretrained {url} names no file")
-    path = cached_file(url)
-    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    if distributed() and not first_on_node:
-        dist.barrier()
-    while not first_on_node and not os.path.exists(path):  # torchrun before its process group (parse_args)
-        time.sleep(1)
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        print(f"downloading {url} to {path} (delete that file to download it again)")
-        folder = os.open(os.path.dirname(path), os.O_RDONLY)
-        try:
-            fd, partial = os.open(".", os.O_TMPFILE | os.O_RDWR, 0o644, dir_fd=folder), None
-        except (AttributeError, OSError):  # no O_TMPFILE on this system or file system
-            partial = f"{path}.{os.getpid()}.partial"
-            fd = os.open(partial, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
-        tmp = partial or f"/proc/self/fd/{fd}"
-        try:
-            try:
-                with urllib.request.urlopen(url) as response, open(fd, "wb", closefd=False) as f:
-                    shutil.copyfileobj(response, f)
-            except Exception as e:  # URLError, HTTPError, OSError: no network, a wrong address, a full disk
-                fail(f"cannot download {url}: {' '.join(str(e).split())}")
-            try:
-                read_checkpoint(tmp)
-            except ValueError as e:
-                fail(f"cannot use {url}: {e}; nothing was cached")
-            if partial:
-                os.replace(partial, path)
-            else:  # dst_dir_fd: linkat, which follows tmp's link to the unnamed file
-                with suppress(FileExistsError):  # another job cached the same URL meanwhile
-                    os.link(tmp, os.path.basename(path), dst_dir_fd=folder)
-        finally:
-            os.close(fd)
-            os.close(folder)
-            if partial and os.path.exists(partial):
-                os.remove(partial)
-    if distributed() and first_on_node:
-        dist.barrier()
-    return path
-
-
-def read_checkpoint(path):
-    """torch.load(weights_only=True) on CPU: a checkpoint may hold tensors, dicts, lists, tuples, numbers and
-    strings only (ours and the official ones do), so reading one never runs code from it. Anything else, or a file
-    that is not a checkpoint, raises ValueError with a one-line reason naming what the file holds."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError) as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # the class or function the pickle names
-        if found:
-            raise ValueError(f"it holds {found[1]}, and a checkpoint may hold only tensors, dicts, lists, numbers "
-                             f"and strings (nothing in it was run)") from None
-        with open(path, "rb") as f:
-            start = f.read(16).decode("latin-1")
-        raise ValueError(f"not a checkpoint (starts with {start!r})" if start else "the file is empty") from None
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(" ".join(str(e).split()) or type(e).__name__) from None
-
-
 def load_checkpoint(path):
-    """read_checkpoint with a one-line error for a missing, unreadable or refused file. A file:// URL is read in
-    place; an http(s):// one from torch.hub's cache, downloaded there the first time (download_once)."""
-    if path.startswith("file://"):
-        path = urllib.request.url2pathname(urllib.parse.urlparse(path).path)
-    elif re.match(r"https?://", path):
-        path = download_once(path)
-    if not os.path.isfile(path):
-        fail(f"checkpoint {path} does not exist")
+    """models.load_checkpoint (a file or URL, read without running code from it) with a one-line error. Under
+    torchrun the first process of each node downloads a URL while the others wait at a barrier."""
+    download = re.match(r"https?://", path) and not os.path.exists(models.cached_file(path))
+    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if download and distributed() and not first_on_node:
+        dist.barrier()
     try:
-        return read_checkpoint(path)
+        checkpoint = models.load_checkpoint(path, log=print if is_main() else None)
     except ValueError as e:
-        fail(f"cannot read checkpoint {path}: {e}")
+        fail(e)
+    if download and distributed() and first_on_node:
+        dist.barrier()
+    return checkpoint
 
 
 def keep_copy(path, copy):
@@ -615,7 +537,6 @@ def keep_copy(path, copy):
 def load_pretrained_encoder(encoder, path, branch, log=print, output_dir=None):
     """--pretrained PATH into a VisionTransformer (ours or official format); None means random init.
     Nothing is read when output_dir holds checkpoint-last.pth: resuming and --eval-only load the whole model."""
-    from models import load_encoder
     last = os.path.join(output_dir, "checkpoint-last.pth") if output_dir is not None else None
     if last is not None and os.path.exists(last):
         log(f"the encoder's weights will come from {last}" + (f" (--pretrained {path} is not read)" if path else ""))
@@ -624,7 +545,7 @@ def load_pretrained_encoder(encoder, path, branch, log=print, output_dir=None):
         log("no --pretrained given: the encoder starts from random initialisation")
         return
     try:
-        note = load_encoder(encoder, load_checkpoint(path), branch)
+        note = models.load_encoder(encoder, load_checkpoint(path), branch)
     except ValueError as e:
         fail(f"{path}: {e}")
     log(f"loaded the {branch} encoder from {path}" + (f"; {note}" if note else ""))
@@ -648,10 +569,9 @@ def input_stats(args, log=print, channels=None):
     A flag that contradicts the checkpoint is refused in one line, except --in-chans C with an RGB checkpoint:
     its patch embedding is adapted on load (models.adapt_input_channels) and --mean, --std must then be given.
     channels: the channel counts the stage's data pipeline handles (None: any), others refused in one line."""
-    from models import checkpoint_inputs
     in_chans, mean, std = args.in_chans or 3, None, None
     if args.pretrained is not None:
-        in_chans, mean, std = checkpoint_inputs(load_checkpoint(args.pretrained))
+        in_chans, mean, std = models.checkpoint_inputs(load_checkpoint(args.pretrained))
         if in_chans == 3 and mean is None:
             mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
         if args.in_chans not in (None, in_chans):
@@ -686,9 +606,8 @@ def resume_checkpoint(output_dir):
 
 def load_resumed(module, state_dict, path):
     """Strict load of a resumed model with a one-line error naming mismatched keys."""
-    from models import check_state_dict
     try:
-        check_state_dict(module, state_dict, f"checkpoint {path}")
+        models.check_state_dict(module, state_dict, f"checkpoint {path}")
     except ValueError as e:
         fail(str(e))
     module.load_state_dict(state_dict)
