@@ -104,7 +104,9 @@ def test_wide_pixels_are_never_clipped_to_8_bits(tmp_path):
 
 def test_non_finite_or_constant_statistics_and_images_are_refused(tmp_path):
     """--mean/--std NaN or inf, a near-zero std, and --norm-stats auto over a constant channel are refused in one
-    line naming the channel; an image with NaN or inf pixels, or none at all, is unreadable."""
+    line naming the channel; an image with NaN or inf pixels, or none at all, is unreadable: pretraining skips and
+    counts one with a NaN pixel (its place in the batch taken by a readable image) instead of stopping on a NaN
+    loss."""
     for flags, message in ((["--mean", "nan", "0.5", "0.5"], "--mean of channel 0 must be finite, got nan"),
                            (["--std", "0.2", "nan", "0.2"], "--std of channel 1 must be finite and at least 1e-06"),
                            (["--std", "0.2", "0.2", "inf"], "--std of channel 2 must be finite and at least 1e-06"),
@@ -127,6 +129,18 @@ def test_non_finite_or_constant_statistics_and_images_are_refused(tmp_path):
         np.save(tmp_path / name, array)
         with pytest.raises(utils.DataError, match=rf"^cannot read image .*{name}: .*{reason}$"):
             data.decode_image(str(tmp_path / name), in_chans=1)
+    arrays = tmp_path / "arrays"
+    arrays.mkdir()
+    for i in range(8):
+        np.save(arrays / f"{i}.npy", np.random.default_rng(i).random((32, 32, 2), np.float32))
+    np.save(arrays / "3.npy", np.where(np.arange(2048).reshape(32, 32, 2) == 5, np.nan, 0.5).astype(np.float32))
+    args = argparse.Namespace(data=str(arrays), num_workers=0, seed=0, synthetic_size=0, img_size=32,
+                              train_num_samples=None, in_chans=2)
+    loader, _ = data.pretraining_loader(args, lambda image: image, 8, torch.device("cpu"))
+    batch = next(iter(loader))
+    assert batch.images.isfinite().all() and len(batch.names) == 8
+    assert batch.skipped == [f"cannot read image {arrays}/3.npy: cannot decode a .npy file with 2 channel(s): NaN or "
+                             f"infinite pixel values"]
 
 
 def test_data_that_is_no_source_or_empty_says_so(tmp_path):
