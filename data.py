@@ -46,12 +46,13 @@ TORCHCODEC_MODES = {1: "GRAY", 3: "RGB"}  # torchcodec's colour modes; other cha
 
 def wide_pixels(img):
     """The pixel layout of an opened PIL image when it holds more than 8 bits a channel (a WIDE_MODES mode, or
-    16-bit colour such as a 48-bit PNG, which PIL opens as 8-bit RGB), else None: 8-bit conversion would clip it."""
+    16-bit colour such as a 48-bit PNG, which PIL opens as 8-bit RGB: raw mode "RGB;16B"; not BMP's 5-6-5
+    "BGR;16"), else None: 8-bit conversion would clip it."""
     layout = img.tile[0].args if img.tile else None
     layout = layout[0] if isinstance(layout, tuple) else layout
     if img.mode in WIDE_MODES:
         return img.mode
-    return layout if isinstance(layout, str) and ";16" in layout else None
+    return layout if isinstance(layout, str) and re.search(r";16[BLN]", layout) else None
 
 
 def load_rgb(path):
@@ -243,6 +244,14 @@ def shard_samples(urls):
             elif status:
                 reason = f"its download or pipe: command failed (exit status {status[1]})"
             raise utils.DataError(f"cannot read shard {url}: {reason}") from None
+
+
+def read_sample(sample, in_chans=3):
+    """The decoded image of an undecoded shard sample (name, bytes, extension); DataError when it has none."""
+    name, raw, ext = sample
+    if ext is None:
+        raise utils.DataError(f"cannot read image {name}: no {'/'.join(SHARD_IMAGE_KEYS)} in the sample")
+    return decode_image(raw, f"{name}.{ext}", in_chans)
 
 
 def split_shards(urls, seed, epoch, slots):
@@ -510,14 +519,6 @@ class ExtractionBatches(torch.utils.data.IterableDataset):
                         raise utils.DataError(f"cannot extract image {name!r}: names.txt holds one name a line, and "
                                               f"this one holds a line break (rename it)")
                 yield (torch.stack([self.transform(image) for _, image in batch]), [name for name, _ in batch], part)
-
-
-def read_sample(sample, in_chans=3):
-    """The decoded image of an undecoded shard sample (name, bytes, extension); DataError when it has none."""
-    name, raw, ext = sample
-    if ext is None:
-        raise utils.DataError(f"cannot read image {name}: no {'/'.join(SHARD_IMAGE_KEYS)} in the sample")
-    return decode_image(raw, f"{name}.{ext}", in_chans)
 
 
 def read_shard(url, in_chans=3):
