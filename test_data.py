@@ -116,7 +116,7 @@ def test_non_finite_or_constant_statistics_and_images_are_refused(tmp_path):
             pretrain.main(PRETRAIN + ["--data", "synthetic", "--output-dir", str(tmp_path / "out")] + defaults + flags)
     folder = tmp_path / "constant"
     folder.mkdir()
-    for i in range(3):
+    for i in range(8):  # a full batch, so the run gets as far as estimating the statistics
         np.save(folder / f"{i}.npy", np.stack([np.full((8, 8), 0.1 * i), np.full((8, 8), 0.6)], -1).astype(np.float32))
     with pytest.raises(SystemExit, match=r"^error: --norm-stats auto: channel 1 of the training images is constant "
                                          r"\(std [0-9.e-]+\)$"):
