@@ -7,19 +7,21 @@ stages: the data sources are a concern of their own, and utils.py holds the rest
 import functools
 import io
 import itertools
+import math
 import os
 import re
 import signal
 import sys
+import tarfile
 import time
 from typing import NamedTuple
 
 import numpy as np
 import torch
+import torchcodec.decoders
 from PIL import Image
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.io import ImageReadMode, decode_image as decode_tensor
 from torchvision.transforms import v2
 
 import utils
@@ -39,6 +41,18 @@ ARRAY_DTYPES = (np.uint8, np.uint16, np.float32)  # of .npy inputs, kept as they
 EXTENSIONS = (*IMG_EXTENSIONS, ".npy")
 # 16-bit and floating-point PIL modes (TIFF) read as arrays: I;16* -> uint16, I -> int32 (cast to uint16), F -> float32
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I", "F")
+TORCHCODEC_MODES = {1: "GRAY", 3: "RGB"}  # torchcodec's colour modes; other channel counts: "UNCHANGED"
+
+
+def wide_pixels(img):
+    """The pixel layout of an opened PIL image when it holds more than 8 bits a channel (a WIDE_MODES mode, or
+    16-bit colour such as a 48-bit PNG, which PIL opens as 8-bit RGB: raw mode "RGB;16B"; not BMP's 5-6-5
+    "BGR;16"), else None: 8-bit conversion would clip it."""
+    layout = img.tile[0].args if img.tile else None
+    layout = layout[0] if isinstance(layout, tuple) else layout
+    if img.mode in WIDE_MODES:
+        return img.mode
+    return layout if isinstance(layout, str) and re.search(r";16[BLN]", layout) else None
 
 
 def load_rgb(path):
@@ -46,8 +60,8 @@ def load_rgb(path):
     conversion would clip), raises DataError naming it."""
     try:
         with Image.open(path) as img:
-            if img.mode in WIDE_MODES:
-                raise ValueError(f"{img.mode} pixels: RGB runs read 8-bit images (16-bit grey images: --in-chans 1)")
+            if wide := wide_pixels(img):
+                raise ValueError(f"{wide} pixels: RGB runs read 8-bit images (16-bit grey images: --in-chans 1)")
             return img.convert("RGB")
     except Exception as e:
         raise utils.DataError(f"cannot read image {path}: {e}") from None
@@ -68,10 +82,12 @@ def decode_array(raw, in_chans):
 
 
 def decode_pil(raw, in_chans):
-    """What torchvision.io does not decode (TIFF, BMP, ...), through PIL: one channel keeps 16-bit and float
-    data (WIDE_MODES) as uint16 or float32, else grey uint8; three channels RGB uint8."""
+    """What torchcodec does not decode (TIFF, BMP, ...), through PIL: one channel keeps 16-bit and float grey
+    data (WIDE_MODES) as uint16 or float32, else grey uint8; three channels RGB uint8; other 16-bit or float data
+    raises (never clipped to 8 bits)."""
     with Image.open(io.BytesIO(raw)) as img:
-        if in_chans == 1 and img.mode in WIDE_MODES:
+        wide = wide_pixels(img)
+        if in_chans == 1 and wide in WIDE_MODES:
             array = np.array(img)  # (H, W), a writable copy
             if array.dtype == np.int32:
                 array = array.clip(0, 65535).astype(np.uint16)
@@ -80,6 +96,9 @@ def decode_pil(raw, in_chans):
             return torch.from_numpy(array)[None]
         if in_chans not in (1, 3):
             raise ValueError(f"an image file has 1 or 3 channels, not {in_chans}: store such data as .npy (H, W, C)")
+        if wide:
+            raise ValueError(f"{wide} pixels: image files are read as 8-bit, except 16-bit and float grey ones with "
+                             f"--in-chans 1 (other such data: .npy arrays)")
         return v2.functional.pil_to_tensor(img.convert("L" if in_chans == 1 else "RGB"))
 
 
@@ -91,21 +110,29 @@ def decode(raw, ext, in_chans=3):
     .npy: see decode_array. Image files: in_chans 1 gives one grey channel (a grey image is kept as it is, a
     colour one converted; 16-bit PNG and TIFF stay uint16, never replicated), in_chans 3 RGB (a grey image
     replicated; 8-bit only), any other count the image's own 8-bit channels if it has that many (RGBA for 4).
-    JPEG, PNG, WebP and GIF through torchvision.io (about 15% less CPU than PIL for a JPEG), the rest through PIL.
-    Raises DataError for a file that cannot give in_chans channels."""
+    JPEG, PNG, WebP and GIF through torchcodec.decoders (less CPU than PIL for a JPEG, the same pixels), the rest
+    through PIL. Raises DataError for a file that cannot give in_chans channels, an empty one, one without pixels
+    and one with NaN or infinite values."""
     try:
+        if not raw:
+            raise ValueError("the file is empty")
         if ext.lower() == ".npy":
-            return decode_array(raw, in_chans)
-        mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}.get(in_chans, ImageReadMode.UNCHANGED)
-        try:
-            image = decode_tensor(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=mode)
-        except RuntimeError:
-            image = decode_pil(raw, in_chans)
-        if image.shape[0] != in_chans:
-            raise ValueError(f"{image.shape[0]} channel(s), not --in-chans {in_chans}")
-        if in_chans != 1 and image.dtype != torch.uint8:
-            raise ValueError(f"{image.dtype} pixels: image files of {in_chans} channels are read as 8-bit (16-bit "
-                             f"grey images: --in-chans 1; other 16-bit data: .npy arrays)")
+            image = decode_array(raw, in_chans)
+        else:
+            try:
+                image = torchcodec.decoders.decode_image(raw, mode=TORCHCODEC_MODES.get(in_chans, "UNCHANGED"),
+                                                         output_dtype="auto")
+            except (RuntimeError, ValueError):  # a format torchcodec does not read, or a damaged file: PIL says
+                image = decode_pil(raw, in_chans)
+            if image.shape[0] != in_chans:
+                raise ValueError(f"{image.shape[0]} channel(s), not --in-chans {in_chans}")
+            if in_chans != 1 and image.dtype != torch.uint8:
+                raise ValueError(f"{image.dtype} pixels: image files of {in_chans} channels are read as 8-bit (16-bit "
+                                 f"grey images: --in-chans 1; other 16-bit data: .npy arrays)")
+        if image.ndim != 3 or image.numel() == 0:
+            raise ValueError(f"not one image with pixels: shape {tuple(image.shape)}")
+        if image.is_floating_point() and not image.isfinite().all():
+            raise ValueError("NaN or infinite pixel values")
         return image
     except Exception as e:
         reason = "not an image PIL can identify" if isinstance(e, Image.UnidentifiedImageError) else e
@@ -149,9 +176,13 @@ def folder_images(root, extensions=EXTENSIONS):
 
 def list_images(path):
     """The image paths of a list file, one a line (blank lines ignored), relative ones taken from the file's
-    folder: (the list's folder, the lines). A missing image is found when read (pretraining skips it)."""
-    with open(path) as f:
-        names = [line.strip() for line in f if line.strip()]
+    folder: (the list's folder, the lines). A missing image is found when read (pretraining skips it). UTF-8 text,
+    with or without a byte-order mark; a file that is not text is refused in one line."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            names = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError:
+        utils.fail(f"--data {path} is not a folder, a list file of image paths (UTF-8 text) or a shard pattern")
     if not names:
         utils.fail(f"list file {path} names no images")
     return os.path.dirname(os.path.abspath(path)), names
@@ -181,6 +212,8 @@ def source_kind(data):
 def shard_urls(data):
     """The shards of a brace pattern (several joined by '::'); one-line error when a local one does not exist."""
     urls = import_webdataset().shardlists.expand_urls(data)
+    if not all(urls):
+        utils.fail(f"--data {data} names an empty shard (patterns are joined by '::', none of them empty)")
     missing = [url for url in urls if not re.match(r"^(pipe:|\w+://)", url) and not os.path.isfile(url)]
     if missing:
         utils.fail(f"--data {data}: {len(missing)} of its {len(urls)} shards do not exist, e.g. {missing[0]}")
@@ -194,11 +227,31 @@ def import_webdataset():
 
 def shard_samples(urls):
     """(name, bytes, extension) of every sample of the shards, in order, undecoded; the name is the sample's key
-    and the extension is that of its image (None when it has none of SHARD_IMAGE_KEYS)."""
+    and the extension is that of its image (None when it has none of SHARD_IMAGE_KEYS). A shard that cannot be read
+    to its end as a tar file (cut short, a failed download) raises DataError naming it: it loses an unknown number
+    of samples, so it is not skipped as an unreadable image is."""
     wds = import_webdataset()
-    for sample in wds.tarfile_samples(iter([{"url": url} for url in urls])):
-        ext = next((key for key in SHARD_IMAGE_KEYS if key in sample), None)
-        yield sample["__key__"], sample.get(ext), ext
+    for url in urls:
+        try:
+            for sample in wds.tarfile_samples(iter([{"url": url}])):
+                ext = next((key for key in SHARD_IMAGE_KEYS if key in sample), None)
+                yield sample["__key__"], sample.get(ext), ext
+        except (tarfile.TarError, OSError) as e:
+            reason = str(e.args[0] if e.args else e).split(" @ ")[0]  # webdataset appends the stream and url
+            status = re.search(r"exit (\d+)", reason)
+            if reason == "empty file":
+                reason = "no data (a download or pipe: command that failed, or an empty file)"
+            elif status:
+                reason = f"its download or pipe: command failed (exit status {status[1]})"
+            raise utils.DataError(f"cannot read shard {url}: {reason}") from None
+
+
+def read_sample(sample, in_chans=3):
+    """The decoded image of an undecoded shard sample (name, bytes, extension); DataError when it has none."""
+    name, raw, ext = sample
+    if ext is None:
+        raise utils.DataError(f"cannot read image {name}: no {'/'.join(SHARD_IMAGE_KEYS)} in the sample")
+    return decode_image(raw, f"{name}.{ext}", in_chans)
 
 
 def split_shards(urls, seed, epoch, slots):
@@ -348,13 +401,10 @@ class ShardBatches(torch.utils.data.IterableDataset):
 
     def load(self, sample):
         """(crop or None, name, error) of an undecoded shard sample."""
-        name, raw, ext = sample
-        if ext is None:
-            return None, name, f"cannot read image {name}: no {'/'.join(SHARD_IMAGE_KEYS)} in the sample"
         try:
-            return self.transform(decode_image(raw, f"{name}.{ext}", self.in_chans)), name, None
+            return self.transform(read_sample(sample, self.in_chans)), sample[0], None
         except utils.DataError as e:
-            return None, name, str(e)
+            return None, sample[0], str(e)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -398,25 +448,31 @@ def pretraining_loader(args, transform, batch_size, device):
 def sample_images(args, max_images):
     """Up to max_images decoded training images of --data (PIL images as uint8 tensors), for --norm-stats auto:
     a fixed random subset of a folder, list or synthetic set (the same in every process and on resume), the
-    first images of shards in order; unreadable ones are passed over, as pretraining skips them."""
+    first images of shards in order. Unreadable ones are skipped as pretraining skips them: the first WARN_SKIPPED
+    named in warnings, all counted in one (main process)."""
     kind = source_kind(args.data)
     if kind == "shards":
-        decoded = (decode_image(raw, f"{name}.{ext}", args.in_chans)
-                   for name, raw, ext in shard_samples(shard_urls(args.data)) if ext is not None)
+        samples = shard_samples(shard_urls(args.data))
+        read = functools.partial(read_sample, in_chans=args.in_chans)
     else:
         names, read = indexed_source(args.data, kind, args.synthetic_size, args.img_size, args.seed, args.in_chans)
-        order = torch.randperm(len(names), generator=torch.Generator().manual_seed(0)).tolist()
-        decoded = (read(i) for i in order)
-    count = 0
-    while count < max_images:
+        samples = torch.randperm(len(names), generator=torch.Generator().manual_seed(0)).tolist()
+    count, skipped = 0, 0
+    warn = print if utils.is_main() else lambda *a, **k: None
+    for sample in samples:
+        if count == max_images:
+            break
         try:
-            image = next(decoded)
-        except StopIteration:
-            return
-        except utils.DataError:
+            image = read(sample)
+        except utils.DataError as e:
+            skipped += 1
+            if skipped <= WARN_SKIPPED:
+                warn(f"warning: --norm-stats auto skipped {e}", file=sys.stderr)
             continue
         count += 1
         yield image if isinstance(image, torch.Tensor) else v2.functional.pil_to_tensor(image)
+    if skipped:
+        warn(f"warning: --norm-stats auto skipped {skipped} unreadable image(s) and used {count}", file=sys.stderr)
 
 
 def channel_stats(images):
@@ -430,6 +486,10 @@ def channel_stats(images):
         utils.fail("--norm-stats auto found no readable training image")
     mean = sums[0] / sums[2]
     std = (sums[1] / sums[2] - mean.square()).clamp_min(0).sqrt()
+    for channel, (m, s) in enumerate(zip(mean.tolist(), std.tolist())):
+        if not math.isfinite(m + s) or s < utils.MIN_STD:
+            problem = f"constant (std {s:.2g})" if math.isfinite(m + s) else f"not finite (mean {m}, std {s})"
+            utils.fail(f"--norm-stats auto: channel {channel} of the training images is {problem}")
     return mean.tolist(), std.tolist()
 
 
@@ -454,15 +514,17 @@ class ExtractionBatches(torch.utils.data.IterableDataset):
         for part in range(self.rank + self.world * worker, len(self.parts), self.world * self.workers):
             samples = iter(self.read(self.parts[part]))
             while batch := list(itertools.islice(samples, self.batch_size)):
+                for name, _ in batch:
+                    if name.splitlines() != [name]:
+                        raise utils.DataError(f"cannot extract image {name!r}: names.txt holds one name a line, and "
+                                              f"this one holds a line break (rename it)")
                 yield (torch.stack([self.transform(image) for _, image in batch]), [name for name, _ in batch], part)
 
 
 def read_shard(url, in_chans=3):
     """(name, decoded image) of every sample of a shard, in order; a sample without a readable image raises."""
-    for name, raw, ext in shard_samples([url]):
-        if ext is None:
-            raise utils.DataError(f"cannot read image {name} of {url}: no {'/'.join(SHARD_IMAGE_KEYS)} in the sample")
-        yield name, decode_image(raw, f"{name}.{ext}", in_chans)
+    for sample in shard_samples([url]):
+        yield sample[0], read_sample(sample, in_chans)
 
 
 class ReadPart:

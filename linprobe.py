@@ -279,10 +279,13 @@ def knn(probe, train_set, val_set, num_classes, batch_size, device, args, log):
 def extract(probe, transform, batch_size, device, args, log):
     """--extract: every process writes the rows of its parts of the source (data.extraction_loader) to files of
     their own as the batches come; then rank 0 joins them in the source's order into instance.npy and tokens.npy
-    (numpy.lib.format.open_memmap: no copy of the whole array in memory) and names.txt."""
+    (numpy.lib.format.open_memmap: no copy of the whole array in memory) and names.txt, written under temporary
+    names beside the parts and renamed at the end: a failed run leaves the previous outputs as they were, and no
+    parts."""
     loader, num_parts = data.extraction_loader(args.data, transform, batch_size, args.num_workers, args.seed, device,
                                                args.synthetic_size, args.img_size, args.in_chans)
     parts = os.path.join(args.output_dir, "extract-parts")
+    outputs = {kind: os.path.join(args.output_dir, kind) for kind in ("instance.npy", "tokens.npy", "names.txt")}
     if utils.is_main():
         shutil.rmtree(parts, ignore_errors=True)  # of an earlier, stopped run
         os.makedirs(parts)
@@ -292,35 +295,46 @@ def extract(probe, transform, batch_size, device, args, log):
     def part_path(part, kind):
         return os.path.join(parts, f"{part:06d}.{kind}")
 
-    for images, names, part in loader:
-        with utils.autocast(device, args.amp):
-            rows = probe.features(data.normalize(images.to(device, non_blocking=True), args.mean, args.std),
-                                  with_tokens=True)
-        for kind, values in zip(("instance", "tokens"), rows):
-            with open(part_path(part, kind), "ab") as f:
-                f.write(values.float().cpu().numpy().tobytes())
-        with open(part_path(part, "names"), "a") as f:
-            f.write("".join(name + "\n" for name in names))
-    barrier()
-    if not utils.is_main():
-        return
-    dim = probe.encoder.embed_dim
-    sizes = [os.path.getsize(part_path(p, "instance")) // (4 * dim) if os.path.exists(part_path(p, "instance"))
-             else 0 for p in range(num_parts)]
-    for kind in ("instance", "tokens"):
-        out = np.lib.format.open_memmap(os.path.join(args.output_dir, f"{kind}.npy"), mode="w+", dtype=np.float32,
-                                        shape=(sum(sizes), dim))
-        for p, start in zip(range(num_parts), np.cumsum([0] + sizes)):
-            if sizes[p]:
-                out[start:start + sizes[p]] = np.fromfile(part_path(p, kind), dtype=np.float32).reshape(-1, dim)
-        out.flush()
-        del out
-    with open(os.path.join(args.output_dir, "names.txt"), "w") as f:
-        for p in range(num_parts):
-            if sizes[p]:
-                with open(part_path(p, "names")) as part:
-                    shutil.copyfileobj(part, f)
-    shutil.rmtree(parts)
+    try:
+        for images, names, part in loader:
+            with utils.autocast(device, args.amp):
+                rows = probe.features(data.normalize(images.to(device, non_blocking=True), args.mean, args.std),
+                                      with_tokens=True)
+            for kind, values in zip(("instance", "tokens"), rows):
+                values = values.float().cpu().numpy()
+                if not np.isfinite(values).all():
+                    utils.fail(f"the {kind} features of image {names[np.isfinite(values).all(1).argmin()]} are not "
+                               f"finite: not writing {outputs[kind + '.npy']}")
+                with open(part_path(part, kind), "ab") as f:
+                    f.write(values.tobytes())
+            with open(part_path(part, "names"), "a") as f:
+                f.write("".join(name + "\n" for name in names))
+        barrier()
+        if not utils.is_main():
+            return
+        dim = probe.encoder.embed_dim
+        sizes = [os.path.getsize(part_path(p, "instance")) // (4 * dim) if os.path.exists(part_path(p, "instance"))
+                 else 0 for p in range(num_parts)]
+        if not sum(sizes):
+            utils.fail(f"--data {args.data} holds no samples")
+        for kind in ("instance", "tokens"):
+            out = np.lib.format.open_memmap(part_path(0, f"{kind}.npy"), mode="w+", dtype=np.float32,
+                                            shape=(sum(sizes), dim))
+            for p, start in zip(range(num_parts), np.cumsum([0] + sizes)):
+                if sizes[p]:
+                    out[start:start + sizes[p]] = np.fromfile(part_path(p, kind), dtype=np.float32).reshape(-1, dim)
+            out.flush()
+            del out
+        with open(part_path(0, "names.txt"), "w") as f:
+            for p in range(num_parts):
+                if sizes[p]:
+                    with open(part_path(p, "names")) as part:
+                        shutil.copyfileobj(part, f)
+        for kind, path in outputs.items():
+            os.replace(part_path(0, kind), path)
+    finally:
+        if utils.is_main():
+            shutil.rmtree(parts, ignore_errors=True)
     log(f"wrote the {args.branch} encoder's features of {sum(sizes)} images of {args.data} to {args.output_dir}: "
         f"instance.npy and tokens.npy ({sum(sizes)}, {dim}), names.txt")
 

@@ -551,14 +551,20 @@ def load_pretrained_encoder(encoder, path, branch, log=print, output_dir=None):
     log(f"loaded the {branch} encoder from {path}" + (f"; {note}" if note else ""))
 
 
+MIN_STD = 1e-6  # a smaller per-channel std (in [0, 1] units) would blow a nearly constant channel up to noise
+
+
 def check_stats(in_chans, mean, std):
-    """One-line error unless mean and std hold in_chans values each and every std is positive."""
+    """One-line error unless mean and std hold in_chans finite values each and every std is at least MIN_STD."""
     if in_chans < 1:
         fail(f"--in-chans must be at least 1, got {in_chans}")
     if len(mean) != in_chans or len(std) != in_chans:
         fail(f"--mean and --std need {in_chans} value(s) each (one per input channel), got {len(mean)} and {len(std)}")
-    if min(std) <= 0:
-        fail(f"--std values must be positive, got {std}")
+    for channel, (m, s) in enumerate(zip(mean, std)):
+        if not math.isfinite(m):
+            fail(f"--mean of channel {channel} must be finite, got {m}")
+        if not (math.isfinite(s) and s >= MIN_STD):
+            fail(f"--std of channel {channel} must be finite and at least {MIN_STD:g}, got {s}")
 
 
 def input_stats(args, log=print, channels=None):
