@@ -57,7 +57,7 @@ def get_args(argv=None):
     p.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
                    help="clip the gradients' total norm to NORM (default: no clipping, as the official recipe)")
     utils.add_grad_checkpointing_arg(p)
-    return utils.parse_args(p, argv)
+    return utils.parse_args(p, argv, channels=(1, 3))  # RandAugment works on PIL images: grey or RGB
 
 
 class MeanPoolClassifier(nn.Module):
@@ -308,7 +308,6 @@ def main(argv=None):
     local_batch = utils.local_batch_size(args.batch_size, world_size, args.accum_iter)
     args.lr = args.blr * args.batch_size / 256
     log = print if rank == 0 else (lambda *a: None)
-    utils.input_stats(args, log, channels=(1, 3))  # RandAugment works on PIL images: grey or RGB
     utils.make_output_dir(args.output_dir)
     utils.set_seed(args.seed + rank)
 

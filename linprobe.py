@@ -347,7 +347,6 @@ def main(argv=None):
     local_batch = utils.local_batch_size(args.batch_size, world_size, args.accum_iter)
     args.lr = args.blr * args.batch_size / 256
     log = print if rank == 0 else (lambda *a: None)
-    utils.input_stats(args, log)
     utils.make_output_dir(args.output_dir)
 
     # torchvision's default bilinear resizing for training and evaluation, as the official probe

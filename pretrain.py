@@ -189,15 +189,6 @@ def build_model(args):
 
 def check_args(args):
     utils.check_image_size(args)
-    if args.norm_stats == "auto" and (args.mean is not None or args.std is not None):
-        utils.fail("give --mean and --std, or --norm-stats auto, not both")
-    if args.norm_stats is None and args.mean is None and args.std is None and args.in_chans == 3:
-        args.mean, args.std = list(utils.IMAGENET_MEAN), list(utils.IMAGENET_STD)
-    if args.norm_stats is None:
-        if args.mean is None or args.std is None:
-            utils.fail(f"--in-chans {args.in_chans} needs --mean and --std ({args.in_chans} values each) or "
-                       f"--norm-stats auto")
-        utils.check_stats(args.in_chans, args.mean, args.std)
     if args.save_every < 0:
         utils.fail(f"--save-every must be 0 (no numbered checkpoints) or positive, got {args.save_every}")
     try:

@@ -7,7 +7,6 @@ import signal
 import pytest
 import torch
 
-import linprobe
 import pretrain
 import utils
 from test_smoke import TINY, read_log, stage_error

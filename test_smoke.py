@@ -3016,7 +3016,7 @@ def test_extract_folder_and_shards(sources, tmp_path, official_file):
     assert instance.shape == tokens.shape == (24, 64) and instance.dtype == tokens.dtype == np.float32
     assert sorted(os.listdir(tmp_path / "folder")) == ["instance.npy", "names.txt", "tokens.npy"]
     args = linprobe.get_args(extract_args(tmp_path, "x", "--pretrained", checkpoint))
-    utils.input_stats(args, lambda *a: None)
+    utils.encoder_inputs(args, log=lambda *a: None)
     encoder = linprobe.load_encoder(args, 0, lambda *a: None).eval()
     image = data.eval_transform(32, v2.InterpolationMode.BILINEAR)(data.decode_image(
         str(sources / "folder" / names[5])))
@@ -3157,7 +3157,7 @@ def test_one_channel_pretraining_carries_channels_and_statistics(tmp_path, monke
 
 
 def test_input_stats_from_checkpoint_flags_or_defaults(official_file, tmp_path):
-    """utils.input_stats: an official (RGB) checkpoint means ImageNet's statistics, and --in-chans 1 adapts it
+    """utils.encoder_inputs: an official (RGB) checkpoint means ImageNet's statistics, and --in-chans 1 adapts it
     with the data's own --mean and --std (required); without a checkpoint the flags decide; a checkpoint of ours
     gives its own values and refuses others."""
     _, official_path = official_file
@@ -3168,7 +3168,7 @@ def test_input_stats_from_checkpoint_flags_or_defaults(official_file, tmp_path):
         parser = argparse.ArgumentParser()
         utils.add_encoder_args(parser, 32, branch="momentum")
         args = parser.parse_args([*flags] + ([] if pretrained is None else ["--pretrained", str(pretrained)]))
-        utils.input_stats(args, lambda *a: None, channels)
+        utils.encoder_inputs(args, channels, lambda *a: None)
         return args.in_chans, args.mean, args.std
 
     imagenet = (3, list(utils.IMAGENET_MEAN), list(utils.IMAGENET_STD))

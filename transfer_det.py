@@ -98,7 +98,7 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--layer-decay", type=float, default=0.75)
     utils.add_grad_checkpointing_arg(p)
-    args = utils.parse_args(p, argv)
+    args = utils.parse_args(p, argv, channels=(3,))
     if args.lr is None:
         args.lr = 3e-4 * args.batch_size / 32
     return args
@@ -461,8 +461,7 @@ ARCH_FLAGS = utils.ARCH_FLAGS + ("feature_blocks",)  # fixed on resume
 
 def build_detector(args, num_classes, log=print):
     """Mask R-CNN of the reference config on the pretrained ViT; num_classes without background. Its transform
-    normalises with the statistics the checkpoint records (utils.input_stats; RGB only)."""
-    utils.input_stats(args, log, channels=(3,))
+    normalises with the statistics the checkpoint records (utils.encoder_inputs; RGB only)."""
     patch = args.patch_size
     if patch & (patch - 1):
         utils.fail(f"--patch-size {patch} must be a power of two to give maps at strides {STRIDES}")

@@ -78,7 +78,7 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--eval-mode", default="slide", choices=["slide", "whole"])
     utils.add_grad_checkpointing_arg(p)
-    return utils.parse_args(p, argv)
+    return utils.parse_args(p, argv, channels=(3,))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -480,7 +480,6 @@ def main(argv=None):
         utils.fail(f"BatchNorm needs at least 2 images per step (the 1x1 pyramid-pooling map), got micro-batch "
                    f"{local_batch}{' per process' if world > 1 else ''}: raise --batch-size or lower --accum-iter")
     log = print if utils.is_main() else (lambda *a, **k: None)
-    utils.input_stats(args, log, channels=(3,))
     utils.make_output_dir(args.output_dir)
     run = utils.Run(args, args.iters, log, key="iter", stage="transfer_seg.py")
     if args.eval_only and not os.path.exists(run.path):

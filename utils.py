@@ -138,23 +138,6 @@ def add_encoder_args(parser, img_size, branch=None, img_help=None):
                        help="the encoder of a pretraining checkpoint to use")
 
 
-def arch_from_pretrained(args):
-    """Set --arch, --patch-size and --img-size left unset to those of the --pretrained checkpoint
-    (models.encoder_config), else to the official ViT-B/16 at 224; an --arch or --patch-size that contradicts the
-    checkpoint is refused in one line naming both values (another --img-size resizes the position table)."""
-    found = OFFICIAL_ARCH
-    if args.pretrained is not None:
-        try:
-            found = models.encoder_config(load_checkpoint(args.pretrained))
-        except ValueError as e:
-            fail(f"{args.pretrained}: {e}")
-    for key in OFFICIAL_ARCH:
-        given = getattr(args, key)
-        if key != "img_size" and args.pretrained is not None and given not in (None, found[key]):
-            fail(f"{args.pretrained}: {key.replace('_', ' ')} {found[key]} in the checkpoint, {given} given")
-        setattr(args, key, found[key] if given is None else given)
-
-
 def add_common_args(parser, data_help, output_dir, img_size, batch_size, num_workers, print_freq=20, branch=None,
                     img_help=None):
     """The flags every stage shares, with the same names and meanings; defaults are the stage's protocol.
@@ -188,7 +171,7 @@ def add_grad_checkpointing_arg(parser):
                              "activations (the same results; about a third more encoder compute)")
 
 
-def parse_args(parser, argv=None):
+def parse_args(parser, argv=None, channels=None):
     """parser.parse_args(argv), then one-line errors for values of the common flags (and --epochs, --iters,
     --monitor-every, --monitor-per-class where a stage has them) that no run can use, before anything is built."""
     args = parser.parse_args(argv)
@@ -204,8 +187,7 @@ def parse_args(parser, argv=None):
         fail(f"--device must be cuda or cpu, got {args.device!r} (choose GPUs with CUDA_VISIBLE_DEVICES; "
              f"under torchrun each process takes GPU LOCAL_RANK)")
     check_values(args)
-    if getattr(args, "branch", None) is not None:  # a stage that reads an encoder
-        arch_from_pretrained(args)
+    encoder_inputs(args, channels, log=print if int(os.environ.get("RANK", 0)) == 0 else (lambda *a: None))
     return args
 
 
@@ -567,41 +549,61 @@ def check_stats(in_chans, mean, std):
             fail(f"--std of channel {channel} must be finite and at least {MIN_STD:g}, got {s}")
 
 
-def input_stats(args, log=print, channels=None):
-    """Set args.in_chans, args.mean and args.std of a stage that reads an encoder: what the --pretrained checkpoint
-    records (models.checkpoint_inputs; an RGB one that records no statistics has ImageNet's), else the flags, else
-    3 channels and ImageNet's statistics.
+def encoder_inputs(args, channels=None, log=print):
+    """The one place that decides the encoder and its inputs for every stage, before anything is built.
 
-    A flag that contradicts the checkpoint is refused in one line, except --in-chans C with an RGB checkpoint:
-    its patch embedding is adapted on load (models.adapt_input_channels) and --mean, --std must then be given.
-    channels: the channel counts the stage's data pipeline handles (None: any), others refused in one line."""
-    in_chans, mean, std = args.in_chans or 3, None, None
-    if args.pretrained is not None:
-        in_chans, mean, std = models.checkpoint_inputs(load_checkpoint(args.pretrained))
-        if in_chans == 3 and mean is None:
-            mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-        if args.in_chans not in (None, in_chans):
-            if in_chans != 3:
-                fail(f"--in-chans {args.in_chans} contradicts {args.pretrained}, which holds {in_chans} channel(s)")
-            in_chans, mean, std = args.in_chans, None, None  # adapted on load: the statistics are the data's
-        for flag, given, recorded in (("--mean", args.mean, mean), ("--std", args.std, std)):
-            if given is not None and recorded is not None and [float(v) for v in given] != list(recorded):
-                fail(f"{flag} {' '.join(map(str, given))} contradicts {args.pretrained}, which records "
-                     f"{' '.join(f'{v:g}' for v in recorded)}")
-    mean = args.mean if mean is None else mean
-    std = args.std if std is None else std
-    if mean is None and std is None and in_chans == 3:
+    A stage that reads an encoder: --arch, --patch-size and --img-size left unset are the --pretrained
+    checkpoint's (models.encoder_config), else the official ViT-B/16 at 224. --in-chans, --mean and --std: what the
+    checkpoint records (an RGB one without statistics: ImageNet's), else the flags, else 3 channels and
+    ImageNet's; pretraining's --norm-stats auto leaves them to be estimated. A flag that contradicts the
+    checkpoint is refused in one line naming both values, except another --img-size (the position table is
+    resized on load) and --in-chans C with an RGB checkpoint (its patch embedding is adapted on load: give the
+    data's --mean and --std). channels: the channel counts the stage's data pipeline reads (None: any)."""
+    path, auto = getattr(args, "pretrained", None), getattr(args, "norm_stats", None) == "auto"
+    found = dict(OFFICIAL_ARCH, in_chans=None, mean=None, std=None)
+    if path is not None:
+        try:
+            found = models.encoder_config(load_checkpoint(path))
+        except ValueError as e:
+            fail(f"{path}: {e}")
+        if found["in_chans"] == 3 and found["mean"] is None:
+            found.update(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    if hasattr(args, "pretrained"):
+        for key in OFFICIAL_ARCH:
+            given = getattr(args, key)
+            if key != "img_size" and path is not None and given not in (None, found[key]):
+                fail(f"{path}: {key.replace('_', ' ')} {found[key]} in the checkpoint, {given} given")
+            setattr(args, key, found[key] if given is None else given)
+    in_chans, mean, std = found["in_chans"], found["mean"], found["std"]
+    if None not in (args.in_chans, in_chans) and args.in_chans != in_chans:
+        if in_chans != 3:
+            fail(f"--in-chans {args.in_chans} contradicts {path}, which holds {in_chans} channel(s)")
+        in_chans, mean, std = args.in_chans, None, None  # adapted on load: the statistics are the data's
+    for flag, given, recorded in (("--mean", args.mean, mean), ("--std", args.std, std)):
+        if given is not None and recorded is not None and [float(v) for v in given] != list(recorded):
+            fail(f"{flag} {' '.join(map(str, given))} contradicts {path}, which records "
+                 f"{' '.join(f'{v:g}' for v in recorded)}")
+    in_chans = in_chans or args.in_chans or 3
+    mean, std = (args.mean if mean is None else mean), (args.std if std is None else std)
+    if auto and (args.mean is not None or args.std is not None):
+        fail("give --mean and --std, or --norm-stats auto, not both")
+    if mean is None and std is None and in_chans == 3 and not auto:
         mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-    if mean is None or std is None:
-        fail(f"{in_chans} input channel(s) need --mean and --std ({in_chans} values each)")
-    check_stats(in_chans, mean, std)
+    if not auto and (mean is None or std is None):
+        fail(f"--in-chans {in_chans} needs --mean and --std ({in_chans} values each) or --norm-stats auto"
+             if hasattr(args, "norm_stats") else f"{in_chans} input channel(s) need --mean and --std ({in_chans} "
+                                                  f"values each)")
+    if not auto:
+        check_stats(in_chans, mean, std)
     if channels is not None and in_chans not in channels:
         fail(f"this stage's data pipeline reads {' or '.join(map(str, channels))}-channel images, not {in_chans} "
              f"channel(s)")
-    args.in_chans, args.mean, args.std = in_chans, [float(v) for v in mean], [float(v) for v in std]
-    if in_chans != 3 or args.mean != list(IMAGENET_MEAN):
-        log(f"inputs: {in_chans} channel(s), mean {' '.join(f'{v:.4f}' for v in args.mean)}, "
-            f"std {' '.join(f'{v:.4f}' for v in args.std)}")
+    args.in_chans = in_chans
+    if not auto:
+        args.mean, args.std = [float(v) for v in mean], [float(v) for v in std]
+        if in_chans != 3 or args.mean != list(IMAGENET_MEAN):
+            log(f"inputs: {in_chans} channel(s), mean {' '.join(f'{v:.4f}' for v in args.mean)}, "
+                f"std {' '.join(f'{v:.4f}' for v in args.std)}")
 
 
 def resume_checkpoint(output_dir):

@@ -69,7 +69,6 @@ def get_args(argv=None):
 
 def timm_export(args):
     """(state_dict, timm_kwargs, left_out) of the --pretrained encoder in timm's ViT layout; sets args.mean, args.std."""
-    utils.input_stats(args)
     try:
         state_dict, left_out = models.timm_state_dict(utils.load_checkpoint(args.pretrained), args.branch)
         return state_dict, models.timm_vit_kwargs(state_dict, args.arch), left_out
@@ -109,7 +108,6 @@ def export_onnx(args):
     """Write the encoder as ONNX: `images` (B, C, S, S) -> `tokens` (B, N, D), `instance` (B, D), both after the
     final norm, B free. The TorchScript exporter (dynamo=False) needs onnx only; torch.export's needs onnxscript."""
     utils.optional_import("onnx", "onnx", "--export-onnx")
-    utils.input_stats(args)
     encoder = models.pretrained_encoder(utils.load_checkpoint(args.pretrained), args.branch)
     images = torch.zeros(2, encoder.in_chans, args.img_size, args.img_size)
     batch = {0: "batch"}
@@ -248,7 +246,6 @@ def main(argv=None):
     if missing:
         utils.fail(f"image {missing[0]} does not exist")
     _, _, device = utils.init_distributed(args.device)
-    utils.input_stats(args)
     encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
                                        **models.ARCHS[args.arch], ca_depth=2, layer_scale=0.1)
     utils.load_pretrained_encoder(encoder, args.pretrained, args.branch)
