@@ -396,7 +396,7 @@ def prepare(name, step, args, device, others_mb, compile_fn=None, model_step=Non
 def prepare_ours(learner, args, device, amp, micro_batches, lr, momentum):
     """pretrain.py's optimizer (or --cuda-graphs updates), loss scaler, training step and (with --compile)
     compilation."""
-    optimizer = utils.adamw(utils.param_groups(learner, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
+    optimizer = utils.adamw(models.param_groups(learner, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
                             device=device)
     updates = pretrain.step_updates(args, learner, optimizer, device, amp)
     scaler = utils.grad_scaler(device, amp)
@@ -417,7 +417,7 @@ def prepare_baseline(state_dict, args, device, amp, micro_batches, lr, momentum,
     """The official pattern from the same initial weights, eager, with for-loop AdamW (the official code's
     PyTorch 1.x default); others_mb: CUDA memory held by the other model."""
     baseline = BaselineExtreMA(args).load_ours(state_dict).to(device)
-    optimizer = torch.optim.AdamW(utils.param_groups(baseline, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
+    optimizer = torch.optim.AdamW(models.param_groups(baseline, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
                                   foreach=False, fused=False)
     scaler = utils.grad_scaler(device, amp)
     return prepare("baseline", lambda: baseline_step(baseline, optimizer, scaler, micro_batches, lr, momentum, amp,

@@ -24,6 +24,7 @@ from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
+import models
 import utils
 
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "npy")  # a shard sample's image, first found
@@ -445,6 +446,105 @@ def pretraining_loader(args, transform, batch_size, device):
     return make_loader(dataset, batch_size, True, args.num_workers, args.seed, device), args.train_num_samples
 
 
+# ----------------------------------------------------------------------------------------------------
+# The encoder and its inputs: channels and statistics from the checkpoint or the flags
+
+
+OFFICIAL_ARCH = {"arch": "vit_base", "patch_size": 16, "img_size": 224}  # a stage's encoder without --pretrained
+MIN_STD = 1e-6  # a smaller per-channel std (in [0, 1] units) would blow a nearly constant channel up to noise
+
+
+def check_stats(in_chans, mean, std):
+    """One-line error unless mean and std hold in_chans finite values each and every std is at least MIN_STD."""
+    if in_chans < 1:
+        utils.fail(f"--in-chans must be at least 1, got {in_chans}")
+    if len(mean) != in_chans or len(std) != in_chans:
+        utils.fail(f"--mean and --std need {in_chans} value(s) each (one per input channel), got {len(mean)} and {len(std)}")
+    for channel, (m, s) in enumerate(zip(mean, std)):
+        if not math.isfinite(m):
+            utils.fail(f"--mean of channel {channel} must be finite, got {m}")
+        if not (math.isfinite(s) and s >= MIN_STD):
+            utils.fail(f"--std of channel {channel} must be finite and at least {MIN_STD:g}, got {s}")
+
+
+def encoder_inputs(args, channels=None):
+    """The one place that decides the encoder and its inputs for every stage, before anything is built.
+
+    A stage that reads an encoder: --arch, --patch-size and --img-size left unset are the --pretrained
+    checkpoint's (models.encoder_config), else the official ViT-B/16 at 224. --in-chans, --mean and --std: what the
+    checkpoint records (an RGB one without statistics: ImageNet's), else the flags, else 3 channels and
+    ImageNet's; pretraining's --norm-stats auto leaves them to be estimated. A flag that contradicts the
+    checkpoint is refused in one line naming both values, except another --img-size (the position table is
+    resized on load) and --in-chans C with an RGB checkpoint (its patch embedding is adapted on load: give the
+    data's --mean and --std). channels: the channel counts the stage's data pipeline reads (None: any). Called by
+    every stage's get_args after utils.parse_args; returns args."""
+    path, auto = getattr(args, "pretrained", None), getattr(args, "norm_stats", None) == "auto"
+    found = dict(OFFICIAL_ARCH, in_chans=None, mean=None, std=None)
+    if path is not None:
+        try:
+            found = models.encoder_config(utils.load_checkpoint(path))
+        except ValueError as e:
+            utils.fail(f"{path}: {e}")
+        if found["in_chans"] == 3 and found["mean"] is None:
+            found.update(mean=list(utils.IMAGENET_MEAN), std=list(utils.IMAGENET_STD))
+    if hasattr(args, "pretrained"):  # a stage that reads an encoder
+        for key in OFFICIAL_ARCH:
+            given = getattr(args, key)
+            if key != "img_size" and path is not None and given not in (None, found[key]):
+                utils.fail(f"{path}: {key.replace('_', ' ')} {found[key]} in the checkpoint, {given} given")
+            setattr(args, key, found[key] if given is None else given)
+    if args.img_size % args.patch_size:
+        utils.fail(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+    in_chans, mean, std = found["in_chans"], found["mean"], found["std"]
+    if None not in (args.in_chans, in_chans) and args.in_chans != in_chans:
+        if in_chans != 3:
+            utils.fail(f"--in-chans {args.in_chans} contradicts {path}, which holds {in_chans} channel(s)")
+        in_chans, mean, std = args.in_chans, None, None  # adapted on load: the statistics are the data's
+    for flag, given, recorded in (("--mean", args.mean, mean), ("--std", args.std, std)):
+        if given is not None and recorded is not None and [float(v) for v in given] != list(recorded):
+            utils.fail(f"{flag} {' '.join(map(str, given))} contradicts {path}, which records "
+                 f"{' '.join(f'{v:g}' for v in recorded)}")
+    in_chans = in_chans or args.in_chans or 3
+    mean, std = (args.mean if mean is None else mean), (args.std if std is None else std)
+    if auto and (args.mean is not None or args.std is not None):
+        utils.fail("give --mean and --std, or --norm-stats auto, not both")
+    if mean is None and std is None and in_chans == 3 and not auto:
+        mean, std = list(utils.IMAGENET_MEAN), list(utils.IMAGENET_STD)
+    if not auto and (mean is None or std is None):
+        utils.fail(f"--in-chans {in_chans} needs --mean and --std ({in_chans} values each) or --norm-stats auto"
+             if hasattr(args, "norm_stats") else f"{in_chans} input channel(s) need --mean and --std ({in_chans} "
+                                                  f"values each)")
+    if not auto:
+        check_stats(in_chans, mean, std)
+    if channels is not None and in_chans not in channels:
+        utils.fail(f"this stage's data pipeline reads {' or '.join(map(str, channels))}-channel images, not {in_chans} "
+             f"channel(s)")
+    args.in_chans = in_chans
+    if not auto:
+        args.mean, args.std = [float(v) for v in mean], [float(v) for v in std]
+        if (in_chans != 3 or args.mean != list(utils.IMAGENET_MEAN)) and utils.is_main():
+            print(f"inputs: {in_chans} channel(s), mean {' '.join(f'{v:.4f}' for v in args.mean)}, "
+                f"std {' '.join(f'{v:.4f}' for v in args.std)}")
+    return args
+
+
+def load_pretrained_encoder(encoder, path, branch, log=print, output_dir=None):
+    """--pretrained PATH into a VisionTransformer (ours or official format); None means random init.
+    Nothing is read when output_dir holds checkpoint-last.pth: resuming and --eval-only load the whole model."""
+    last = os.path.join(output_dir, "checkpoint-last.pth") if output_dir is not None else None
+    if last is not None and os.path.exists(last):
+        log(f"the encoder's weights will come from {last}" + (f" (--pretrained {path} is not read)" if path else ""))
+        return
+    if path is None:
+        log("no --pretrained given: the encoder starts from random initialisation")
+        return
+    try:
+        note = models.load_encoder(encoder, utils.load_checkpoint(path), branch)
+    except ValueError as e:
+        utils.fail(f"{path}: {e}")
+    log(f"loaded the {branch} encoder from {path}" + (f"; {note}" if note else ""))
+
+
 def sample_images(args, max_images):
     """Up to max_images decoded training images of --data (PIL images as uint8 tensors), for --norm-stats auto:
     a fixed random subset of a folder, list or synthetic set (the same in every process and on resume), the
@@ -487,7 +587,7 @@ def channel_stats(images):
     mean = sums[0] / sums[2]
     std = (sums[1] / sums[2] - mean.square()).clamp_min(0).sqrt()
     for channel, (m, s) in enumerate(zip(mean.tolist(), std.tolist())):
-        if not math.isfinite(m + s) or s < utils.MIN_STD:
+        if not math.isfinite(m + s) or s < MIN_STD:
             problem = f"constant (std {s:.2g})" if math.isfinite(m + s) else f"not finite (mean {m}, std {s})"
             utils.fail(f"--norm-stats auto: channel {channel} of the training images is {problem}")
     return mean.tolist(), std.tolist()

@@ -57,7 +57,7 @@ def get_args(argv=None):
     p.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
                    help="clip the gradients' total norm to NORM (default: no clipping, as the official recipe)")
     utils.add_grad_checkpointing_arg(p)
-    return utils.parse_args(p, argv, channels=(1, 3))  # RandAugment works on PIL images: grey or RGB
+    return data.encoder_inputs(utils.parse_args(p, argv), channels=(1, 3))  # RandAugment's PIL: grey or RGB
 
 
 class MeanPoolClassifier(nn.Module):
@@ -300,7 +300,6 @@ def train_one_epoch(model, loader, optimizer, scaler, mixing, num_classes, epoch
 
 def main(argv=None):
     args = get_args(argv)
-    utils.check_image_size(args)
     if args.train_subset is not None and args.label_fraction is not None:
         utils.fail("give --train-subset or --label-fraction, not both")
     rank, world_size, device = utils.init_distributed(args.device)
@@ -324,11 +323,11 @@ def main(argv=None):
 
     encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
                                        **models.ARCHS[args.arch], ca_depth=2, layer_scale=0.1, drop_path=args.drop_path)
-    utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir)
+    data.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir)
     encoder.set_grad_checkpointing(args.grad_checkpointing)
     model = MeanPoolClassifier(encoder, num_classes).to(device)
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
-    groups = utils.layer_decay_groups(model, args.weight_decay, args.layer_decay, len(encoder.blocks))
+    groups = models.layer_decay_groups(model, args.weight_decay, args.layer_decay, len(encoder.blocks))
     optimizer = utils.adamw(groups, args.lr, (0.9, 0.999), device)
     scaler = utils.grad_scaler(device, args.amp)
     log(f"fine-tuning the {args.branch} encoder ({args.arch}): {len(train_set)} training / {len(val_set)} "

@@ -49,7 +49,7 @@ def get_args(argv=None):
                         "to <output-dir>/instance.npy (N, D) float32 (the probe's feature), tokens.npy (N, D) (the "
                         "mean patch token after the final norm) and names.txt (one line per row), in the source's "
                         "order, instead of training")
-    return utils.parse_args(p, argv)
+    return data.encoder_inputs(utils.parse_args(p, argv))
 
 
 class LinearProbe(nn.Module):
@@ -122,7 +122,7 @@ def load_encoder(args, rank, log):
     # --knn and --extract train nothing, so they always read --pretrained, even where a probe's checkpoint-last.pth
     # exists
     trains = not (args.knn or args.extract)
-    utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir if trains else None)
+    data.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir if trains else None)
     return encoder
 
 
@@ -341,7 +341,6 @@ def extract(probe, transform, batch_size, device, args, log):
 
 def main(argv=None):
     args = get_args(argv)
-    utils.check_image_size(args)
     rank, world_size, device = utils.init_distributed(args.device)
     args.amp = utils.resolve_amp(args.amp, device)
     local_batch = utils.local_batch_size(args.batch_size, world_size, args.accum_iter)

@@ -560,6 +560,53 @@ class ExtreMA(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Optimizer parameter groups: weight decay off for biases and norms, layer-wise lr decay for fine-tuning
+
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token")
+
+
+def no_weight_decay(name, param):
+    """Biases, norm weights, layer-scale vectors (all 1-D), pos_embed and cls_token skip weight decay."""
+    return param.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
+
+
+def param_groups(model, weight_decay):
+    """Two AdamW groups: with and without weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def layer_id(name, num_layers):
+    """Depth of a parameter for layer-wise lr decay: patch embedding, pos_embed and cls_token are 0,
+    block i is i + 1, everything else (norms, heads, decoders) is num_layers + 1."""
+    match = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    if re.search(r"(?:^|\.)(patch_embed|pos_embed|cls_token)(\.|$)", name):
+        return 0
+    return num_layers + 1
+
+
+def layer_decay_groups(model, weight_decay, layer_decay, num_layers):
+    """AdamW groups with lr_scale = layer_decay ** (num_layers + 1 - layer_id), decay off as param_groups."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = layer_id(name, num_layers)
+        skip = no_weight_decay(name, p)
+        group = groups.setdefault((lid, skip), {
+            "params": [], "weight_decay": 0.0 if skip else weight_decay,
+            "lr_scale": layer_decay ** (num_layers + 1 - lid), "layer_id": lid})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+# ----------------------------------------------------------------------------------------------------
 # Checkpoints
 
 

@@ -8,6 +8,7 @@
 import argparse
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -83,7 +84,7 @@ def get_args(argv=None):
                         "momentum encoder's instance features, logged as knn_acc1")
     p.add_argument("--monitor-every", type=int, default=1, help="epochs between monitor evaluations")
     p.add_argument("--monitor-per-class", type=int, default=None, help="cap on the monitor's images per class")
-    return utils.parse_args(p, argv)
+    return data.encoder_inputs(utils.parse_args(p, argv))
 
 
 def crop_transform(img_size, crop_min):
@@ -188,7 +189,6 @@ def build_model(args):
 
 
 def check_args(args):
-    utils.check_image_size(args)
     if args.save_every < 0:
         utils.fail(f"--save-every must be 0 (no numbered checkpoints) or positive, got {args.save_every}")
     try:
@@ -237,7 +237,7 @@ def estimate_stats(args, log=print):
     crop), printed; the same images in every process and on resume, so the values are too."""
     start = time.time()
     args.mean, args.std = data.channel_stats(data.sample_images(args, NORM_STATS_IMAGES))
-    utils.check_stats(args.in_chans, args.mean, args.std)
+    data.check_stats(args.in_chans, args.mean, args.std)
     log(f"--norm-stats auto ({time.time() - start:.0f} s): --mean {' '.join(f'{v:.6g}' for v in args.mean)} "
         f"--std {' '.join(f'{v:.6g}' for v in args.std)}")
 
@@ -245,7 +245,7 @@ def estimate_stats(args, log=print):
 def build_optimizer(args, learner, device):
     """AdamW (0.9, 0.95) without weight decay on biases, norms, pos_embed and cls_token; with
     --predictor-lr-scale, the predictor's groups step at that multiple of the lr."""
-    groups = utils.param_groups(learner, args.weight_decay)
+    groups = models.param_groups(learner, args.weight_decay)
     if args.predictor_lr_scale != 1:
         predictor = {id(p) for p in learner.predictor.parameters()}
         groups = [dict(g, params=[p for p in g["params"] if (id(p) in predictor) == fast], lr_scale=scale)
@@ -360,8 +360,21 @@ def main(argv=None):
             + (f" {MONITOR_K}-NN acc1 {record['knn_acc1']:.2f}" if "knn_acc1" in record else ""))
         run.save(epoch + 1, 0, record, {"monitor/knn_acc1": record.get("knn_acc1")})
         if rank == 0 and args.save_every and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-            utils.keep_copy(run.path, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+            keep_copy(run.path, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
     run.close()
+
+
+def keep_copy(path, copy):
+    """Give the file at path a second name, copy: a hard link (no second copy on disk), or a copy where the file
+    system has no hard links. utils.save_checkpoint later replaces path's file and leaves copy as it is."""
+    tmp = f"{copy}.tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, copy)
 
 
 def init_from(path, learner, log):

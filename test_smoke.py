@@ -645,7 +645,7 @@ def test_finetune_official_pooling(official_file, branch):
     """The classifier's LayerNorm reads the mean of the official pre-norm patch tokens."""
     fixture, path = official_file
     encoder = models.VisionTransformer(img_size=32, patch_size=8, **models.ARCHS["vit_fixture"])
-    utils.load_pretrained_encoder(encoder, path, branch, log=lambda *a: None)
+    data.load_pretrained_encoder(encoder, path, branch, log=lambda *a: None)
     model = finetune.MeanPoolClassifier(encoder, 4).eval()
     assert not any(k.startswith(("encoder.ca_blocks", "encoder.cls_token", "encoder.norm"))
                    for k in model.state_dict())
@@ -1077,7 +1077,7 @@ def test_seg_feature_pyramid_shapes_and_layers():
             stride16 = F.max_pool2d(stride16, 2)
         assert torch.allclose(maps[2], stride16)  # the stride-16 map is block 8
         assert logits.shape == (2, 150, 16, 16) and aux.shape == (2, 150, 4, 4)
-        groups = utils.layer_decay_groups(model, 0.05, 0.65, 12)
+        groups = models.layer_decay_groups(model, 0.05, 0.65, 12)
         scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
         assert scale[id(model.backbone.encoder.blocks[0].attn.qkv.weight)] == pytest.approx(0.65 ** 12)
         assert scale[id(model.decode_head.fpn_bottleneck[0].weight)] == 1.0
@@ -1253,7 +1253,7 @@ def test_det_pyramid_shapes_non_square(patch):
     assert detector.transform.size_divisible == 32
     assert detector.transform.min_size == (38, 41, 44, 46, 49, 51, 54, 56, 59, 61, 64)  # 480..800 x 64/800
     assert detector.transform.max_size == 107
-    groups = utils.layer_decay_groups(detector, 0.05, 0.75, 2)
+    groups = models.layer_decay_groups(detector, 0.05, 0.75, 2)
     scales = {g["layer_id"]: g["lr_scale"] for g in groups}
     assert scales[0] == pytest.approx(0.75 ** 3) and scales[3] == 1.0  # patch embedding vs. heads
 
@@ -1450,7 +1450,7 @@ def test_rel_pos_bias_starts_neutral_and_loads_without_tables():
     with pytest.raises(ValueError, match="relative position bias needs the token grid"):
         biased(x, keep=models.sample_keep(2, 16, 0.5, 1))
     # the tables are decayed like every other matrix, as in the reference's LayerDecayOptimizerConstructor
-    groups = utils.layer_decay_groups(biased, 0.05, 0.65, 12)
+    groups = models.layer_decay_groups(biased, 0.05, 0.65, 12)
     group = next(g for g in groups if any(p is table for p in g["params"]))
     assert group["weight_decay"] == 0.05 and group["layer_id"] == 1
 
@@ -1654,7 +1654,7 @@ def test_bench_times_steps_in_turns():
 def test_bench_flops_per_image_independent_of_batch():
     args = bench.get_args(BENCH_TINY)
     learner = pretrain.build_model(args)
-    optimizer = utils.adamw(utils.param_groups(learner, 0.1), lr=0.0, betas=(0.9, 0.95), device=torch.device("cpu"))
+    optimizer = utils.adamw(models.param_groups(learner, 0.1), lr=0.0, betas=(0.9, 0.95), device=torch.device("cpu"))
     scaler = utils.grad_scaler(torch.device("cpu"), "none")
     for batch in (3, 6):
         micro_batches = [torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)]  # colouring adds no FLOPs
@@ -2182,7 +2182,7 @@ def test_graphed_updates_step_like_the_optimizer():
     graphed = pretrain.build_model(args)
     graphed.load_state_dict(plain.state_dict())
     cpu = torch.device("cpu")
-    optimizers = [utils.adamw(utils.param_groups(m, 0.1), lr=0.0, betas=(0.9, 0.95), device=cpu)
+    optimizers = [utils.adamw(models.param_groups(m, 0.1), lr=0.0, betas=(0.9, 0.95), device=cpu)
                   for m in (plain, graphed)]
     updates = pretrain.GraphedUpdates(graphed, optimizers[1])
     scaler = utils.grad_scaler(cpu, "none")
@@ -3016,7 +3016,7 @@ def test_extract_folder_and_shards(sources, tmp_path, official_file):
     assert instance.shape == tokens.shape == (24, 64) and instance.dtype == tokens.dtype == np.float32
     assert sorted(os.listdir(tmp_path / "folder")) == ["instance.npy", "names.txt", "tokens.npy"]
     args = linprobe.get_args(extract_args(tmp_path, "x", "--pretrained", checkpoint))
-    utils.encoder_inputs(args, log=lambda *a: None)
+    data.encoder_inputs(args)
     encoder = linprobe.load_encoder(args, 0, lambda *a: None).eval()
     image = data.eval_transform(32, v2.InterpolationMode.BILINEAR)(data.decode_image(
         str(sources / "folder" / names[5])))
@@ -3157,18 +3157,20 @@ def test_one_channel_pretraining_carries_channels_and_statistics(tmp_path, monke
 
 
 def test_input_stats_from_checkpoint_flags_or_defaults(official_file, tmp_path):
-    """utils.encoder_inputs: an official (RGB) checkpoint means ImageNet's statistics, and --in-chans 1 adapts it
+    """data.encoder_inputs: an official (RGB) checkpoint means ImageNet's statistics, and --in-chans 1 adapts it
     with the data's own --mean and --std (required); without a checkpoint the flags decide; a checkpoint of ours
     gives its own values and refuses others."""
     _, official_path = official_file
     grey_path = tmp_path / "grey.pth"
-    torch.save({"in_chans": 1, "mean": [0.4], "std": [0.2], "model": {}}, grey_path)
+    grey = models.VisionTransformer(img_size=32, patch_size=8, in_chans=1, **models.ARCHS["vit_fixture"])
+    torch.save({"in_chans": 1, "mean": [0.4], "std": [0.2],  # the encoder's config is read from its weights
+                "model": {f"momentum_encoder.{k}": v for k, v in grey.state_dict().items()}}, grey_path)
 
     def resolve(pretrained, *flags, channels=None):
         parser = argparse.ArgumentParser()
         utils.add_encoder_args(parser, 32, branch="momentum")
         args = parser.parse_args([*flags] + ([] if pretrained is None else ["--pretrained", str(pretrained)]))
-        utils.encoder_inputs(args, channels, lambda *a: None)
+        data.encoder_inputs(args, channels)
         return args.in_chans, args.mean, args.std
 
     imagenet = (3, list(utils.IMAGENET_MEAN), list(utils.IMAGENET_STD))
@@ -3183,7 +3185,7 @@ def test_input_stats_from_checkpoint_flags_or_defaults(official_file, tmp_path):
             (grey_path, ["--std", "0.3"], "--std 0.3 contradicts .* records 0.2"),
             (grey_path, ["--in-chans", "4"], "--in-chans 4 contradicts .* holds 1 channel"),
             (None, ["--in-chans", "2", "--mean", "0.5", "--std", "0.2"], "need 2 value"),
-            (grey_path, ["--arch", "vit_tiny"], "reads 3-channel images, not 1")):
+            (grey_path, ["--arch", "vit_fixture"], "reads 3-channel images, not 1")):
         with pytest.raises(SystemExit, match=message):
             resolve(pretrained, *flags, channels=(3,) if "--arch" in flags else None)
 

@@ -98,7 +98,7 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--layer-decay", type=float, default=0.75)
     utils.add_grad_checkpointing_arg(p)
-    args = utils.parse_args(p, argv, channels=(3,))
+    args = data.encoder_inputs(utils.parse_args(p, argv), channels=(3,))
     if args.lr is None:
         args.lr = 3e-4 * args.batch_size / 32
     return args
@@ -461,7 +461,7 @@ ARCH_FLAGS = utils.ARCH_FLAGS + ("feature_blocks",)  # fixed on resume
 
 def build_detector(args, num_classes, log=print):
     """Mask R-CNN of the reference config on the pretrained ViT; num_classes without background. Its transform
-    normalises with the statistics the checkpoint records (utils.encoder_inputs; RGB only)."""
+    normalises with the statistics the checkpoint records (data.encoder_inputs; RGB only)."""
     patch = args.patch_size
     if patch & (patch - 1):
         utils.fail(f"--patch-size {patch} must be a power of two to give maps at strides {STRIDES}")
@@ -472,7 +472,7 @@ def build_detector(args, num_classes, log=print):
     pretrain_size = 224 // patch * patch  # the grid the position table is stored at; resized per batch
     encoder = models.VisionTransformer(img_size=pretrain_size, patch_size=patch, **models.ARCHS[args.arch],
                                        drop_path=args.drop_path, ca_depth=2, layer_scale=0.1)
-    utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir)
+    data.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir)
     encoder.set_grad_checkpointing(args.grad_checkpointing)
     if args.lsj:
         side = round(1024 * args.img_size / 800)
@@ -585,7 +585,7 @@ def main(argv=None):
     if world > 1 and device.type == "cuda":  # SyncBatchNorm has no CPU kernel
         detector = nn.SyncBatchNorm.convert_sync_batchnorm(detector)
     depth = models.ARCHS[args.arch]["depth"]
-    groups = utils.layer_decay_groups(detector, args.weight_decay, args.layer_decay, depth)
+    groups = models.layer_decay_groups(detector, args.weight_decay, args.layer_decay, depth)
     optimizer = utils.adamw(groups, args.lr, (0.9, 0.999), device)
     scaler = utils.grad_scaler(device, amp)
 

@@ -78,7 +78,7 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--eval-mode", default="slide", choices=["slide", "whole"])
     utils.add_grad_checkpointing_arg(p)
-    return utils.parse_args(p, argv, channels=(3,))
+    return data.encoder_inputs(utils.parse_args(p, argv), channels=(3,))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -348,7 +348,7 @@ def build_model(args, log=print, load_pretrained=True):
                                        layer_scale=0.1, rel_pos_bias=args.rel_pos_bias)
     encoder.set_grad_checkpointing(args.grad_checkpointing)
     if load_pretrained:
-        utils.load_pretrained_encoder(encoder, args.pretrained, args.branch, log=log)
+        data.load_pretrained_encoder(encoder, args.pretrained, args.branch, log=log)
     return Segmenter(encoder, args.feature_blocks, args.decoder_channels, NUM_CLASSES)
 
 
@@ -496,7 +496,7 @@ def main(argv=None):
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     depth = models.ARCHS[args.arch]["depth"]
-    optimizer = utils.adamw(utils.layer_decay_groups(model, args.weight_decay, args.layer_decay, depth),
+    optimizer = utils.adamw(models.layer_decay_groups(model, args.weight_decay, args.layer_decay, depth),
                             args.lr, (0.9, 0.999), device)
     scaler = utils.grad_scaler(device, amp)
     run.resume(model, optimizer, scaler, ARCH_FLAGS)

@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import random
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -28,7 +27,6 @@ from torch.nn.parallel import DistributedDataParallel
 import models
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-OFFICIAL_ARCH = {"arch": "vit_base", "patch_size": 16, "img_size": 224}  # a stage's encoder without --pretrained
 IMG_HELP = "input side (default: the --pretrained checkpoint's, else 224)"
 
 
@@ -54,11 +52,8 @@ def optional_import(module, package, purpose):
 
 
 def run_main(main):
-    """Run a stage's main(); data and configuration errors end in one line, not a traceback.
-
-    Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep its last line. After a
-    main() that returns, the process group is destroyed: a process leaving with its group open can abort its peers.
-    """
+    """Run a stage's main(); data and configuration errors end in one line, not a traceback (of an error in a
+    loader worker, its last line). Then the process group is destroyed: left open, it can abort the peers."""
     try:
         main()
     except KeyboardInterrupt as e:
@@ -114,7 +109,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def add_encoder_args(parser, img_size, branch=None, img_help=None):
     """The flags of every script that builds an encoder: --arch, --img-size, --patch-size, --device, the inputs'
-    --in-chans, --mean and --std (input_stats) and, with a default `branch`, --pretrained and --branch."""
+    --in-chans, --mean and --std (data.encoder_inputs) and, with a default `branch`, --pretrained and --branch."""
     p = parser
     reads = branch is not None  # a stage that reads an encoder: its architecture comes from --pretrained
     p.add_argument("--arch", default=None if reads else "vit_base", choices=list(models.ARCHS),
@@ -171,7 +166,7 @@ def add_grad_checkpointing_arg(parser):
                              "activations (the same results; about a third more encoder compute)")
 
 
-def parse_args(parser, argv=None, channels=None):
+def parse_args(parser, argv=None):
     """parser.parse_args(argv), then one-line errors for values of the common flags (and --epochs, --iters,
     --monitor-every, --monitor-per-class where a stage has them) that no run can use, before anything is built."""
     args = parser.parse_args(argv)
@@ -187,7 +182,6 @@ def parse_args(parser, argv=None, channels=None):
         fail(f"--device must be cuda or cpu, got {args.device!r} (choose GPUs with CUDA_VISIBLE_DEVICES; "
              f"under torchrun each process takes GPU LOCAL_RANK)")
     check_values(args)
-    encoder_inputs(args, channels, log=print if int(os.environ.get("RANK", 0)) == 0 else (lambda *a: None))
     return args
 
 
@@ -225,11 +219,9 @@ OUTPUT_DIR_LOCKS = {}  # real path -> the open folder this process holds the loc
 
 
 def make_output_dir(path):
-    """Create --output-dir (and its parents) or stop with a one-line error: a file in the way, no permission.
-
-    The writing process (RANK 0) then holds an advisory lock on the folder (flock on the folder itself) until it
-    exits or release_output_dirs(), so a second run on the same folder stops in one line instead of mixing its
-    checkpoints and log lines with the first's. Where the file system has no such locks, nothing is locked."""
+    """Create --output-dir or stop in one line (a file in the way, no permission). RANK 0 then holds a flock on
+    the folder until it exits, so a second run on it stops in one line instead of mixing its files with the first's
+    (where the file system has no such locks, nothing is locked)."""
     if os.path.exists(path) and not os.path.isdir(path):
         fail(f"--output-dir {path} is a file, not a folder")
     try:
@@ -266,9 +258,8 @@ def release_output_dirs():
 def init_distributed(device):
     """Set up torch.distributed under torchrun (NCCL on CUDA, gloo on CPU); a plain python run is one
     process. Returns (rank, world_size, torch.device)."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1),
+                                                                             ("LOCAL_RANK", 0)))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -282,13 +273,11 @@ def init_distributed(device):
     return rank, world_size, device
 
 
-def distributed():
-    """Whether this process is one of a torch.distributed process group."""
+def distributed():  # whether this process is one of a torch.distributed process group
     return dist.is_available() and dist.is_initialized()
 
 
-def rank_world():
-    """(rank, world size) of this process: (0, 1) outside torchrun."""
+def rank_world():  # (rank, world size) of this process: (0, 1) outside torchrun
     return (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
 
 
@@ -296,8 +285,7 @@ def is_main():
     return rank_world()[0] == 0
 
 
-def all_reduce_sum(tensor):
-    """Sum a tensor over processes in place (no-op in one process) and return it."""
+def all_reduce_sum(tensor):  # summed over processes in place (nothing in one process), returned
     if distributed():
         dist.all_reduce(tensor)
     return tensor
@@ -321,11 +309,8 @@ def seed_step(seed, rank, epoch, step):
     set_seed(int(np.random.SeedSequence([seed % 2**64, rank, epoch, step]).generate_state(1)[0]))
 
 
-def resolve_amp(amp, device):
-    """--amp default: bf16 on GPUs that support it, else none (float32)."""
-    if amp is None:
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
-    return amp
+def resolve_amp(amp, device):  # --amp's default: bf16 on GPUs that support it, else none (float32)
+    return amp or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none")
 
 
 def autocast(device, amp):
@@ -336,12 +321,6 @@ def autocast(device, amp):
 def grad_scaler(device, amp):
     """Loss scaling for fp16 only; a disabled scaler is a pass-through for bf16 and float32."""
     return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-
-
-def check_image_size(args):
-    """One-line error unless --img-size divides into patches of --patch-size."""
-    if args.img_size % args.patch_size:
-        fail(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
 
 
 def local_batch_size(batch_size, world_size, accum_iter):
@@ -383,49 +362,6 @@ def set_lr(optimizer, lr):
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token")
-
-
-def no_weight_decay(name, param):
-    """Biases, norm weights, layer-scale vectors (all 1-D), pos_embed and cls_token skip weight decay."""
-    return param.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
-
-
-def param_groups(model, weight_decay):
-    """Two AdamW groups: with and without weight decay."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if no_weight_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def layer_id(name, num_layers):
-    """Depth of a parameter for layer-wise lr decay: patch embedding, pos_embed and cls_token are 0,
-    block i is i + 1, everything else (norms, heads, decoders) is num_layers + 1."""
-    match = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
-    if match:
-        return int(match.group(1)) + 1
-    if re.search(r"(?:^|\.)(patch_embed|pos_embed|cls_token)(\.|$)", name):
-        return 0
-    return num_layers + 1
-
-
-def layer_decay_groups(model, weight_decay, layer_decay, num_layers):
-    """AdamW groups with lr_scale = layer_decay ** (num_layers + 1 - layer_id), decay off as param_groups."""
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lid = layer_id(name, num_layers)
-        skip = no_weight_decay(name, p)
-        group = groups.setdefault((lid, skip), {
-            "params": [], "weight_decay": 0.0 if skip else weight_decay,
-            "lr_scale": layer_decay ** (num_layers + 1 - lid), "layer_id": lid})
-        group["params"].append(p)
-    return list(groups.values())
-
-
 def adamw(groups, lr, betas, device):
     """AdamW with the fused single-pass kernel where torch has one (CUDA, CPU), else the foreach one."""
     fused = device.type in ("cuda", "cpu")
@@ -438,30 +374,20 @@ def adamw(groups, lr, betas, device):
 
 def check_finite(state, path):
     """One-line error, before anything is written to path, when a floating-point tensor of the weights or the
-    optimizer state (state['model'], state['optimizer'], state['state_dict']) is NaN or infinite: a diverged
-    run must never replace the last good checkpoint."""
-    tensors = {}
+    optimizer state is NaN or infinite: a diverged run must never replace the last good checkpoint."""
+    def tensors(name, value):  # (name, tensor) of every floating-point tensor in nested dicts and lists
+        if isinstance(value, (dict, list, tuple)):
+            for key, item in (value.items() if isinstance(value, dict) else enumerate(value)):
+                yield from tensors(f"{name}.{key}", item)
+        elif torch.is_tensor(value) and value.is_floating_point():
+            yield name, value
 
-    def collect(name, value):
-        if torch.is_tensor(value) and value.is_floating_point():
-            tensors[name] = value
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                collect(f"{name}.{key}", item)
-        elif isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                collect(f"{name}.{i}", item)
-
-    for key in ("model", "optimizer", "state_dict"):
-        collect(key, state.get(key))
-    if not tensors:
-        return
-    finite = torch.stack([t.detach().isfinite().all() for t in tensors.values()]).cpu()  # one synchronisation
-    if not finite.all():
-        first = list(tensors)[int((~finite).nonzero()[0])]
+    found = dict(item for key in ("model", "optimizer", "state_dict") for item in tensors(key, state.get(key)))
+    finite = torch.stack([t.detach().isfinite().all() for t in found.values()]).cpu() if found else torch.ones(1)
+    if not finite.all():  # one synchronisation
         kept = "; the previous checkpoint is kept" if os.path.isfile(path) else ""
-        fail(f"not writing {path}: {int((~finite).sum())} tensor(s) hold NaN or infinite values, e.g. {first} (the "
-             f"run diverged: lower the learning rate){kept}")
+        fail(f"not writing {path}: {int((~finite).sum())} tensor(s) hold NaN or infinite values, e.g. "
+             f"{list(found)[int((~finite).nonzero()[0])]} (the run diverged: lower the learning rate){kept}")
 
 
 def save_checkpoint(state, path):
@@ -501,124 +427,6 @@ def load_checkpoint(path):
     if download and distributed() and first_on_node:
         dist.barrier()
     return checkpoint
-
-
-def keep_copy(path, copy):
-    """Give the file at path a second name, copy: a hard link (no second copy on disk), or a copy where the file
-    system has no hard links. save_checkpoint later replaces path's file and leaves copy as it is."""
-    tmp = f"{copy}.tmp"
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(path, tmp)
-    except OSError:
-        shutil.copyfile(path, tmp)
-    os.replace(tmp, copy)
-
-
-def load_pretrained_encoder(encoder, path, branch, log=print, output_dir=None):
-    """--pretrained PATH into a VisionTransformer (ours or official format); None means random init.
-    Nothing is read when output_dir holds checkpoint-last.pth: resuming and --eval-only load the whole model."""
-    last = os.path.join(output_dir, "checkpoint-last.pth") if output_dir is not None else None
-    if last is not None and os.path.exists(last):
-        log(f"the encoder's weights will come from {last}" + (f" (--pretrained {path} is not read)" if path else ""))
-        return
-    if path is None:
-        log("no --pretrained given: the encoder starts from random initialisation")
-        return
-    try:
-        note = models.load_encoder(encoder, load_checkpoint(path), branch)
-    except ValueError as e:
-        fail(f"{path}: {e}")
-    log(f"loaded the {branch} encoder from {path}" + (f"; {note}" if note else ""))
-
-
-MIN_STD = 1e-6  # a smaller per-channel std (in [0, 1] units) would blow a nearly constant channel up to noise
-
-
-def check_stats(in_chans, mean, std):
-    """One-line error unless mean and std hold in_chans finite values each and every std is at least MIN_STD."""
-    if in_chans < 1:
-        fail(f"--in-chans must be at least 1, got {in_chans}")
-    if len(mean) != in_chans or len(std) != in_chans:
-        fail(f"--mean and --std need {in_chans} value(s) each (one per input channel), got {len(mean)} and {len(std)}")
-    for channel, (m, s) in enumerate(zip(mean, std)):
-        if not math.isfinite(m):
-            fail(f"--mean of channel {channel} must be finite, got {m}")
-        if not (math.isfinite(s) and s >= MIN_STD):
-            fail(f"--std of channel {channel} must be finite and at least {MIN_STD:g}, got {s}")
-
-
-def encoder_inputs(args, channels=None, log=print):
-    """The one place that decides the encoder and its inputs for every stage, before anything is built.
-
-    A stage that reads an encoder: --arch, --patch-size and --img-size left unset are the --pretrained
-    checkpoint's (models.encoder_config), else the official ViT-B/16 at 224. --in-chans, --mean and --std: what the
-    checkpoint records (an RGB one without statistics: ImageNet's), else the flags, else 3 channels and
-    ImageNet's; pretraining's --norm-stats auto leaves them to be estimated. A flag that contradicts the
-    checkpoint is refused in one line naming both values, except another --img-size (the position table is
-    resized on load) and --in-chans C with an RGB checkpoint (its patch embedding is adapted on load: give the
-    data's --mean and --std). channels: the channel counts the stage's data pipeline reads (None: any)."""
-    path, auto = getattr(args, "pretrained", None), getattr(args, "norm_stats", None) == "auto"
-    found = dict(OFFICIAL_ARCH, in_chans=None, mean=None, std=None)
-    if path is not None:
-        try:
-            found = models.encoder_config(load_checkpoint(path))
-        except ValueError as e:
-            fail(f"{path}: {e}")
-        if found["in_chans"] == 3 and found["mean"] is None:
-            found.update(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
-    if hasattr(args, "pretrained"):
-        for key in OFFICIAL_ARCH:
-            given = getattr(args, key)
-            if key != "img_size" and path is not None and given not in (None, found[key]):
-                fail(f"{path}: {key.replace('_', ' ')} {found[key]} in the checkpoint, {given} given")
-            setattr(args, key, found[key] if given is None else given)
-    in_chans, mean, std = found["in_chans"], found["mean"], found["std"]
-    if None not in (args.in_chans, in_chans) and args.in_chans != in_chans:
-        if in_chans != 3:
-            fail(f"--in-chans {args.in_chans} contradicts {path}, which holds {in_chans} channel(s)")
-        in_chans, mean, std = args.in_chans, None, None  # adapted on load: the statistics are the data's
-    for flag, given, recorded in (("--mean", args.mean, mean), ("--std", args.std, std)):
-        if given is not None and recorded is not None and [float(v) for v in given] != list(recorded):
-            fail(f"{flag} {' '.join(map(str, given))} contradicts {path}, which records "
-                 f"{' '.join(f'{v:g}' for v in recorded)}")
-    in_chans = in_chans or args.in_chans or 3
-    mean, std = (args.mean if mean is None else mean), (args.std if std is None else std)
-    if auto and (args.mean is not None or args.std is not None):
-        fail("give --mean and --std, or --norm-stats auto, not both")
-    if mean is None and std is None and in_chans == 3 and not auto:
-        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-    if not auto and (mean is None or std is None):
-        fail(f"--in-chans {in_chans} needs --mean and --std ({in_chans} values each) or --norm-stats auto"
-             if hasattr(args, "norm_stats") else f"{in_chans} input channel(s) need --mean and --std ({in_chans} "
-                                                  f"values each)")
-    if not auto:
-        check_stats(in_chans, mean, std)
-    if channels is not None and in_chans not in channels:
-        fail(f"this stage's data pipeline reads {' or '.join(map(str, channels))}-channel images, not {in_chans} "
-             f"channel(s)")
-    args.in_chans = in_chans
-    if not auto:
-        args.mean, args.std = [float(v) for v in mean], [float(v) for v in std]
-        if in_chans != 3 or args.mean != list(IMAGENET_MEAN):
-            log(f"inputs: {in_chans} channel(s), mean {' '.join(f'{v:.4f}' for v in args.mean)}, "
-                f"std {' '.join(f'{v:.4f}' for v in args.std)}")
-
-
-def resume_checkpoint(output_dir):
-    """checkpoint-last.pth of output_dir, or None to start fresh."""
-    path = os.path.join(output_dir, "checkpoint-last.pth")
-    return load_checkpoint(path) if os.path.exists(path) else None
-
-
-def load_resumed(module, state_dict, path):
-    """Strict load of a resumed model with a one-line error naming mismatched keys."""
-    try:
-        models.check_state_dict(module, state_dict, f"checkpoint {path}")
-    except ValueError as e:
-        fail(str(e))
-    module.load_state_dict(state_dict)
 
 
 # shape the encoder (the grid sizes pos_embed, the channels the patch embedding) and its inputs: fixed on resume
@@ -677,13 +485,9 @@ def report_targets(report_to):
 
 
 class Reporter:
-    """The curves of a run for TensorBoard (event files in <output-dir>/tensorboard) and Weights & Biases, as
-    --report-to asks; written by the main process only, against the optimizer step (step n: after n optimizer
-    steps), so a run resumed after `start_step` steps continues its curves. TensorBoard hides what an earlier run
-    wrote past start_step (a killed run's steps after the checkpoint; everything when start_step is 0); W&B resumes
-    the run whose id <output-dir>/wandb-run-id keeps, its files under <output-dir>/wandb (or $WANDB_DIR). The
-    packages are imported here only (parse_args checked them).
-    """
+    """The curves of a run for TensorBoard (<output-dir>/tensorboard) and W&B, as --report-to asks, written by the
+    main process against the optimizer step, so a run resumed after `start_step` steps continues its curves:
+    TensorBoard hides what a killed run wrote past start_step; W&B resumes the run id in <output-dir>/wandb-run-id."""
 
     def __init__(self, args, start_step=0):
         targets = report_targets(args.report_to) if is_main() else []
@@ -782,27 +586,21 @@ class Run:
     # ---- resuming and saving
 
     def resume(self, model, optimizer, scaler, fixed=ARCH_FLAGS):
-        """Continue from checkpoint-last.pth when it exists: refuse changed `fixed` flags, load model, optimizer and
-        loss scaler, and make log.jsonl end with the checkpoint's line. Returns the checkpoint, or None."""
+        """Continue from checkpoint-last.pth when it exists (refusing changed `fixed` flags, log.jsonl made to end
+        with its line), else set an earlier run's files aside. Returns the checkpoint, or None."""
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.device = next(model.parameters()).device
-        checkpoint = resume_checkpoint(self.output_dir)
+        checkpoint = load_checkpoint(self.path) if os.path.exists(self.path) else None
         if checkpoint is None and not getattr(self.args, "eval_only", False):
             self.set_aside()
         if checkpoint is not None:
-            missing = [k for k in ("model", "optimizer", "scaler", self.key) if k not in checkpoint]
-            written_by = checkpoint.get("stage") if isinstance(checkpoint, dict) else None
-            if written_by is None and isinstance(checkpoint, dict) and set(checkpoint.get("args", {})) - set(vars(self.args)):
-                written_by = "another stage"  # written before checkpoints named their stage: flags not of this one
-            if written_by not in (None, self.stage):
-                fail(f"{self.path} is {written_by}'s checkpoint, not {self.stage}'s: give another --output-dir"
-                     + (" (pass it as --pretrained to start from its encoder)" if written_by == "pretrain.py" else ""))
-            if not isinstance(checkpoint, dict) or missing:
-                fail(f"{self.path} is not a checkpoint of this stage ("
-                     + ("not a dict" if not isinstance(checkpoint, dict) else f"no {', '.join(missing)}")
-                     + "): move it away or give another --output-dir")
+            self.check(checkpoint)
             check_resumed_args(checkpoint.get("args", {}), self.args, fixed, self.path, self.log)
-            load_resumed(model, checkpoint["model"], self.path)
+            try:
+                models.check_state_dict(model, checkpoint["model"], f"checkpoint {self.path}")
+            except ValueError as e:
+                fail(e)
+            model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scaler.load_state_dict(checkpoint["scaler"])
             self.record = checkpoint.get("log")
@@ -821,6 +619,22 @@ class Run:
             self.log(f"resumed from {self.path} ({where})")
         self.reporter = Reporter(self.args, self.global_step(self.start_epoch, self.start_step))
         return checkpoint
+
+    def check(self, checkpoint):
+        """A one-line error for a checkpoint-last.pth that another stage (or something else) wrote."""
+        if not isinstance(checkpoint, dict):
+            fail(f"{self.path} is not a checkpoint of this stage (not a dict): move it away or give another "
+                 f"--output-dir")
+        written_by = checkpoint.get("stage")
+        if written_by is None and set(checkpoint.get("args", {})) - set(vars(self.args)):
+            written_by = "another stage"  # written before checkpoints named their stage: flags not of this one
+        if written_by not in (None, self.stage):
+            fail(f"{self.path} is {written_by}'s checkpoint, not {self.stage}'s: give another --output-dir"
+                 + (" (pass it as --pretrained to start from its encoder)" if written_by == "pretrain.py" else ""))
+        missing = [k for k in ("model", "optimizer", "scaler", self.key) if k not in checkpoint]
+        if missing:
+            fail(f"{self.path} is not a checkpoint of this stage (no {', '.join(missing)}): move it away or give "
+                 f"another --output-dir")
 
     def save(self, epoch, step, record=None, curves=None):
         """Every process: rank 0 writes the checkpoint of `step` steps done in `epoch` (at the end of epoch e:
@@ -882,8 +696,7 @@ class Run:
 
     # ---- the steps of an epoch
 
-    def global_step(self, epoch, step):
-        """Optimizer steps done at (epoch, step): the x axis of the curves."""
+    def global_step(self, epoch, step):  # optimizer steps done: the x axis of the curves
         return step if self.key == "iter" else epoch * self.steps_per_epoch + step
 
     def where(self, step):
@@ -891,10 +704,8 @@ class Run:
                 else f"epoch {self.epoch} step {step}/{self.last}")
 
     def steps(self, epoch, first, last=None):
-        """Steps first..last - 1 of an epoch (default last: the epoch's end). Before each: a checkpoint when one
-        is due (boundary), then the random generators seeded from (seed, rank, epoch, step), so that a resumed run
-        draws the same masks, crops and drop-path as an uninterrupted one. The epoch's sums start here (from the
-        checkpoint's after a mid-epoch resume)."""
+        """Steps first..last - 1 of an epoch (default last: its end), each after a checkpoint if one is due
+        (boundary) and seeding from (seed, rank, epoch, step): a resumed run draws the same masks and crops."""
         self.epoch, self.first, self.start_time = epoch, first, time.time()
         self.last = self.steps_per_epoch if last is None else last
         saved, self.sums, self.saved_sums = self.saved_sums, {}, {}
@@ -943,24 +754,20 @@ class Run:
         due = interval > 0 and time.monotonic() - self.last_save >= interval
         return torch.tensor([self.signal is not None, due], dtype=torch.float32)
 
-    def add_all(self, values):
-        """Add tensors or numbers to the running sums, on the model's device (a number by a fill: no copy)."""
+    def add_all(self, values):  # on the model's device; a number by a fill, not a host-to-device copy
         for name, value in values.items():
             value = (value.detach().double() if torch.is_tensor(value)
                      else torch.full((), float(value), dtype=torch.float64, device=self.device))
             self.sums[name] = self.sums[name] + value if name in self.sums else value
 
-    def count(self, **counts):
-        """Add to the epoch's totals (images read, skipped, ...): summed over steps and processes."""
+    def count(self, **counts):  # the epoch's totals (images read, skipped): sums over steps and processes
         self.counted.update(counts)
         self.add_all(counts)
 
     def log_step(self, **values):
-        """After an optimizer step: add its tensors to the epoch's running means (no host synchronisation; all
-        but the loss are averaged over the steps where they are finite: fp16 skips steps with infinite gradients,
-        target_std is undefined on one image), and every --print-freq steps
-        read them once: stop on a non-finite loss, print the progress line, write the curves train/<name>. Numbers
-        (lr, momentum) are shown as they are."""
+        """After a step: its tensors into the epoch's running means, on the device (all but the loss over their
+        finite steps: fp16 skips some, target_std has none on one image); every --print-freq steps read them once:
+        stop on a non-finite loss, print the progress line, write train/<name>. Numbers (lr) are shown as given."""
         self.add_all({"steps": 1, "loss": values["loss"]})
         for name, value in values.items():  # the others: sums and counts of their finite values
             if torch.is_tensor(value) and name != "loss":
@@ -988,15 +795,13 @@ class Run:
             **{f"train/{k}": v for k, v in shown.items() if math.isfinite(v)}, "train/loss_scale": scale,
             "train/images_per_s": rate})
 
-    def reduced_sums(self):
-        """The running sums summed over processes, as numbers (one synchronisation)."""
+    def reduced_sums(self):  # summed over processes, as numbers: one synchronisation
         names = sorted(self.sums)
         total = all_reduce_sum(torch.stack([self.sums[k] for k in names])).tolist() if names else []
         return dict(zip(names, total))
 
     def kept(self):
         return "the last good checkpoint is kept" if os.path.isfile(self.path) else "no checkpoint was written"
-
     def end_epoch(self, timing=False):
         """The epoch's record: each logged tensor's mean over the steps and processes ('train_loss' for the loss;
         None for a value never finite), the totals of count(), the last numbers logged (lr, momentum), and with

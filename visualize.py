@@ -64,7 +64,7 @@ def get_args(argv=None):
                    help="draw the curves of these log.jsonl files (or their folders) instead of pictures")
     p.add_argument("--output", default=None, metavar="FILE", help="the PNG of --curves (default: "
                                                                    "<output-dir>/curves.png)")
-    return utils.parse_args(p, argv)
+    return data.encoder_inputs(utils.parse_args(p, argv))
 
 
 def timm_export(args):
@@ -237,7 +237,6 @@ def main(argv=None):
         return
     if args.curves is not None:
         return plot_curves(args)
-    utils.check_image_size(args)
     if (args.data is None) == (not args.images):
         utils.fail("give image files or --data synthetic (one of the two)")
     if args.synthetic_size < 1:
@@ -248,7 +247,7 @@ def main(argv=None):
     _, _, device = utils.init_distributed(args.device)
     encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
                                        **models.ARCHS[args.arch], ca_depth=2, layer_scale=0.1)
-    utils.load_pretrained_encoder(encoder, args.pretrained, args.branch)
+    data.load_pretrained_encoder(encoder, args.pretrained, args.branch)
     encoder.to(device).eval()
     utils.make_output_dir(args.output_dir)
     for name, image in load_images(args):
