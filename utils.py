@@ -7,6 +7,7 @@ import ctypes
 import errno
 import fcntl
 import importlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -69,9 +70,8 @@ def run_main(main):
 
 
 def stop_loader_workers():
-    """End this process's DataLoader workers now. They ignore the stop signals (data.ignore_stop_signals), so an
-    exit on an error or a stop signal, with an epoch's iterator still referenced, would otherwise wait for them
-    forever at interpreter exit (multiprocessing terminates daemonic children with SIGTERM, then joins them)."""
+    """End this process's DataLoader workers now: they ignore stop signals (data.ignore_stop_signals), so an exit
+    with an epoch's iterator still referenced would wait for them forever (SIGTERM, then join, at exit)."""
     for worker in multiprocessing.active_children():
         worker.kill()
         worker.join()
@@ -90,8 +90,7 @@ def exit_with_parent(signum):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help keeps the layout of the stage's docstring and shows the default of every flag that takes a value,
-    unless the flag's help already explains it."""
+    """--help keeps the stage docstring's layout and shows each value flag's default unless its help explains it."""
 
     def _get_help_string(self, action):
         help = action.help or ""
@@ -159,8 +158,7 @@ def add_common_args(parser, data_help, output_dir, img_size, batch_size, num_wor
         p.add_argument("--eval-only", action="store_true", help="evaluate <output-dir>/checkpoint-last.pth")
 
 
-def add_grad_checkpointing_arg(parser):
-    """--grad-checkpointing, the same in every stage that trains an encoder (the model's set_grad_checkpointing)."""
+def add_grad_checkpointing_arg(parser):  # the same in every stage that trains an encoder
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="memory: recompute the encoder's blocks in the backward instead of storing their "
                              "activations (the same results; about a third more encoder compute)")
@@ -185,15 +183,9 @@ def parse_args(parser, argv=None):
     return args
 
 
-def positive(v):
-    return 0 < v < math.inf  # NaN and infinity fail too
-
-
-def not_negative(v):
-    return 0 <= v < math.inf
-
-
-# the numeric flags of any script whose values must lie in a range: flag -> (test, the range in words)
+# the numeric flags of any script whose values must lie in a range: flag -> (test, the range in words); NaN and
+# infinity fail every test
+positive, not_negative = (lambda v: 0 < v < math.inf), (lambda v: 0 <= v < math.inf)
 VALUE_RANGES = {
     **{flag: (positive, "positive") for flag in ("blr", "lr", "temperature", "knn_temperature", "peak_tflops",
                                                  "predictor_lr_scale", "clip_grad")},
@@ -292,8 +284,7 @@ def all_reduce_sum(tensor):  # summed over processes in place (nothing in one pr
 
 
 def no_sync(model, skip):
-    """model.no_sync() for a DDP model when `skip` (a micro-batch before the last: its gradients are not
-    all-reduced yet), else nothing."""
+    """model.no_sync() for a DDP model when `skip` (a micro-batch before the last: no all-reduce yet), else nothing."""
     return model.no_sync() if skip and isinstance(model, DistributedDataParallel) else nullcontext()
 
 
@@ -331,8 +322,7 @@ def local_batch_size(batch_size, world_size, accum_iter):
     return batch_size // (world_size * accum_iter)
 
 
-def steps_per_epoch(loader, args):
-    """Optimizer steps per epoch of a training loader (--accum-iter micro-batches each), or a one-line error."""
+def steps_per_epoch(loader, args):  # optimizer steps of --accum-iter micro-batches per epoch, or one line
     steps = len(loader) // args.accum_iter
     if steps == 0:
         fail(f"{len(loader.sampler)} training images per process make no full step of --batch-size "
@@ -391,10 +381,8 @@ def check_finite(state, path):
 
 
 def save_checkpoint(state, path):
-    """Write atomically: a temporary file in the same folder, then rename over the old one. Non-finite weights
-    or optimizer state are refused before writing (check_finite). A failed write (full disk, quota, file size
-    limit) ends in a one-line error naming the file and the cause; the temporary file is removed and the previous
-    checkpoint stays as it was."""
+    """Write atomically (a temporary file, then a rename over the old one), never non-finite state (check_finite);
+    a failed write (full disk, quota) ends in one line naming the cause, and the previous checkpoint stays."""
     check_finite(state, path)
     tmp = f"{path}.tmp"
     try:
@@ -437,8 +425,8 @@ RUN_FLAGS = ("output_dir", "device", "num_workers", "print_freq", "save_interval
 
 
 def check_resumed_args(saved, args, fixed, path, log=print):
-    """A resumed run may not change the flags in `fixed` (the architecture: a one-line error naming them); any
-    other change of a training flag (--epochs, --blr, --batch-size, ...) is taken, with a one-line warning."""
+    """A resumed run may not change the flags in `fixed` (one line naming them); other training flags' changes
+    (--epochs, --blr, ...) are taken, with a one-line warning."""
     now = vars(args)
     for k in fixed:  # a fixed flag left unset (--norm-stats auto's statistics) takes the run's value
         if now.get(k, 0) is None and k in saved:
@@ -455,15 +443,13 @@ def check_resumed_args(saved, args, fixed, path, log=print):
             + ", ".join(f"{flag(k)} {saved[k]} -> {now[k]}" for k in changed))
 
 
-def json_object(line):
-    """The JSON object a log line holds, or None (blank, cut short, not an object)."""
+def json_object(line):  # the JSON object a log line holds, or None (blank, cut short, not an object)
     with suppress(json.JSONDecodeError):
         value = json.loads(line)
         return value if isinstance(value, dict) else None
 
 
-def log_json(output_dir, record):
-    """Append one JSON object per line to <output-dir>/log.jsonl (main process only)."""
+def log_json(output_dir, record):  # one JSON object per line of <output-dir>/log.jsonl, by the main process
     if is_main():
         path = os.path.join(output_dir, "log.jsonl")
         try:
@@ -498,10 +484,8 @@ class Reporter:
                                                          purge_step=start_step + 1 if start_step else 0)
         if "wandb" in targets:
             wandb = optional_import(*REPORT_PACKAGES["wandb"], "--report-to wandb")
-            id_path, run_id = os.path.join(args.output_dir, "wandb-run-id"), None
-            if start_step > 0 and os.path.exists(id_path):
-                with open(id_path) as f:
-                    run_id = f.read().strip()
+            id_path = os.path.join(args.output_dir, "wandb-run-id")
+            run_id = open(id_path).read().strip() if start_step > 0 and os.path.exists(id_path) else None
             try:
                 self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_name, id=run_id, resume="allow",
                                         config=vars(args), dir=os.environ.get("WANDB_DIR", args.output_dir))
@@ -547,19 +531,15 @@ class Run:
             record = {"epoch": epoch, **run.end_epoch()}   # means over the epoch's steps and processes
             run.save(epoch + 1, 0, record)              # checkpoint-last.pth, then its log line and curves
 
-    A checkpoint holds model, optimizer, scaler, args, the position, `run.extra` (the stage's own entries), the
-    running sums of a part-done epoch (per process: right on another number of processes) and the log line it
-    completes, so resume() can put back a line lost to a kill between the two and drop lines past the checkpoint:
-    the log of a resumed run never repeats or skips a line. After SIGTERM, SIGUSR1 (a scheduler's notice of
-    preemption or of the time limit) or SIGINT the run saves before its next step, says so and exits with
-    REQUEUE_STATUS; the same command resumes. --save-interval also saves between steps. A second Ctrl-C stops at
-    once.
+    A checkpoint holds model, optimizer, scaler, args, position, `run.extra`, a part-done epoch's running sums
+    and the log line it completes: a resumed run's log never repeats or skips a line. After SIGTERM, SIGUSR1 (a
+    scheduler's notice) or SIGINT the run saves before its next step and exits with REQUEUE_STATUS; the same
+    command resumes. --save-interval also saves between steps. A second Ctrl-C stops at once.
     """
 
     def __init__(self, args, steps_per_epoch, log=print, key="epoch", stage=None):
         self.args, self.steps_per_epoch, self.log, self.key, self.stage = args, steps_per_epoch, log, key, stage
-        self.output_dir = args.output_dir
-        self.path = os.path.join(args.output_dir, "checkpoint-last.pth")
+        self.output_dir, self.path = args.output_dir, os.path.join(args.output_dir, "checkpoint-last.pth")
         self.log_path = os.path.join(args.output_dir, "log.jsonl")
         if not args.save_interval >= 0:  # NaN too
             fail(f"--save-interval must be 0 (only at epoch ends) or positive minutes, got {args.save_interval}")
@@ -567,10 +547,9 @@ class Run:
                                                              and not os.access(self.log_path, os.W_OK))):
             fail(f"{self.log_path} is {'a folder' if os.path.isdir(self.log_path) else 'not writable'}: move it "
                  f"away or give another --output-dir")
-        self.extra, self.record, self.saved_sums, self.signal, self.pending, self.reporter = {"stage": stage}, None, {}, None, None, None
-        self.counted, self.numbers, self.epoch_curves, self.resumed_at = set(), {}, {}, None
-        self.start_epoch = self.start_step = 0
-        self.last_save, self.fresh = time.monotonic(), False
+        self.extra, self.saved_sums, self.counted, self.numbers, self.epoch_curves = {"stage": stage}, {}, set(), {}, {}
+        self.record = self.signal = self.pending = self.reporter = self.resumed_at = None
+        self.start_epoch, self.start_step, self.last_save, self.fresh = 0, 0, time.monotonic(), False
         if threading.current_thread() is threading.main_thread():
             for name in STOP_SIGNALS:
                 signal.signal(getattr(signal, name), self.on_signal)
@@ -604,8 +583,9 @@ class Run:
             optimizer.load_state_dict(checkpoint["optimizer"])
             scaler.load_state_dict(checkpoint["scaler"])
             self.record = checkpoint.get("log")
-            if isinstance(checkpoint.get("sums_per_process"), dict):  # rank 0 carries those of every process
-                self.saved_sums = {k: v * rank_world()[1] * is_main() for k, v in checkpoint["sums_per_process"].items()}
+            sums = checkpoint.get("sums_per_process")
+            if isinstance(sums, dict):  # rank 0 carries those of every process
+                self.saved_sums = {k: v * rank_world()[1] * is_main() for k, v in sums.items()}
             if "log" in checkpoint and is_main():  # checkpoints written before this format leave the log alone
                 self.sync_log(checkpoint["log"])
             if self.key == "iter":
@@ -637,9 +617,8 @@ class Run:
                  f"another --output-dir")
 
     def save(self, epoch, step, record=None, curves=None):
-        """Every process: rank 0 writes the checkpoint of `step` steps done in `epoch` (at the end of epoch e:
-        e + 1, 0) with `record` (the epoch's log line; None between epoch ends), then appends the line and writes
-        the epoch's curves and `curves`. Its 'epoch' is the last finished epoch (-1 before the first)."""
+        """Every process: rank 0 writes the checkpoint of `step` steps done in `epoch` (epoch e's end: e + 1, 0;
+        its 'epoch' is the last finished one) with `record` (the epoch's log line), then the line and the curves."""
         position = {"iter": step} if self.key == "iter" else {"epoch": epoch - 1, "step": step}
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "args": vars(self.args), **position, **self.extra}
@@ -660,9 +639,8 @@ class Run:
         old = [f for f in os.listdir(self.output_dir) if re.fullmatch(r"log\.jsonl|checkpoint-\d+\.pth", f)]
         if not is_main() or not old:
             return
-        n = 1
-        while any(os.path.lexists(os.path.join(self.output_dir, f"{f}.{n}")) for f in old):
-            n += 1
+        n = next(n for n in itertools.count(1) if not any(os.path.lexists(os.path.join(self.output_dir, f"{f}.{n}"))
+                                                       for f in old))
         for f in old:
             os.replace(os.path.join(self.output_dir, f), os.path.join(self.output_dir, f"{f}.{n}"))
         if "log.jsonl" in old:
@@ -672,9 +650,8 @@ class Run:
             self.log(f"the earlier run's checkpoint-<epoch>.pth files are kept as checkpoint-<epoch>.pth.{n}")
 
     def sync_log(self, record):
-        """Drop log lines past `record` (the checkpoint's last line, None before the first), and append it
-        when a kill came between the checkpoint and its line. Blank lines and lines that are not JSON (a line cut
-        short by a kill or a full disk) are dropped, with a one-line warning."""
+        """Drop log lines past `record` (the checkpoint's last line, None before the first), append it if a kill came
+        between the checkpoint and its line; drop lines that are not JSON (cut short by a kill), with a warning."""
         lines = []
         if os.path.exists(self.log_path):
             with open(self.log_path) as f:
@@ -685,10 +662,9 @@ class Run:
             self.log(f"warning: {self.log_path}: dropped line(s) {', '.join(bad)}, blank or not a JSON object (cut "
                      f"short by a kill?)")
         done = -1 if record is None else record[self.key]
-        kept = [(line, r) for line, r in zip(lines, records) if r is not None and r.get(self.key, -1) <= done]
-        if record is not None and record not in [r for _, r in kept]:
-            kept.append((json.dumps(record), record))
-        kept = [line for line, _ in kept]
+        kept = [line for line, r in zip(lines, records) if r is not None and r.get(self.key, -1) <= done]
+        if record is not None and record not in records:
+            kept.append(json.dumps(record))
         if kept != lines:
             with open(f"{self.log_path}.tmp", "w") as f:
                 f.write("".join(line + "\n" for line in kept))
@@ -723,7 +699,7 @@ class Run:
         the next boundary, so no step waits for the accelerator or for another process's clock."""
         if self.group is None:
             stop, due = self.local_flags().tolist()
-        else:  # the flags posted at the previous boundary
+        else:  # the flags all processes posted at the previous boundary
             stop, due = 0, 0
             if self.pending is not None:
                 self.pending.wait()
@@ -802,24 +778,23 @@ class Run:
 
     def kept(self):
         return "the last good checkpoint is kept" if os.path.isfile(self.path) else "no checkpoint was written"
+
     def end_epoch(self, timing=False):
-        """The epoch's record: each logged tensor's mean over the steps and processes ('train_loss' for the loss;
-        None for a value never finite), the totals of count(), the last numbers logged (lr, momentum), and with
-        `timing` time_s and images_per_s. Stops in one line on a non-finite loss."""
+        """The epoch's record: each logged tensor's mean over steps and processes ('train_loss'; None if never
+        finite), count()'s totals, the last numbers logged (lr), with `timing` time_s and images_per_s."""
         total = self.reduced_sums()
         if not math.isfinite(total["loss"]):
             fail(f"non-finite loss at epoch {self.epoch}; {self.kept()}")
         means = {k: total[k] / total[f"{k}/steps"] if total[f"{k}/steps"] else None for k in total
                  if f"{k}/steps" in total}
-        self.epoch_curves = {"epoch/loss": total["loss"] / total["steps"], **{f"epoch/{k}": v for k, v in means.items()}}
-        elapsed = time.time() - self.start_time
-        record = {"train_loss": total["loss"] / total["steps"], **means, **self.numbers,
-                  **{k: int(total[k]) for k in self.counted}}
+        loss = total["loss"] / total["steps"]
+        self.epoch_curves = {"epoch/loss": loss, **{f"epoch/{k}": v for k, v in means.items()}}
+        record = {"train_loss": loss, **means, **self.numbers, **{k: int(total[k]) for k in self.counted}}
         if timing:
+            elapsed = time.time() - self.start_time
             record.update(time_s=round(elapsed, 2),
                           images_per_s=round((self.last - self.first) * self.args.batch_size / elapsed, 1))
         return record
 
     def close(self):
-        if self.reporter is not None:
-            self.reporter.close()
+        self.reporter.close()
