@@ -657,6 +657,24 @@ def test_linprobe_lars(official_file, tmp_path):
     assert torch.isfinite(state["head.1.weight"]).all() and state["head.1.weight"].std() > 0.005
 
 
+def test_lars_steps_by_its_rule():
+    """Two steps on known gradients: a matrix moves by lr x momentum buffer of (g + wd w) scaled to
+    trust |w| / |g + wd w|; a bias by plain momentum SGD without weight decay."""
+    torch.manual_seed(0)
+    weight, bias = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(3))
+    optimizer = linprobe.LARS([weight, bias], lr=0.5, momentum=0.9, weight_decay=0.1, trust_coefficient=0.01)
+    w, b, w_buffer, b_buffer = weight.detach().clone(), bias.detach().clone(), 0, 0
+    for step in range(2):
+        weight.grad, bias.grad = torch.randn(3, 4), torch.randn(3)
+        update = weight.grad + 0.1 * w
+        w_buffer = 0.9 * w_buffer + 0.01 * w.norm() / update.norm() * update
+        b_buffer = 0.9 * b_buffer + bias.grad
+        w, b = w - 0.5 * w_buffer, b - 0.5 * b_buffer
+        optimizer.step()
+        torch.testing.assert_close(weight.detach(), w)
+        torch.testing.assert_close(bias.detach(), b)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Fine-tuning
 
@@ -705,6 +723,11 @@ def test_finetune_pretrain_checkpoint_resized(eval_pretrained, tmp_path):
     assert state["encoder.pos_embed"].shape == (1, 36, 64)
     pretrained = torch.load(eval_pretrained, weights_only=False)["model"]
     assert not torch.equal(state["encoder.blocks.0.attn.qkv.weight"], pretrained["encoder.blocks.0.attn.qkv.weight"])
+    # one step of a batch of all 8 images at the warm-up's first lr, 0: the saved encoder is the online branch
+    finetune.main(eval_args(tmp_path / "start", "--pretrained", eval_pretrained, "--batch-size", "8",
+                            "--warmup-epochs", "1"))
+    encoder = {k: v for k, v in eval_checkpoint(tmp_path / "start")["model"].items() if k.startswith("encoder.")}
+    assert len(encoder) > 20 and all(torch.equal(v, pretrained[k]) for k, v in encoder.items())
 
 
 def test_finetune_subsets(tmp_path):
