@@ -1850,25 +1850,27 @@ def test_run_main_closes_the_process_group(tmp_path):
 
 def test_sigterm_saves_and_exits_for_requeue(tmp_path):
     """SIGTERM during a pretraining step: the step finishes, checkpoint-last.pth is written, one line says so,
-    the exit status is 143; the same command resumes and ends with each epoch logged once."""
-    command = ["pretrain.py", *TINY, "--arch", "vit_fixture", "--epochs", "2", "--output-dir", str(tmp_path)]
+    the exit status is 143; the same command resumes and ends with each epoch logged once. 8 steps per epoch: the
+    run is far from its end when the signal comes, even on a busy machine."""
+    command = ["pretrain.py", *TINY, "--arch", "vit_fixture", "--synthetic-size", "128", "--epochs", "2",
+               "--output-dir", str(tmp_path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     out = []
     for line in proc.stdout:
         out.append(line)
-        if line.startswith("epoch 0 step 1/2"):  # a step has finished, the next has started
+        if line.startswith("epoch 0 step 1/8"):  # a step has finished, the next has started
             proc.send_signal(signal.SIGTERM)
             break
     rest, err = proc.communicate(timeout=120)
     lines = "".join(out + [rest]).splitlines()
     assert proc.returncode == utils.REQUEUE_STATUS == 143, err
     assert "Traceback" not in err
-    assert re.fullmatch(r"SIGTERM: saved .*checkpoint-last\.pth at epoch \d step \d/2; exiting with status 143 "
+    assert re.fullmatch(r"SIGTERM: saved .*checkpoint-last\.pth at epoch \d step \d/8; exiting with status 143 "
                         r"\(requeue and rerun the same command to resume\)", lines[-1])
     checkpoint = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
-    assert checkpoint["epoch"] * 2 + checkpoint["step"] < 3  # stopped before the end
+    assert 1 <= (checkpoint["epoch"] + 1) * 8 + checkpoint["step"] < 16  # steps done: stopped before the end
     pretrain.main(command[1:])
     assert log_keys(tmp_path) == [0, 1]
 
@@ -2039,15 +2041,15 @@ def test_sigusr1_to_torchrun_then_resume_on_one_process(tmp_path, capsys, monkey
     get SIGTERM (PR_SET_PDEATHSIG), save checkpoint-last.pth mid-epoch, say so and exit. Resumed on one process,
     the epoch's figures count the two processes' partial sums as one process's: the mean over steps is right."""
     out = tmp_path / "out"
-    flags = [*TINY, "--arch", "vit_fixture", "--synthetic-size", "192", "--batch-size", "32", "--epochs", "1",
-             "--output-dir", str(out)]  # 6 steps
+    flags = [*TINY, "--arch", "vit_fixture", "--synthetic-size", "384", "--batch-size", "32", "--epochs", "1",
+             "--output-dir", str(out)]  # 12 steps: far from the end when the signal comes
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "pretrain.py", *flags], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
     try:
         for line in proc.stdout:
-            if line.startswith("epoch 0 step 1/6"):
+            if line.startswith("epoch 0 step 1/12"):
                 proc.send_signal(signal.SIGUSR1)
                 break
         rest, err = proc.communicate(timeout=120)  # the workers hold the pipes until they exit
@@ -2055,12 +2057,12 @@ def test_sigusr1_to_torchrun_then_resume_on_one_process(tmp_path, capsys, monkey
         with __import__("contextlib").suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == -signal.SIGUSR1
-    saved = re.search(r"SIGTERM: saved \S+ at epoch 0 step (\d)/6; exiting with status 143", rest)
+    saved = re.search(r"SIGTERM: saved \S+ at epoch 0 step (\d+)/12; exiting with status 143", rest)
     assert saved, rest + err[-2000:]
     assert processes_naming(str(out)) == []
     checkpoint = torch.load(out / "checkpoint-last.pth", weights_only=False)
     done = int(saved.group(1))
-    assert (checkpoint["epoch"], checkpoint["step"]) == (-1, done) and 0 < done < 6
+    assert (checkpoint["epoch"], checkpoint["step"]) == (-1, done) and 0 < done < 12
     steps, train_step = [], pretrain.train_step
 
     def recorded_step(*args, **kwargs):  # -> loss, target_std, ...
@@ -2070,11 +2072,11 @@ def test_sigusr1_to_torchrun_then_resume_on_one_process(tmp_path, capsys, monkey
 
     monkeypatch.setattr(pretrain, "train_step", recorded_step)
     pretrain.main(flags)
-    assert len(steps) == 6 - done
+    assert len(steps) == 12 - done
     record = read_log(out)[-1]
     per_process = checkpoint["sums_per_process"].tolist()
-    assert record["train_loss"] == pytest.approx((per_process[0] + sum(s[0] for s in steps)) / 6, rel=1e-5)
-    assert record["target_std"] == pytest.approx((per_process[1] + sum(s[1] for s in steps)) / 6, rel=1e-5)
+    assert record["train_loss"] == pytest.approx((per_process[0] + sum(s[0] for s in steps)) / 12, rel=1e-5)
+    assert record["target_std"] == pytest.approx((per_process[1] + sum(s[1] for s in steps)) / 12, rel=1e-5)
 
 
 def test_one_run_per_output_folder(tmp_path):
