@@ -1580,6 +1580,25 @@ def test_det_reference_heads_and_losses(det_small_heads):
     assert heads.box_predictor.bbox_pred.weight.grad.abs().sum() > 0
 
 
+def test_det_reference_sizes_are_built():
+    """The sizes det_small_heads shrinks, as a run builds them: 2000 / 1000 proposals, 256 anchors and 512 RoIs
+    sampled, 100 detections, 256-wide box convs into a 1024-wide fc, 256-wide mask convs to 28 x 28 masks."""
+    backbone = nn.Identity()
+    backbone.out_channels = 256
+    detector = transfer_det.mask_rcnn(backbone, 4, transform=None).eval()
+    rpn, heads = detector.rpn, detector.roi_heads
+    assert rpn._pre_nms_top_n == rpn._post_nms_top_n == dict(training=2000, testing=1000)
+    assert (rpn.fg_bg_sampler.batch_size_per_image, heads.fg_bg_sampler.batch_size_per_image) == (256, 512)
+    assert heads.detections_per_img == 100
+    assert [m.out_channels for m in heads.box_head.modules() if isinstance(m, nn.Conv2d)] == [256] * 4
+    assert [m.out_channels for m in heads.mask_head.modules() if isinstance(m, nn.Conv2d)] == [256] * 4
+    with torch.no_grad():
+        boxes = heads.box_head(torch.randn(2, 256, 7, 7))
+        masks = heads.mask_predictor(heads.mask_head(torch.randn(2, 256, 14, 14)))
+    assert boxes.shape == (2, 1024) and [t.shape for t in heads.box_predictor(boxes)] == [(2, 4), (2, 16)]
+    assert masks.shape == (2, 4, 28, 28)
+
+
 def test_det_matcher_and_box_decoding_as_mmdet(det_small_heads):
     """mmdetection's MaxIoUAssigner and delta2bbox, which torchvision's Matcher and BoxCoder differ from at the
     boundaries: a low-quality match needs IoU >= min_pos_iou (0.3 in the RPN, 0.5 in the RoI heads), and takes the
