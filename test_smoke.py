@@ -333,6 +333,28 @@ def test_gradient_accumulation_matches_full_batch():
     assert (full.predictor[0].weight - start).abs().max() > 1e-3  # the two steps moved the weights
 
 
+def test_infonce_loss_and_its_label_offset_across_processes(monkeypatch):
+    """--loss infonce --temperature T: 2T x the cross-entropy of each mask's prediction against all targets, its own
+    image's the label; under 2 processes the targets of both are gathered and rank 1's labels start at B."""
+    def by_hand(q, targets, first, t):  # q: masks x 3 images, rows mask-major
+        k = F.normalize(targets, dim=-1)
+        losses = [-torch.log_softmax(k @ F.normalize(row, dim=0) / t, 0)[first + i % 3] for i, row in enumerate(q)]
+        return 2 * t * torch.stack(losses).mean()
+
+    model = pretrain.build_model(pretrain.get_args(TINY + ["--loss", "infonce", "--temperature", "0.2"])).eval()
+    x1, x2 = torch.randn(2, 3, 3, 32, 32).unbind()
+    keep = model.sample_keep(3)
+    with torch.no_grad():
+        q, k = model.predict(x1, keep), model.target(x2)  # (2 masks x 3, P), (3, P)
+        torch.testing.assert_close(model(x1, x2, keep=keep), by_hand(q, k, 0, 0.2))
+    other = F.normalize(torch.randn(3, k.shape[1]), dim=-1)  # rank 0's targets, as gathered; this is rank 1 of 2
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "all_gather", lambda out, t: [out[0].copy_(other), out[1].copy_(t)])
+    torch.testing.assert_close(models.infonce_loss(q, k, 0.2), by_hand(q, torch.cat([other, k]), 3, 0.2))
+
+
 def colour_batch(n, size=4, seed=0):
     """n colourful uint8 images (n, 3, size, size), no channel equal to another and none saturated."""
     g = torch.Generator().manual_seed(seed)
