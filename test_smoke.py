@@ -758,7 +758,12 @@ def test_finetune_official_layer_decay(official_file, tmp_path):
 
 def test_finetune_pretrain_checkpoint_resized(eval_pretrained, tmp_path):
     finetune.main(eval_args(tmp_path, "--pretrained", eval_pretrained, img_size=48))
-    assert eval_check_log(tmp_path, 1)[0]["train_images"] == 8
+    last = eval_check_log(tmp_path, 1)[0]
+    assert last["train_images"] == 8
+    finetune.main(eval_args(tmp_path, img_size=48) + ["--eval-only"])  # the saved classifier, evaluated again
+    record = read_log(tmp_path)[-1]
+    assert record["eval_only"] and (record["acc1"], record["acc5"]) == (last["acc1"], last["acc5"])
+    assert record["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
     state = eval_checkpoint(tmp_path)["model"]
     assert state["encoder.pos_embed"].shape == (1, 36, 64)
     pretrained = torch.load(eval_pretrained, weights_only=False)["model"]
@@ -1370,7 +1375,7 @@ def test_det_coco_eval_perfect_and_empty(det_coco):
     assert empty["bbox_AP"] == 0.0 and empty["segm_AP"] == 0.0
 
 
-def test_det_resume_matches_straight_run(tmp_path, det_small_heads):
+def test_det_resume_matches_straight_run(tmp_path, monkeypatch, det_small_heads):
     resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
     transfer_det.main(DET_FLAGS + ["--output-dir", resumed, "--epochs", "1"])
     transfer_det.main(DET_FLAGS + ["--output-dir", resumed, "--epochs", "2"])
@@ -1385,6 +1390,13 @@ def test_det_resume_matches_straight_run(tmp_path, det_small_heads):
                for d in (resumed, straight)]
     for key in weights[1]:
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-5, atol=1e-6, msg=key)
+    evaluate, evaluated = transfer_det.evaluate, []
+    monkeypatch.setattr(transfer_det, "evaluate", lambda detector, *a: evaluated.append(detector.state_dict()) or
+                        evaluate(detector, *a))
+    stats = transfer_det.main(DET_FLAGS + ["--output-dir", straight, "--epochs", "2", "--eval-only"])
+    assert all(torch.equal(v, weights[1][k]) for k, v in evaluated[0].items())  # the saved detector
+    assert read_log(straight)[-1] == {"epoch": 1, "eval_only": True, **stats}
+    assert stats == {k: logs[1][1][k] for k in stats}
 
 
 def test_det_bad_inputs(tmp_path, det_coco):
