@@ -560,6 +560,23 @@ def test_help_shows_defaults_and_docstring(capsys, script):
     assert ("--iters ITERS (default: 160000)" if script == "transfer_seg" else "--epochs EPOCHS (default: ") in text
 
 
+@pytest.mark.parametrize("flag", sorted(utils.VALUE_RANGES))
+def test_out_of_range_values_are_refused_in_every_script(flag):
+    """Each flag of utils.VALUE_RANGES (docs/RELIABILITY.md's list), in every script that has it: a value out of
+    its range and NaN stop in one line naming both."""
+    _, words = utils.VALUE_RANGES[flag]
+    bad = {"positive": "0", "at least 0": "-1", "in [0, 1)": "1", "in [0, 1]": "1.5", "in (0, 1]": "0"}[words]
+    option = "--" + flag.replace("_", "-")
+    scripts = [s for s in (*STAGES.values(), bench, visualize) if hasattr(s.get_args([]), flag)]
+    assert scripts, flag
+    for script in scripts:
+        for value in (bad, "nan"):
+            with pytest.raises(SystemExit) as info:
+                script.get_args([option, value])
+            assert re.fullmatch(rf"error: {option} must be {re.escape(words)}, got {value}(\.0)?", str(info.value)) \
+                or (value == "nan" and info.value.code == 2), (script.__name__, value)  # an integer flag: argparse
+
+
 def test_empty_data_folder(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(SystemExit, match="no images found"):
@@ -1844,6 +1861,32 @@ def test_kill_during_checkpoint_write_never_repeats_a_log_line(tmp_path, monkeyp
         f.write(json.dumps({"iter" if stage == "seg" else "epoch": 99, "train_loss": 0.0}) + "\n")
     run(tmp_path)
     assert log_keys(tmp_path) == ([2, 4] if stage == "seg" else [0, 1])
+
+
+@pytest.mark.parametrize("stage, argv, change, refused", [
+    ("pretrain", TINY, ["--patch-size", "16"], "--patch-size 8, not --patch-size 16"),
+    ("pretrain", TINY, ["--img-size", "64"], "--img-size 32, not --img-size 64"),
+    ("pretrain", TINY, ["--proj-dim", "16"], "--proj-dim 32, not --proj-dim 16"),
+    ("pretrain", TINY, ["--proj-hidden-dim", "32"], "--proj-hidden-dim 64, not --proj-hidden-dim 32"),
+    ("linprobe", eval_args("unused")[:-2], ["--final-norm"], "--final-norm False, not --final-norm True"),
+    ("transfer_seg", SEG_TINY, ["--feature-blocks", "1", "1", "2", "2"],
+     "--feature-blocks [1, 1, 1, 2], not --feature-blocks [1, 1, 2, 2]"),
+    ("transfer_seg", SEG_TINY, ["--decoder-channels", "16"], "--decoder-channels 32, not --decoder-channels 16"),
+    ("transfer_seg", SEG_TINY, ["--no-rel-pos-bias"], "--rel-pos-bias True, not --rel-pos-bias False"),
+])
+def test_architecture_change_on_resume_is_refused(tmp_path, stage, argv, change, refused):
+    """A checkpoint-last.pth of a run with argv, resumed with a flag that shapes the model changed: one line naming
+    the flag with both values, before anything is loaded."""
+    argv = argv + ["--output-dir", str(tmp_path)]
+    args = STAGES[stage].get_args(argv)
+    if stage != "pretrain":
+        utils.input_stats(args, lambda *a: None)  # fills in --in-chans, as the stage does
+    if stage == "transfer_seg":
+        transfer_seg.check_args(args)  # fills in --feature-blocks
+    torch.save({"model": {}, "optimizer": {}, "scaler": {}, "epoch": 0, "iter": 1, "args": vars(args)},
+               tmp_path / "checkpoint-last.pth")
+    assert stage_error(stage, argv + change) == (f"error: {tmp_path / 'checkpoint-last.pth'} was trained with "
+                                                 f"{refused}: give the same flags or another --output-dir")
 
 
 def test_save_every_zero_and_changed_flags(tmp_path, capsys):
