@@ -560,6 +560,12 @@ def test_help_shows_defaults_and_docstring(capsys, script):
     assert ("--iters ITERS (default: 160000)" if script == "transfer_seg" else "--epochs EPOCHS (default: ") in text
 
 
+def test_value_ranges_are_the_documented_ones():
+    with open(os.path.join(ROOT, "docs", "RELIABILITY.md")) as f:
+        section = " ".join(f.read().split("Values no run can use are refused before")[1].split("NaN is")[0].split())
+    assert sorted(re.findall(r"`--([a-z-]+)`", section)) == sorted(f.replace("_", "-") for f in utils.VALUE_RANGES)
+
+
 @pytest.mark.parametrize("flag", sorted(utils.VALUE_RANGES))
 def test_out_of_range_values_are_refused_in_every_script(flag):
     """Each flag of utils.VALUE_RANGES (docs/RELIABILITY.md's list), in every script that has it: a value out of
