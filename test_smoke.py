@@ -613,10 +613,42 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
         return loss * float("nan"), target
 
     monkeypatch.setattr(models.ExtreMA, "forward", nan_loss)
-    with pytest.raises(SystemExit, match="non-finite loss"):
+    with pytest.raises(SystemExit, match=r"^error: non-finite loss nan at epoch 1 step 0; the weights of .*"
+                                         r"checkpoint-last\.pth diverge at their first step: go back to an earlier "
+                                         r"checkpoint-<epoch>\.pth \(copy it to checkpoint-last\.pth\) or start "
+                                         r"afresh$"):  # the resumed run's first step
         pretrain.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path)])
     assert (tmp_path / "checkpoint-last.pth").read_bytes() == good
     assert len(read_log(tmp_path)) == 1
+
+
+def test_first_five_skipped_images_are_named(tmp_path, capsys):
+    """Seven unreadable images among 16 in one batch: all skipped and counted, the first five named."""
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    for i in range(16):
+        data.SyntheticImages(1, 32)[0][0].save(folder / f"ok_{i}.png")
+    for i in range(7):
+        (folder / f"broken_{i}.png").write_bytes(b"not an image")
+    pretrain.main(TINY + ["--arch", "vit_fixture", "--epochs", "1", "--batch-size", "23", "--data", str(tmp_path),
+                          "--max-skipped", "0.5", "--output-dir", str(tmp_path / "out")])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: skipped")]
+    named = {re.search(r"broken_\d\.png", line).group() for line in warnings}
+    assert len(warnings) == len(named) == 5 and warnings[-1].endswith(" (further ones are only counted)")
+    assert read_log(tmp_path / "out")[0]["skipped_images"] == 7
+
+
+def test_norm_stats_auto_reads_at_most_its_cap(tmp_path, monkeypatch):
+    """--norm-stats auto reads up to pretrain.NORM_STATS_IMAGES images (10,000; 4 here): the mean of constant
+    images of 8 x 2^i is that of exactly 4 of them (4 bits set in the sum)."""
+    for i in range(12):
+        os.makedirs(tmp_path / "data", exist_ok=True)
+        np.save(tmp_path / "data" / f"{i}.npy", np.full((32, 32, 1), 8 << i, dtype=np.uint16))
+    monkeypatch.setattr(pretrain, "NORM_STATS_IMAGES", 4)
+    pretrain.main(FIXTURE_PRETRAIN + ["--data", str(tmp_path / "data"), "--in-chans", "1", "--norm-stats", "auto",
+                                      "--output-dir", str(tmp_path / "out")])
+    total = torch.load(tmp_path / "out" / "checkpoint-last.pth", weights_only=False)["mean"][0] * 65535 * 4 / 8
+    assert total == pytest.approx(round(total), abs=1e-3) and bin(round(total)).count("1") == 4
 
 
 def test_unreadable_image_is_named(tmp_path):
