@@ -3161,6 +3161,17 @@ def test_shards_mid_epoch_resume_reads_no_sample_twice(sources, tmp_path, monkey
         monkeypatch.setattr(utils, "save_checkpoint", save)
         killed = sum(seen.pop(0), [])
         assert len(killed) == 4 * stop[1]  # died before reading the batch of step stop[1]
+        if workers == "2":  # the same checkpoint resumed with another --num-workers: taken, with a warning
+            other = tmp_path / "other_workers"
+            other.mkdir()
+            shutil.copy(tmp_path / "resumed2" / "checkpoint-last.pth", other)
+            capsys.readouterr()
+            pretrain.main(resumed + ["--output-dir", str(other), "--num-workers", "0"])
+            assert ("warning: resumed mid-epoch over shards with --num-workers 0, not 2: the shards of the rest of "
+                    "epoch 0 are split anew, so it may read images the run has already used in it"
+                    ) in capsys.readouterr().out.splitlines()
+            assert log_keys(other) == [0]
+            seen.clear()
         pretrain.main(resumed)
         assert killed + sum(seen[0], []) == straight[0]
         assert {epoch: sum(names, []) for epoch, names in seen.items() if epoch} == \
