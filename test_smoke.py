@@ -1990,6 +1990,39 @@ def test_run_main_closes_the_process_group(tmp_path):
     assert not torch.distributed.is_initialized()
 
 
+def test_torchrun_finetune_seg_and_det(tmp_path):
+    """Fine-tuning, segmentation and detection (small heads) under torchrun, 2 CPU processes, one launch: each
+    trains its one step, evaluates and writes one log line and the checkpoint (rank 1 writes nothing)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import json, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import torch.distributed as dist\n"
+        "import finetune, transfer_det, transfer_seg\n"
+        "transfer_det.RPN_SETTINGS.update(pre_nms_top_n=dict(training=200, testing=100),\n"
+        "                                 post_nms_top_n=dict(training=100, testing=50))\n"
+        "transfer_det.ROI_SETTINGS.update(batch_size_per_image=32, detections_per_img=10)\n"
+        "transfer_det.HEAD_CHANNELS.update(box_conv=8, box_fc=32, mask=16)\n"
+        "init = dist.init_process_group  # one group for the three stages (a second one, after the first, hung)\n"
+        "dist.init_process_group = lambda *a, **k: dist.is_initialized() or init(*a, **k)\n"
+        "for stage, argv in json.loads(sys.argv[1]):\n"
+        "    sys.modules[stage].main(argv)\n"
+        "dist.destroy_process_group()\n")
+    runs = [("finetune", eval_args(tmp_path / "finetune", "--batch-size", "8")),  # 8 images: 1 step of 2 x 4
+            ("transfer_seg", SEG_TINY + ["--batch-size", "4", "--iters", "1", "--output-dir", str(tmp_path / "seg")]),
+            ("transfer_det", DET_FLAGS + ["--epochs", "1", "--output-dir", str(tmp_path / "det")])]  # 2 images
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
+                        json.dumps(runs), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fine-tuning the online encoder (vit_fixture): 8 training / 2 validation images, 4 classes" in result.stdout
+    for out, key, metric in (("finetune", "epoch", "acc1"), ("seg", "iter", "mIoU"), ("det", "epoch", "bbox_AP")):
+        (record,) = read_log(tmp_path / out)
+        assert record[key] == (1 if key == "iter" else 0) and math.isfinite(record["train_loss"]) and metric in record
+        checkpoint = torch.load(tmp_path / out / "checkpoint-last.pth", weights_only=False)
+        assert checkpoint[key] == record[key] and checkpoint["log"] == record
+    assert read_log(tmp_path / "finetune")[0]["train_images"] == 8
+
+
 def test_sigterm_saves_and_exits_for_requeue(tmp_path):
     """SIGTERM during a pretraining step: the step finishes, checkpoint-last.pth is written, one line says so,
     the exit status is 143; the same command resumes and ends with each epoch logged once. 8 steps per epoch: the
