@@ -830,6 +830,23 @@ def test_finetune_pretrain_checkpoint_resized(eval_pretrained, tmp_path):
     assert len(encoder) > 20 and all(torch.equal(v, pretrained[k]) for k, v in encoder.items())
 
 
+def test_finetune_amp_bf16(tmp_path, monkeypatch):
+    """--amp bf16 on the CPU: the classifier runs under bf16 autocast, and the run logs what the float32 run logs
+    up to bf16 rounding."""
+    dtypes, forward = [], finetune.MeanPoolClassifier.forward
+    monkeypatch.setattr(finetune.MeanPoolClassifier, "forward", lambda self, x: (
+        lambda logits: dtypes.append(logits.dtype) or logits)(forward(self, x)))
+    logs = {}
+    for amp in ("none", "bf16"):
+        dtypes.clear()
+        finetune.main(eval_args(tmp_path / amp, "--amp", amp))
+        assert set(dtypes) == {torch.bfloat16 if amp == "bf16" else torch.float32}, amp
+        logs[amp] = eval_check_log(tmp_path / amp, 1)[0]
+    assert eval_checkpoint(tmp_path / "bf16")["args"]["amp"] == "bf16"
+    for key in ("train_loss", "val_loss"):
+        assert logs["bf16"][key] == pytest.approx(logs["none"][key], rel=0.02), key
+
+
 def test_finetune_subsets(tmp_path):
     dataset = data.SyntheticImages(40, 8, num_classes=4)
     half = finetune.subset_indices(dataset, None, 0.5)
