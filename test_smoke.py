@@ -2007,15 +2007,24 @@ def test_run_main_closes_the_process_group(tmp_path):
     assert not torch.distributed.is_initialized()
 
 
-def test_torchrun_finetune_seg_and_det(tmp_path):
+def test_torchrun_finetune_seg_and_det_then_a_signal_to_one_worker(tmp_path):
     """Fine-tuning, segmentation and detection (small heads) under torchrun, 2 CPU processes, one launch: each
-    trains its one step, evaluates and writes one log line and the checkpoint (rank 1 writes nothing)."""
+    trains its one step, evaluates and writes one log line and the checkpoint (rank 1 writes nothing). Then
+    pretraining, where SIGTERM reaches rank 1 alone during step 1: both stop after step 2 (the flags travel one step
+    late), rank 0 saves there, each exits 143 and torchrun 1."""
     driver = tmp_path / "driver.py"
     driver.write_text(
         "import json, sys\n"
         f"sys.path.insert(0, {ROOT!r})\n"
         "import torch.distributed as dist\n"
-        "import finetune, transfer_det, transfer_seg\n"
+        "import os, signal\n"
+        "import finetune, pretrain, transfer_det, transfer_seg\n"
+        "step, sent = pretrain.train_step, []\n"
+        "def signalled(*args, **kwargs):\n"
+        "    if os.environ['RANK'] == '1' and not sent:\n"
+        "        sent.append(os.kill(os.getpid(), signal.SIGTERM))\n"
+        "    return step(*args, **kwargs)\n"
+        "pretrain.train_step = signalled\n"
         "transfer_det.RPN_SETTINGS.update(pre_nms_top_n=dict(training=200, testing=100),\n"
         "                                 post_nms_top_n=dict(training=100, testing=50))\n"
         "transfer_det.ROI_SETTINGS.update(batch_size_per_image=32, detections_per_img=10)\n"
@@ -2027,10 +2036,16 @@ def test_torchrun_finetune_seg_and_det(tmp_path):
         "dist.destroy_process_group()\n")
     runs = [("finetune", eval_args(tmp_path / "finetune", "--batch-size", "8")),  # 8 images: 1 step of 2 x 4
             ("transfer_seg", SEG_TINY + ["--batch-size", "4", "--iters", "1", "--output-dir", str(tmp_path / "seg")]),
-            ("transfer_det", DET_FLAGS + ["--epochs", "1", "--output-dir", str(tmp_path / "det")])]  # 2 images
+            ("transfer_det", DET_FLAGS + ["--epochs", "1", "--output-dir", str(tmp_path / "det")]),  # 2 images
+            ("pretrain", TINY + ["--arch", "vit_fixture", "--synthetic-size", "256", "--batch-size", "32", "--epochs",
+                                 "1", "--output-dir", str(tmp_path / "pre")])]  # 8 steps
     result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
                         json.dumps(runs), env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 1 and "exitcode  : 143" in result.stderr, result.stderr[-3000:]
+    assert (f"a stop signal in another process: saved {tmp_path / 'pre' / 'checkpoint-last.pth'} at epoch 0 step 2/8; "
+            f"exiting with status 143") in result.stdout
+    checkpoint = torch.load(tmp_path / "pre" / "checkpoint-last.pth", weights_only=False)
+    assert (checkpoint["epoch"], checkpoint["step"]) == (-1, 2)
     assert "fine-tuning the online encoder (vit_fixture): 8 training / 2 validation images, 4 classes" in result.stdout
     for out, key, metric in (("finetune", "epoch", "acc1"), ("seg", "iter", "mIoU"), ("det", "epoch", "bbox_AP")):
         (record,) = read_log(tmp_path / out)
