@@ -2331,6 +2331,15 @@ def test_log_set_aside_repaired_and_bad_checkpoints(tmp_path, capsys):
     assert (tmp_path / "checkpoint-last.pth").read_bytes() == good
 
 
+def test_failed_log_append_names_the_file(tmp_path):
+    """log.jsonl that cannot be appended to (here a link into a folder that is gone): one line naming it, after the
+    checkpoint of the epoch it would complete."""
+    (tmp_path / "log.jsonl").symlink_to(tmp_path / "gone" / "log.jsonl")
+    assert stage_error("pretrain", TINY + ["--arch", "vit_fixture", "--epochs", "1", "--output-dir", str(tmp_path)]) \
+        == f"error: cannot write {tmp_path / 'log.jsonl'}: No such file or directory"
+    assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)["log"]["epoch"] == 0
+
+
 def test_unusable_values_and_misleading_messages(tmp_path):
     """Each flag value no run can use stops its script in one line; a 16-bit PNG among RGB images is named; a
     second Ctrl-C before any save claims no checkpoint; --export-timm onto a folder claims none kept."""
