@@ -493,7 +493,7 @@ def encoder_inputs(args, channels=None):
             if key != "img_size" and path is not None and given not in (None, found[key]):
                 utils.fail(f"{path}: {key.replace('_', ' ')} {found[key]} in the checkpoint, {given} given")
             setattr(args, key, found[key] if given is None else given)
-    if args.img_size % args.patch_size:
+    if args.img_size % args.patch_size and not hasattr(args, "feature_blocks"):  # dense stages: stricter checks
         utils.fail(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
     in_chans, mean, std = found["in_chans"], found["mean"], found["std"]
     if None not in (args.in_chans, in_chans) and args.in_chans != in_chans:

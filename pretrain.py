@@ -256,7 +256,7 @@ def build_optimizer(args, learner, device):
 def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, color_aug=True, keeps=None,
                clip_grad=None, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
     """One ExtreMA optimizer step over --accum-iter micro-batches of crops (b, C, H, W) on the device. keeps: one
-    (M, b, K) tensor of visible patches per micro-batch (None: drawn in the model). Returns the mean loss of the
+    (M, b, K) tensor of visible patches per micro-batch (None: drawn here, outside a compiled model). Returns the mean loss of the
     micro-batches, the target_std of the step's targets and the gradient norm before clipping, as device tensors
     (no host synchronisation)."""
     learner = model.module if isinstance(model, DDP) else model
@@ -270,9 +270,10 @@ def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, color
         # two colourings of the same crop: x1 for the online encoder, which sees only the visible patches of each
         # of the M masks (a batch of M*b short sequences); x2 for the momentum encoder, which sees it whole
         x1, x2 = two_views(images, color_aug, mean, std)
+        keep = learner.sample_keep(len(images), images.device) if keeps is None else keeps[i]  # (M, b, K) visible
         with utils.no_sync(model, i < len(micro_batches) - 1):  # DDP all-reduces the gradients of the last only
             with utils.autocast(images.device, amp):
-                loss, target = model(x1, x2, keep=None if keeps is None else keeps[i], return_target=True)  # (b, P)
+                loss, target = model(x1, x2, keep=keep, return_target=True)  # target: (b, P)
             scaler.scale(loss / len(micro_batches)).backward()  # the target branch has no gradient
         losses.append(loss.detach())
         targets.append(target)

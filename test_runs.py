@@ -136,3 +136,18 @@ def test_non_finite_loss_before_any_checkpoint_says_none_was_written(tmp_path, m
                                                     for i, v in enumerate(forward(self, *a, **k))))
     message = stage_error("pretrain", FAST + ["--epochs", "1", "--output-dir", str(tmp_path)])
     assert message == "error: non-finite loss nan at epoch 0 step 0/1; no checkpoint was written"
+
+
+def test_compile_gives_the_eager_loss(tmp_path, monkeypatch):
+    """--compile through pretrain.main traces the whole forward (both branches and the loss; the masks are drawn
+    outside it, so the same random numbers as eager): the same losses as the eager run. torch.compile's inductor
+    takes minutes to build its kernels on a 2-core CPU, so the test compiles with the aot_eager backend: Dynamo's
+    graph capture and AOTAutograd's joint graph, without code generation."""
+    compile_model = pretrain.compile_model
+    monkeypatch.setattr(pretrain, "compile_model", lambda learner, mode: learner.compile(backend="aot_eager"))
+    command = FAST + ["--epochs", "2", "--drop-path", "0"]
+    pretrain.main(command + ["--output-dir", str(tmp_path / "eager")])
+    pretrain.main(command + ["--output-dir", str(tmp_path / "compiled"), "--compile"])
+    eager, compiled = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
+    assert [r["train_loss"] for r in compiled] == pytest.approx([r["train_loss"] for r in eager], rel=1e-5)
+    assert compile_model is not pretrain.compile_model and torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0

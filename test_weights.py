@@ -101,7 +101,7 @@ def test_hub_loads_any_checkpoint(official_file, quickstart, tmp_path, monkeypat
                 encoder = torch.hub.load(ROOT, "extrema", source="local", checkpoint=source)
                 assert not encoder.training
                 assert all(torch.equal(a, b) for a, b in zip(encoder(images), want)), source
-    assert os.path.exists(tmp_path / "torch_home" / "hub" / "checkpoints" / os.path.basename(official_file))
+    assert not os.path.exists(tmp_path / "torch_home" / "hub" / "checkpoints")  # file:// is read in place
     entries = {name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")}
     assert entries == {"extrema", "extrema_vitb16_mask08x5_1k", "extrema_vitb16_mask08x5_color_1k",
                        "extrema_vitb16_mask09x8_color_1k", "extrema_vitb16_mask08x5_color_22k"}  # torch.hub.list's
