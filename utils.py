@@ -190,8 +190,7 @@ VALUE_RANGES = {
     **{flag: (positive, "positive") for flag in ("blr", "lr", "temperature", "knn_temperature", "peak_tflops",
                                                  "predictor_lr_scale", "clip_grad")},
     **{flag: (not_negative, "at least 0") for flag in ("warmup_epochs", "warmup_iters", "min_lr", "weight_decay",
-                                                       "color_jitter", "mixup", "cutmix")},
-    "save_interval": (not_negative, "0 (only at epoch ends) or positive minutes"),
+                                                       "color_jitter", "mixup", "cutmix", "save_interval")},
     "smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"), "drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "reprob": (lambda v: 0 <= v <= 1, "in [0, 1]"), "ema": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "crop_min": (lambda v: 0 < v <= 1, "in (0, 1]"), "layer_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -533,15 +532,14 @@ class Run:
 
     A checkpoint holds model, optimizer, scaler, args, position, `run.extra`, a part-done epoch's running sums
     and the log line it completes: a resumed run's log never repeats or skips a line. After SIGTERM, SIGUSR1 (a
-    scheduler's notice) or SIGINT the run saves before its next step and exits with REQUEUE_STATUS; the same
-    command resumes. --save-interval also saves between steps. A second Ctrl-C stops at once.
-    """
+    scheduler's notice) or SIGINT the run saves before its next step and exits with REQUEUE_STATUS, to resume
+    with the same command (a second Ctrl-C stops at once). --save-interval also saves between steps."""
 
     def __init__(self, args, steps_per_epoch, log=print, key="epoch", stage=None):
         self.args, self.steps_per_epoch, self.log, self.key, self.stage = args, steps_per_epoch, log, key, stage
-        self.output_dir, self.path = args.output_dir, os.path.join(args.output_dir, "checkpoint-last.pth")
-        self.log_path = os.path.join(args.output_dir, "log.jsonl")
-        if not args.save_interval >= 0:  # NaN too
+        self.output_dir = args.output_dir
+        self.path, self.log_path = (os.path.join(args.output_dir, f) for f in ("checkpoint-last.pth", "log.jsonl"))
+        if not args.save_interval >= 0:  # parse_args refuses it; a Run built in code too
             fail(f"--save-interval must be 0 (only at epoch ends) or positive minutes, got {args.save_interval}")
         if is_main() and (os.path.isdir(self.log_path) or (os.path.exists(self.log_path)
                                                              and not os.access(self.log_path, os.W_OK))):
@@ -636,7 +634,8 @@ class Run:
     def set_aside(self):
         """A fresh run (no checkpoint-last.pth) over an earlier run's log.jsonl and checkpoint-<epoch>.pth files:
         keep them as log.jsonl.<n> and checkpoint-<epoch>.pth.<n>, say so, start anew."""
-        old = [f for f in os.listdir(self.output_dir) if re.fullmatch(r"log\.jsonl|checkpoint-\d+\.pth", f)]
+        old = [f for f in os.listdir(self.output_dir) if re.fullmatch(r"log\.jsonl|checkpoint-\d+\.pth", f)
+               and os.path.isfile(os.path.join(self.output_dir, f))]
         if not is_main() or not old:
             return
         n = next(n for n in itertools.count(1) if not any(os.path.lexists(os.path.join(self.output_dir, f"{f}.{n}"))
@@ -756,7 +755,8 @@ class Run:
         tensors = [k for k, v in values.items() if torch.is_tensor(v)]
         shown = {**values, **dict(zip(tensors, torch.stack([values[k].detach().float() for k in tensors]).tolist()))}
         if not math.isfinite(shown["loss"]):
-            fail(f"non-finite loss {shown['loss']} at {self.where(self.step)}; " + (
+            at = f"iteration {self.step}" if self.key == "iter" else f"epoch {self.epoch} step {self.step}"
+            fail(f"non-finite loss {shown['loss']} at {at}; " + (
                 f"the weights of {self.path} diverge at their first step: go back to an earlier checkpoint-<epoch>.pth "
                 f"(copy it to checkpoint-last.pth) or start afresh" if (self.epoch, self.step) == self.resumed_at
                 else self.kept()))
