@@ -64,24 +64,6 @@ def official():
     return torch.load(FIXTURE)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """The stages install handlers for the stop signals; give pytest its own back."""
-    saved = {name: signal.getsignal(getattr(signal, name)) for name in utils.STOP_SIGNALS}
-    yield
-    for name, handler in saved.items():
-        signal.signal(getattr(signal, name), handler)
-
-
 @pytest.fixture(scope="module")
 def official_file(official, tmp_path_factory):
     """The official fixture and its checkpoint saved as a file for --pretrained."""

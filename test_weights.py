@@ -24,14 +24,6 @@ EVAL = ["--data", "synthetic", "--synthetic-size", "8", "--num-classes", "4", "-
         "--warmup-epochs", "0", "--device", "cpu", "--num-workers", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
