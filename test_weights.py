@@ -120,7 +120,7 @@ def test_export_hf_loads_in_timm(official_file, tmp_path):
 
 
 def test_export_onnx_matches_pytorch(official_file, tmp_path):
-    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
     path = tmp_path / "encoder.onnx"
     visualize.main(["--pretrained", official_file, "--export-onnx", str(path)])

@@ -59,7 +59,7 @@ def get_args(argv=None):
     p.add_argument("--export-hf", default=None, metavar="DIR",
                    help="write the encoder of --pretrained as a Hugging Face folder of timm's (needs timm)")
     p.add_argument("--export-onnx", default=None, metavar="FILE",
-                   help="write the encoder of --pretrained as ONNX (needs onnx), batch size free")
+                   help="write the encoder of --pretrained as ONNX (needs onnxscript), batch size free")
     p.add_argument("--curves", nargs="+", default=None, metavar="LOG",
                    help="draw the curves of these log.jsonl files (or their folders) instead of pictures")
     p.add_argument("--output", default=None, metavar="FILE", help="the PNG of --curves (default: "
@@ -105,15 +105,14 @@ def export_hf(args):
 
 
 def export_onnx(args):
-    """Write the encoder as ONNX: `images` (B, C, S, S) -> `tokens` (B, N, D), `instance` (B, D), both after the
-    final norm, B free. The TorchScript exporter (dynamo=False) needs onnx only; torch.export's needs onnxscript."""
-    utils.optional_import("onnx", "onnx", "--export-onnx")
+    """Write the encoder as ONNX with torch.export's exporter (onnx, onnxscript): `images` (B, C, S, S) -> `tokens`
+    (B, N, D), `instance` (B, D), both after the final norm, B free."""
+    utils.optional_import("onnxscript", "onnxscript", "--export-onnx")
     encoder = models.pretrained_encoder(utils.load_checkpoint(args.pretrained), args.branch)
     images = torch.zeros(2, encoder.in_chans, args.img_size, args.img_size)
-    batch = {0: "batch"}
     os.makedirs(os.path.dirname(args.export_onnx) or ".", exist_ok=True)
     torch.onnx.export(encoder, (images,), args.export_onnx, input_names=["images"], output_names=["tokens", "instance"],
-                      dynamic_axes=dict(images=batch, tokens=batch, instance=batch), dynamo=False)
+                      dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False)
     print(f"wrote {args.export_onnx}: images (B, {encoder.in_chans}, {args.img_size}, {args.img_size}) normalised "
           f"with mean {args.mean} and std {args.std} -> tokens (B, N, {encoder.embed_dim}), instance "
           f"(B, {encoder.embed_dim})")
