@@ -471,7 +471,7 @@ def encoder_inputs(args, channels=None):
     """The one place that decides the encoder and its inputs for every stage, before anything is built.
 
     A stage that reads an encoder: --arch, --patch-size and --img-size left unset are the --pretrained
-    checkpoint's (models.encoder_config), else the official ViT-B/16 at 224. --in-chans, --mean and --std: what the
+    checkpoint's (models.encoder_config), or a resumed run's own, else the official ViT-B/16 at 224. --in-chans, --mean and --std: what the
     checkpoint records (an RGB one without statistics: ImageNet's), else the flags, else 3 channels and
     ImageNet's; pretraining's --norm-stats auto leaves them to be estimated. A flag that contradicts the
     checkpoint is refused in one line naming both values, except another --img-size (the position table is
@@ -480,7 +480,11 @@ def encoder_inputs(args, channels=None):
     every stage's get_args after utils.parse_args; returns args."""
     path, auto = getattr(args, "pretrained", None), getattr(args, "norm_stats", None) == "auto"
     found = dict(OFFICIAL_ARCH, in_chans=None, mean=None, std=None)
-    if path is not None:
+    last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    if path is None and hasattr(args, "pretrained") and os.path.isfile(last):  # resumed, --eval-only: the run's own
+        path, saved = last, utils.load_checkpoint(last).get("args", {})
+        found.update({k: saved[k] for k in found if saved.get(k) is not None})
+    elif path is not None:
         try:
             found = models.encoder_config(utils.load_checkpoint(path))
         except ValueError as e:

@@ -7,6 +7,7 @@ import signal
 import pytest
 import torch
 
+import finetune
 import pretrain
 import utils
 from test_smoke import TINY, read_log, stage_error
@@ -151,3 +152,18 @@ def test_compile_gives_the_eager_loss(tmp_path, monkeypatch):
     eager, compiled = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
     assert [r["train_loss"] for r in compiled] == pytest.approx([r["train_loss"] for r in eager], rel=1e-5)
     assert compile_model is not pretrain.compile_model and torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+
+
+def test_eval_only_and_resume_need_no_architecture_flags(tmp_path):
+    """A fine-tuning run started from a checkpoint without architecture flags is evaluated (--eval-only) and
+    resumed without --pretrained or any architecture flag: the run's own checkpoint says what it is."""
+    pretrain.main(FAST + ["--epochs", "1", "--output-dir", str(tmp_path / "pre")])
+    run = ["--data", "synthetic", "--synthetic-size", "8", "--num-classes", "4", "--batch-size", "4",
+           "--warmup-epochs", "0", "--device", "cpu", "--num-workers", "0", "--output-dir", str(tmp_path / "ft")]
+    finetune.main(run + ["--epochs", "1", "--pretrained", str(tmp_path / "pre" / "checkpoint-last.pth")])
+    finetune.main(run + ["--epochs", "1", "--eval-only"])
+    finetune.main(run + ["--epochs", "2"])
+    first, evaluated, second = read_log(tmp_path / "ft")
+    assert evaluated["eval_only"] and evaluated["acc1"] == first["acc1"] and second["epoch"] == 1
+    args = torch.load(tmp_path / "ft" / "checkpoint-last.pth", weights_only=True)["args"]
+    assert (args["arch"], args["patch_size"], args["img_size"]) == ("vit_fixture", 8, 32)
