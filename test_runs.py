@@ -167,3 +167,25 @@ def test_eval_only_and_resume_need_no_architecture_flags(tmp_path):
     assert evaluated["eval_only"] and evaluated["acc1"] == first["acc1"] and second["epoch"] == 1
     args = torch.load(tmp_path / "ft" / "checkpoint-last.pth", weights_only=True)["args"]
     assert (args["arch"], args["patch_size"], args["img_size"]) == ("vit_fixture", 8, 32)
+
+
+def test_signal_before_the_first_step_saves_the_start(tmp_path, monkeypatch):
+    """docs/RELIABILITY.md: a stop signal once the stage has its utils.Run, before the first step, saves the
+    position epoch 0 step 0 and exits 143; the same command then trains the whole run."""
+    resume = utils.Run.resume
+
+    def signalled(self, *a, **k):
+        checkpoint = resume(self, *a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return checkpoint
+
+    monkeypatch.setattr(utils.Run, "resume", signalled)
+    command = FAST + ["--epochs", "1", "--output-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as info:
+        pretrain.main(command)
+    assert info.value.code == utils.REQUEUE_STATUS
+    checkpoint = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["step"]) == (-1, 0) and not os.path.exists(tmp_path / "log.jsonl")
+    monkeypatch.setattr(utils.Run, "resume", resume)
+    pretrain.main(command)
+    assert [r["epoch"] for r in read_log(tmp_path)] == [0]
