@@ -480,7 +480,7 @@ def encoder_inputs(args, channels=None):
     every stage's get_args after utils.parse_args; returns args."""
     path, auto = getattr(args, "pretrained", None), getattr(args, "norm_stats", None) == "auto"
     found = dict(OFFICIAL_ARCH, in_chans=None, mean=None, std=None)
-    last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    last = os.path.join(getattr(args, "output_dir", None) or "", "checkpoint-last.pth")
     if path is None and hasattr(args, "pretrained") and os.path.isfile(last):  # resumed, --eval-only: the run's own
         path, saved = last, utils.load_checkpoint(last).get("args", {})
         found.update({k: saved[k] for k in found if saved.get(k) is not None})

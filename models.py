@@ -485,6 +485,8 @@ def target_std(k):
     over the batch of the L2-normalised vectors, times sqrt(P). About 1 when the vectors spread over the
     sphere, 0 when they collapse to one point."""
     z = F.normalize(k.detach().float(), dim=-1)
+    if len(z) < 2:  # no spread over one vector: NaN, which the logs leave out
+        return z.new_tensor(float("nan"))
     return z.std(dim=0).mean() * z.shape[-1] ** 0.5
 
 
