@@ -507,28 +507,27 @@ def encoder_inputs(args, channels=None):
     for flag, given, recorded in (("--mean", args.mean, mean), ("--std", args.std, std)):
         if given is not None and recorded is not None and [float(v) for v in given] != list(recorded):
             utils.fail(f"{flag} {' '.join(map(str, given))} contradicts {path}, which records "
-                 f"{' '.join(f'{v:g}' for v in recorded)}")
-    in_chans = in_chans or args.in_chans or 3
+                       f"{' '.join(f'{v:g}' for v in recorded)}")
+    if channels is not None and (in_chans or args.in_chans or 3) not in channels:
+        utils.fail(f"this stage's data pipeline reads {' or '.join(map(str, channels))}-channel images, not "
+                   f"{in_chans or args.in_chans or 3} channel(s)")
+    args.in_chans = in_chans = in_chans or args.in_chans or 3
     mean, std = (args.mean if mean is None else mean), (args.std if std is None else std)
-    if auto and (args.mean is not None or args.std is not None):
-        utils.fail("give --mean and --std, or --norm-stats auto, not both")
-    if mean is None and std is None and in_chans == 3 and not auto:
+    if auto:  # estimated by pretrain.py before its first step
+        if mean is not None or std is not None:
+            utils.fail("give --mean and --std, or --norm-stats auto, not both")
+        return args
+    if mean is None and std is None and in_chans == 3:
         mean, std = list(utils.IMAGENET_MEAN), list(utils.IMAGENET_STD)
-    if not auto and (mean is None or std is None):
+    if mean is None or std is None:
         utils.fail(f"--in-chans {in_chans} needs --mean and --std ({in_chans} values each) or --norm-stats auto"
-             if hasattr(args, "norm_stats") else f"{in_chans} input channel(s) need --mean and --std ({in_chans} "
-                                                  f"values each)")
-    if not auto:
-        check_stats(in_chans, mean, std)
-    if channels is not None and in_chans not in channels:
-        utils.fail(f"this stage's data pipeline reads {' or '.join(map(str, channels))}-channel images, not {in_chans} "
-             f"channel(s)")
-    args.in_chans = in_chans
-    if not auto:
-        args.mean, args.std = [float(v) for v in mean], [float(v) for v in std]
-        if (in_chans != 3 or args.mean != list(utils.IMAGENET_MEAN)) and utils.is_main():
-            print(f"inputs: {in_chans} channel(s), mean {' '.join(f'{v:.4f}' for v in args.mean)}, "
-                f"std {' '.join(f'{v:.4f}' for v in args.std)}")
+                   if hasattr(args, "norm_stats") else f"{in_chans} input channel(s) need --mean and --std "
+                                                        f"({in_chans} values each)")
+    check_stats(in_chans, mean, std)
+    args.mean, args.std = [float(v) for v in mean], [float(v) for v in std]
+    if (in_chans != 3 or args.mean != list(utils.IMAGENET_MEAN)) and utils.is_main():
+        print(f"inputs: {in_chans} channel(s), mean {' '.join(f'{v:.4f}' for v in args.mean)}, "
+              f"std {' '.join(f'{v:.4f}' for v in args.std)}")
     return args
 
 
