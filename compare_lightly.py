@@ -11,9 +11,9 @@ is what the heads see) and the epochs. Each backbone is saved as pretrain.py sav
 SimCLR), 'encoder' the student. log.jsonl gets one line per epoch with the mean loss and the wall and CPU seconds
 since the start of training (the process and its finished loader workers, from resource.getrusage).
 
-    OMP_NUM_THREADS=1 python compare_lightly.py --method dino --data data/fmnist --epochs 15 --output-dir output/dino
-    python linprobe.py --knn --data data/fmnist --pretrained output/dino/checkpoint-last.pth --arch vit_tiny \\
-        --img-size 28 --patch-size 7 --device cpu --output-dir output/dino-knn
+    OMP_NUM_THREADS=1 python compare_lightly.py --method mae --data data/fmnist --epochs 6 --output-dir output/mae
+    python linprobe.py --knn --data data/fmnist --pretrained output/mae/checkpoint-last.pth --arch vit_tiny \\
+        --img-size 28 --patch-size 7 --device cpu --output-dir output/mae-knn
 """
 import argparse
 import copy
@@ -73,7 +73,7 @@ def instance(encoder, images):
 class DINO(nn.Module):
     """Student and EMA teacher with DINO heads; the teacher sees the 2 global crops, the student all 8."""
 
-    def __init__(self, backbone, epochs, patch_size):
+    def __init__(self, backbone):
         super().__init__()
         dim = backbone.embed_dim
         self.student, self.student_head = backbone, DINOProjectionHead(dim, 512, 64, 2048, freeze_last_layer=1)
@@ -102,7 +102,7 @@ class DINO(nn.Module):
 class BYOL(nn.Module):
     """Online network with projector and predictor against an EMA target; symmetric negative cosine."""
 
-    def __init__(self, backbone, epochs, patch_size):
+    def __init__(self, backbone):
         super().__init__()
         self.backbone = backbone
         self.projection_head = BYOLProjectionHead(backbone.embed_dim, 1024, 256)
@@ -133,16 +133,16 @@ class MAE(nn.Module):
     the masked patches itself (keep) and its class-attention output stands in for timm's class token, so the
     pooling the probe reads is trained too."""
 
-    def __init__(self, backbone, epochs, patch_size):
+    def __init__(self, backbone):
         super().__init__()
-        decoder_dim, self.mask_ratio, self.patch_size = 512, 0.75, patch_size
+        decoder_dim, self.mask_ratio, self.patch_size = 512, 0.75, backbone.patch_size
         self.backbone = backbone
         self.sequence_length = backbone.num_patches + 1  # the class token first, as in timm
         self.decoder_embed = nn.Linear(backbone.embed_dim, decoder_dim)
         self.decoder = MaskedVisionTransformerDecoderTIMM(
             num_patches=backbone.num_patches, embed_dim=decoder_dim, depth=1, num_heads=16, num_prefix_tokens=1,
             mlp_ratio=4.0, proj_drop_rate=0.0, attn_drop_rate=0.0)
-        self.prediction_head = nn.Linear(decoder_dim, patch_size ** 2 * 3)
+        self.prediction_head = nn.Linear(decoder_dim, self.patch_size ** 2 * 3)
         self.decoder_embed.apply(init_weights)
         self.prediction_head.apply(init_weights)
         self.criterion = nn.MSELoss()
@@ -167,7 +167,7 @@ class MAE(nn.Module):
 class SimCLR(nn.Module):
     """One encoder, two views, NT-Xent over the batch."""
 
-    def __init__(self, backbone, epochs, patch_size):
+    def __init__(self, backbone):
         super().__init__()
         self.backbone, self.projection_head = backbone, SimCLRProjectionHead(backbone.embed_dim, 512, 128)
         self.criterion = NTXentLoss()
@@ -207,7 +207,7 @@ def main(argv=None):
     args.batch_size, args.lr = args.batch_size or batch_size, args.lr or lr
     utils.set_seed(args.seed)
     method = METHODS[args.method]
-    model = method(models.vit_tiny(img_size=args.img_size, patch_size=args.patch_size), args.epochs, args.patch_size)
+    model = method(models.vit_tiny(img_size=args.img_size, patch_size=args.patch_size))
     dataset = ImageFolder(os.path.join(args.data, "train"), transform=method.transform(args.img_size))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.num_workers)
