@@ -1,6 +1,7 @@
-"""Datasets, decoding and loaders of the stages: the pretraining sources (synthetic, a folder, a list file,
-WebDataset shards) behind pretraining_loader, the sources of `linprobe.py --extract` behind extraction_loader,
-labelled classification sets, and the per-process DataLoader with its resumable sampler.
+"""What goes into the encoder: its architecture and inputs (channels, statistics) from --pretrained or the flags
+(encoder_inputs), decoding, the pretraining sources (synthetic, a folder, a list file, WebDataset shards) behind
+pretraining_loader, the sources of `linprobe.py --extract` behind extraction_loader, labelled classification sets,
+the per-process DataLoader with its resumable sampler, and normalisation on the device.
 
 A file of its own, beside utils.py (which it imports for errors and the process layout) and imported by the
 stages: the data sources are a concern of their own, and utils.py holds the rest of the plumbing."""

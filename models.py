@@ -1,6 +1,7 @@
 """ExtreMA models: a plain ViT with class-attention pooling (and an optional relative position bias for dense
-transfer), token masking, the siamese learner, official-checkpoint conversion, export to timm's ViT layout
-and class-attention weights for pictures.
+transfer), token masking, the siamese learner, optimizer parameter groups, checkpoints read without running code
+(files and URLs), official-checkpoint conversion, the encoder a checkpoint holds, export to timm's ViT layout and
+class-attention weights for pictures.
 
 Self-contained (torch and einops only): copy this file into your project.
 

@@ -1,6 +1,6 @@
-"""Plumbing shared by the stage scripts: errors, distributed set-up, precision, schedules, optimizer
-groups, checkpoints, logs (log.jsonl, TensorBoard, W&B), device-side normalisation and the training and evaluation
-loops. Model code lives in models.py, datasets and loaders in data.py."""
+"""The job around the stages, none of their method: errors, flags, processes, precision, lr schedules, atomic
+checkpoints, and `Run`, the one object a stage's loop talks to (resume, saves on signals, running means, progress
+lines, log.jsonl, TensorBoard, W&B). Loops are in the stages, model code in models.py, inputs and data in data.py."""
 import argparse
 import copy
 import ctypes
