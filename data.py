@@ -460,7 +460,8 @@ def check_stats(in_chans, mean, std):
     if in_chans < 1:
         utils.fail(f"--in-chans must be at least 1, got {in_chans}")
     if len(mean) != in_chans or len(std) != in_chans:
-        utils.fail(f"--mean and --std need {in_chans} value(s) each (one per input channel), got {len(mean)} and {len(std)}")
+        utils.fail(f"--mean and --std need {in_chans} value(s) each (one per input channel), got {len(mean)} and "
+                   f"{len(std)}")
     for channel, (m, s) in enumerate(zip(mean, std)):
         if not math.isfinite(m):
             utils.fail(f"--mean of channel {channel} must be finite, got {m}")
@@ -472,15 +473,16 @@ def encoder_inputs(args, channels=None):
     """The one place that decides the encoder and its inputs for every stage, before anything is built.
 
     A stage that reads an encoder: --arch, --patch-size and --img-size left unset are the --pretrained
-    checkpoint's (models.encoder_config), or a resumed run's own, else the official ViT-B/16 at 224. --in-chans, --mean and --std: what the
-    checkpoint records (an RGB one without statistics: ImageNet's), else the flags, else 3 channels and
-    ImageNet's; pretraining's --norm-stats auto leaves them to be estimated. A flag that contradicts the
-    checkpoint is refused in one line naming both values, except another --img-size (the position table is
-    resized on load) and --in-chans C with an RGB checkpoint (its patch embedding is adapted on load: give the
-    data's --mean and --std). channels: the channel counts the stage's data pipeline reads (None: any). Called by
-    every stage's get_args after utils.parse_args; returns args."""
+    checkpoint's (models.encoder_config), or a resumed run's own, else the official ViT-B/16 at 224; so is the
+    class-attention depth (args.ca_depth). --in-chans, --mean and --std: what the checkpoint records (an RGB one
+    without statistics: ImageNet's), else the flags, else 3 channels and ImageNet's; pretraining's --norm-stats
+    auto leaves them to be estimated. A flag that contradicts the checkpoint is refused in one line naming both
+    values, except another --img-size (the position table is resized on load) and --in-chans C with an RGB
+    checkpoint (its patch embedding is adapted on load: give the data's --mean and --std). channels: the channel
+    counts the stage's data pipeline reads (None: any). Called by every stage's get_args after utils.parse_args;
+    returns args."""
     path, auto = getattr(args, "pretrained", None), getattr(args, "norm_stats", None) == "auto"
-    found = dict(OFFICIAL_ARCH, in_chans=None, mean=None, std=None)
+    found = dict(OFFICIAL_ARCH, in_chans=None, mean=None, std=None, ca_depth=2)
     last = os.path.join(getattr(args, "output_dir", None) or "", "checkpoint-last.pth")
     if path is None and hasattr(args, "pretrained") and os.path.isfile(last):  # resumed, --eval-only: the run's own
         path, saved = last, utils.load_checkpoint(last).get("args", {})
@@ -498,6 +500,7 @@ def encoder_inputs(args, channels=None):
             if key != "img_size" and path is not None and given not in (None, found[key]):
                 utils.fail(f"{path}: {key.replace('_', ' ')} {found[key]} in the checkpoint, {given} given")
             setattr(args, key, found[key] if given is None else given)
+        args.ca_depth = found["ca_depth"]  # the class-attention blocks it holds (pretraining has its flag)
     if args.img_size % args.patch_size and not hasattr(args, "feature_blocks"):  # dense stages: stricter checks
         utils.fail(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
     in_chans, mean, std = found["in_chans"], found["mean"], found["std"]

@@ -322,7 +322,7 @@ def main(argv=None):
     mixing = batch_mixing(args, num_classes)
 
     encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
-                                       **models.ARCHS[args.arch], ca_depth=2, layer_scale=0.1, drop_path=args.drop_path)
+                                       **models.ARCHS[args.arch], ca_depth=args.ca_depth, drop_path=args.drop_path)
     data.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir)
     encoder.set_grad_checkpointing(args.grad_checkpointing)
     model = MeanPoolClassifier(encoder, num_classes).to(device)

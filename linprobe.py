@@ -116,7 +116,7 @@ def load_encoder(args, rank, log):
     utils.set_seed(args.seed)  # every process draws the same random encoder (used without --pretrained)
     config = models.encoder_config(utils.load_checkpoint(args.pretrained)) if args.pretrained else {}
     encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
-                                       **models.ARCHS[args.arch], ca_depth=config.get("ca_depth", 2),
+                                       **models.ARCHS[args.arch], ca_depth=args.ca_depth,
                                        rel_pos_bias=config.get("rel_pos_bias", False))
     utils.set_seed(args.seed + rank)
     # --knn and --extract train nothing, so they always read --pretrained, even where a probe's checkpoint-last.pth
@@ -253,7 +253,8 @@ def knn_evaluate(feature_fn, train_loader, val_loader, num_classes, device, amp,
     train_features, train_labels = extract_features(feature_fn, train_loader, device, amp, mean, std)
     train_features, train_labels = all_gather_rows(train_features), all_gather_rows(train_labels)
     features, labels = extract_features(feature_fn, val_loader, device, amp, mean, std)
-    hits = utils.all_reduce_sum(knn_counts(train_features, train_labels, features, labels, num_classes, ks, temperature))
+    hits = utils.all_reduce_sum(knn_counts(train_features, train_labels, features, labels, num_classes, ks,
+                                           temperature))
     count = utils.all_reduce_sum(torch.tensor(float(len(labels)), dtype=torch.float64, device=device)).item()
     return {k: (100 * top1 / count, 100 * top5 / count) for k, (top1, top5) in zip(ks, hits.tolist())}
 

@@ -256,9 +256,9 @@ def build_optimizer(args, learner, device):
 def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, color_aug=True, keeps=None,
                clip_grad=None, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
     """One ExtreMA optimizer step over --accum-iter micro-batches of crops (b, C, H, W) on the device. keeps: one
-    (M, b, K) tensor of visible patches per micro-batch (None: drawn here, outside a compiled model). Returns the mean loss of the
-    micro-batches, the target_std of the step's targets and the gradient norm before clipping, as device tensors
-    (no host synchronisation)."""
+    (M, b, K) tensor of visible patches per micro-batch (None: drawn here, outside a compiled model). Returns the
+    mean loss of the micro-batches, the target_std of the step's targets and the gradient norm before clipping, as
+    device tensors (no host synchronisation)."""
     learner = model.module if isinstance(model, DDP) else model
     # Step 1. This step's lr, and the momentum (EMA) update of the target branch. As in the official code the EMA
     # step comes first: the online branch then chases a target that already includes its last step.

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import finetune
+import linprobe
 import pretrain
 import utils
 from test_smoke import TINY, read_log, stage_error
@@ -189,3 +190,18 @@ def test_signal_before_the_first_step_saves_the_start(tmp_path, monkeypatch):
     monkeypatch.setattr(utils.Run, "resume", resume)
     pretrain.main(command)
     assert [r["epoch"] for r in read_log(tmp_path)] == [0]
+
+
+def test_later_stages_build_the_class_attention_the_checkpoint_holds(tmp_path):
+    """A pretraining run with one class-attention block: fine-tuning and the probe, given only --pretrained, build
+    and load it (the depth comes from the checkpoint, as the widths do)."""
+    pretrain.main(FAST + ["--epochs", "1", "--ca-depth", "1", "--output-dir", str(tmp_path / "pre")])
+    run = ["--data", "synthetic", "--synthetic-size", "8", "--num-classes", "4", "--batch-size", "4", "--epochs", "1",
+           "--warmup-epochs", "0", "--device", "cpu", "--num-workers", "0",
+           "--pretrained", str(tmp_path / "pre" / "checkpoint-last.pth")]
+    finetune.main(run + ["--output-dir", str(tmp_path / "ft")])
+    linprobe.main(run + ["--output-dir", str(tmp_path / "probe")])
+    blocks = {stage: {k.split(".")[2] for k in torch.load(tmp_path / stage / "checkpoint-last.pth",
+                                                          weights_only=True)["model"] if ".ca_blocks." in k}
+              for stage in ("ft", "probe")}
+    assert blocks == {"ft": set(), "probe": {"0"}}  # fine-tuning drops class attention after loading it

@@ -471,7 +471,7 @@ def build_detector(args, num_classes, log=print):
         utils.fail(f"--feature-blocks {blocks} must lie in 1..{depth} for {args.arch}")
     pretrain_size = 224 // patch * patch  # the grid the position table is stored at; resized per batch
     encoder = models.VisionTransformer(img_size=pretrain_size, patch_size=patch, **models.ARCHS[args.arch],
-                                       drop_path=args.drop_path, ca_depth=2, layer_scale=0.1)
+                                       drop_path=args.drop_path, ca_depth=args.ca_depth)
     data.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir)
     encoder.set_grad_checkpointing(args.grad_checkpointing)
     if args.lsj:
@@ -601,7 +601,8 @@ def main(argv=None):
 
     model = detector
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(detector, device_ids=[device.index] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(detector,
+                                                    device_ids=[device.index] if device.type == "cuda" else None)
     log(f"{args.epochs} epochs of {steps_per_epoch} steps, lr {args.lr}, amp {amp}, {world} process(es)")
 
     stats = {}

@@ -344,8 +344,8 @@ def build_model(args, log=print, load_pretrained=True):
     to the last feature block: later blocks, class-attention blocks, cls token and final norm are dropped.
     The relative position bias tables (for the crop's grid) start at zero."""
     encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size,
-                                       **models.ARCHS[args.arch], drop_path=args.drop_path, ca_depth=2,
-                                       layer_scale=0.1, rel_pos_bias=args.rel_pos_bias)
+                                       **models.ARCHS[args.arch], drop_path=args.drop_path, ca_depth=args.ca_depth,
+                                       rel_pos_bias=args.rel_pos_bias)
     encoder.set_grad_checkpointing(args.grad_checkpointing)
     if load_pretrained:
         data.load_pretrained_encoder(encoder, args.pretrained, args.branch, log=log)

@@ -245,7 +245,7 @@ def main(argv=None):
         utils.fail(f"image {missing[0]} does not exist")
     _, _, device = utils.init_distributed(args.device)
     encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
-                                       **models.ARCHS[args.arch], ca_depth=2, layer_scale=0.1)
+                                       **models.ARCHS[args.arch], ca_depth=args.ca_depth)
     data.load_pretrained_encoder(encoder, args.pretrained, args.branch)
     encoder.to(device).eval()
     utils.make_output_dir(args.output_dir)
