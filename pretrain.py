@@ -349,11 +349,12 @@ def main(argv=None):
             run.log_step(loss=loss, lr=lr, momentum=momentum, grad_norm=grad_norm, target_std=target_std)
 
         record = {"epoch": epoch, **run.end_epoch(timing=True), **({"init": args.init} if args.init else {})}
-        if (record["target_std"] or 0) < COLLAPSE_STD:
-            log(f"warning: target_std {record['target_std']} < {COLLAPSE_STD} in epoch {epoch}: the target "
+        if record["target_std"] is None:
+            log(f"warning: no target_std in epoch {epoch}: a step's batch of one image has no spread to measure")
+        elif record["target_std"] < COLLAPSE_STD:
+            log(f"warning: target_std {record['target_std']:.3f} < {COLLAPSE_STD} in epoch {epoch}: the target "
                 f"representation is collapsing; try --predictor-lr-scale 10 or --loss infonce (README: Is it "
-                f"learning?)" if record["target_std"] is not None else f"warning: no target_std in epoch {epoch}: "
-                f"a step's batch of one image has no spread to measure")
+                f"learning?)")
         if monitor is not None:
             monitor.evaluate(epoch, record)
         log(f"epoch {epoch}: loss {record['train_loss']:.4f} target_std {record['target_std'] or float('nan'):.3f} | "
