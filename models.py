@@ -1,9 +1,7 @@
-"""ExtreMA models: a plain ViT with class-attention pooling (and an optional relative position bias for dense
-transfer), token masking, the siamese learner, optimizer parameter groups, checkpoints read without running code
-(files and URLs), official-checkpoint conversion, the encoder a checkpoint holds, export to timm's ViT layout and
-class-attention weights for pictures.
-
-Self-contained (torch and einops only): copy this file into your project.
+"""ExtreMA models: a plain ViT pooled by class attention (optional relative position bias for dense transfer), token
+masking, the siamese learner, optimizer parameter groups, checkpoints read without running code (files, URLs),
+official-checkpoint conversion, the encoder a checkpoint holds, export to timm's ViT layout, class-attention weights
+for pictures. Self-contained (torch and einops only): copy this file into your project.
 
 Shapes: B images, N patches, K visible patches per mask, M masks, D channels, P projector outputs.
 """
@@ -16,6 +14,7 @@ import shutil
 import urllib.parse
 import urllib.request
 from contextlib import suppress
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -33,16 +32,13 @@ ARCHS = {  # name: ViT sizes
 }
 
 
-# ----------------------------------------------------------------------------------------------------
-# Position embedding
+# ============ Position embedding ============
 
 
 def sincos_pos_embed(dim, grid_h, grid_w):
-    """Fixed 2-D sin-cos table (MAE formula), (grid_h * grid_w, dim) in row-major patch order.
-
-    The first dim/2 channels encode the column index, the last dim/2 the row index, each half as
-    [sin(pos * w), cos(pos * w)] with w_i = 10000^(-i / (dim/4)).
-    """
+    """Fixed 2-D sin-cos table (MAE formula), (grid_h * grid_w, dim) in row-major patch order: the first dim/2
+    channels encode the column index, the last dim/2 the row index, each as [sin(pos * w), cos(pos * w)] with
+    w_i = 10000^(-i / (dim/4))."""
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a dim divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
@@ -75,8 +71,7 @@ def resize_pos_embed(pos_embed, old_grid, new_grid):
     return rearrange(table, "1 d h w -> 1 (h w) d").to(pos_embed.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Masking
+# ============ Masking ============
 
 
 def num_visible(num_patches, mask_ratio):
@@ -99,11 +94,8 @@ def check_masks(num_patches, mask_ratio, num_masks, disjoint=True):
 
 
 def sample_keep(batch_size, num_patches, mask_ratio, num_masks, disjoint=True, device=None):
-    """Visible patch indices, int64 (M, B, K).
-
-    Disjoint: one random permutation per image, mask i keeps permutation[K*i : K*(i+1)].
-    Otherwise each mask draws its own permutation.
-    """
+    """Visible patch indices, int64 (M, B, K). Disjoint: one random permutation per image, mask i keeps
+    permutation[K*i : K*(i+1)]; otherwise each mask draws its own permutation."""
     check_masks(num_patches, mask_ratio, num_masks, disjoint)
     k = num_visible(num_patches, mask_ratio)
     if disjoint:
@@ -120,8 +112,7 @@ def gather_visible(tokens, keep):
     return tokens[rows[:, None], keep.reshape(m * b, -1)]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Vision Transformer
+# ============ Vision Transformer ============
 
 
 def drop_path(x, p, training):
@@ -145,12 +136,9 @@ class Mlp(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention through SDPA (flash / memory-efficient kernels where available).
-
-    rel_pos_grid=(h, w) adds BEiT's relative position bias, used for dense transfer (off for pretraining):
-    a learned ((2h-1)(2w-1), heads) table, zero at initialisation, gives each head an additive logit for
-    every row and column offset between two patches. An input grid other than (h, w) gets the table
-    resized bicubically to its offsets, as the position embedding is.
-    """
+    rel_pos_grid=(h, w) adds BEiT's relative position bias, for dense transfer (off for pretraining): a learned
+    ((2h-1)(2w-1), heads) table, zero at initialisation, gives each head an additive logit for every row and column
+    offset between two patches; another input grid gets the table resized bicubically, as the position embedding is."""
 
     def __init__(self, dim, num_heads, rel_pos_grid=None):
         super().__init__()
@@ -167,7 +155,7 @@ class Attention(nn.Module):
         """Additive attention bias (heads, N, N) for tokens on grid (h, w)."""
         table, index = self.relative_position_bias_table, self.relative_position_index
         if tuple(grid) != self.rel_pos_grid:
-            (h, w), (new_h, new_w) = self.rel_pos_grid, grid
+            h, (new_h, new_w) = self.rel_pos_grid[0], grid
             table = rearrange(table, "(r c) n -> 1 n r c", r=2 * h - 1)
             table = F.interpolate(table, size=(2 * new_h - 1, 2 * new_w - 1), mode="bicubic", align_corners=True)
             table = rearrange(table, "1 n r c -> (r c) n")
@@ -203,10 +191,8 @@ class Block(nn.Module):
 
 
 class ClassAttention(nn.Module):
-    """CaiT class attention: the cls row queries all rows of u = [cls; tokens].
-
-    k and v share one matmul (`kv`); official checkpoints' separate k, v are concatenated on load.
-    """
+    """CaiT class attention: the cls row queries all rows of u = [cls; tokens]. k and v share one matmul (`kv`);
+    official checkpoints' separate k, v are concatenated on load."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -243,9 +229,7 @@ class ClassAttention(nn.Module):
 
 class ClassAttentionBlock(nn.Module):
     """Refines the cls token only; the patch tokens pass through unchanged. Layer scale, no drop path.
-
-    split: the attention without the (B, 1+N, D) concatenation (the same function: LayerNorm is per row).
-    """
+    split: the attention without the (B, 1+N, D) concatenation (the same function: LayerNorm is per row)."""
 
     def __init__(self, dim, num_heads, mlp_ratio, layer_scale, split=False):
         super().__init__()
@@ -269,16 +253,13 @@ class ClassAttentionBlock(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT without a cls token in the self-attention blocks, pooled by class-attention blocks.
 
-    forward(x, keep) -> (tokens, instance) after the final norm: (B, N, D) and (B, D) for full images,
-    (M*B, K, D) and (M*B, D) when keep (M, B, K) selects visible patches.
-    Any input whose sides divide by the patch size works: the position table is resized on the fly.
-    rel_pos_bias=True gives every block a relative position bias for the img_size grid (see Attention;
-    full images only), as BEiT's and CAE's segmentation backbones have; pretraining has none.
-    Speed options, off by default (official numerics): autocast_residual keeps the tokens' residual stream in
-    the autocast dtype (bf16/fp16) instead of float32 (no effect outside autocast); split_class_attention
-    drops the [cls; tokens] concatenation in class attention (the same function).
-    Memory option, off by default: set_grad_checkpointing() makes training forwards keep only each block's input
-    and recompute the block in the backward (the same results, about a third more encoder compute).
+    forward(x, keep) -> (tokens, instance) after the final norm: (B, N, D) and (B, D) for full images, (M*B, K, D)
+    and (M*B, D) when keep (M, B, K) selects visible patches. Any input whose sides divide by the patch size works:
+    the position table is resized on the fly. rel_pos_bias=True gives every block a relative position bias for the
+    img_size grid (see Attention; full images only), as BEiT's and CAE's segmentation backbones have. Speed options,
+    off by default (official numerics): autocast_residual keeps the residual stream in the autocast dtype (bf16/fp16)
+    instead of float32 (no effect outside autocast); split_class_attention drops the [cls; tokens] concatenation in
+    class attention (the same function). Memory option, off by default: set_grad_checkpointing().
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
@@ -287,10 +268,8 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
-        self.autocast_residual = autocast_residual
-        self.grad_checkpointing = False
-        self.patch_size, self.in_chans = patch_size, in_chans
-        self.embed_dim = embed_dim
+        self.autocast_residual, self.grad_checkpointing = autocast_residual, False
+        self.patch_size, self.in_chans, self.embed_dim = patch_size, in_chans, embed_dim
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         # the patch embedding is a conv with kernel = stride = patch, computed as one matmul over flat patches
@@ -310,13 +289,13 @@ class VisionTransformer(nn.Module):
         nn.init.uniform_(self.patch_embed.bias, -bound, bound)
 
     def set_grad_checkpointing(self, enable=True):
-        """Recompute the self-attention blocks in the backward instead of storing their activations (timm's name)."""
+        """Training forwards keep only each block's input and recompute the block in the backward (timm's name):
+        the same results, about a third more encoder compute."""
         self.grad_checkpointing = enable
 
     def run_block(self, blk, tokens, grid):
-        """blk(tokens, grid), under torch.utils.checkpoint when grad checkpointing is on, the model is training and
-        autograd records (so never in evaluation or under no_grad, as the momentum branch runs). The checkpoint
-        replays the RNG state, so drop path recomputes the same masks."""
+        """blk(tokens, grid), checkpointed when grad checkpointing is on, training and autograd records (never in
+        evaluation or under no_grad, as the momentum branch runs); the replayed RNG state keeps drop path's masks."""
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(blk, tokens, grid, use_reentrant=False)
         return blk(tokens, grid)
@@ -336,13 +315,6 @@ class VisionTransformer(nn.Module):
             tokens = tokens.to(torch.get_autocast_dtype(x.device.type))  # the residual adds then stay in it
         return tokens
 
-    def pool(self, tokens):
-        """Class-attention output (M*B, D) for tokens (M*B, N, D), before the final norm."""
-        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
-        for blk in self.ca_blocks:
-            cls = blk(cls, tokens)
-        return cls[:, 0]
-
     def forward_features(self, x, keep=None):
         """Tokens and class-attention output before the final norm."""
         tokens, grid = self.embed(x), self.token_grid(x)
@@ -350,7 +322,10 @@ class VisionTransformer(nn.Module):
             tokens, grid = gather_visible(tokens, keep), None  # (M*B, K, D): no longer a grid
         for blk in self.blocks:
             tokens = self.run_block(blk, tokens, grid)
-        return tokens, self.pool(tokens)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)  # (M*B, 1, D): class attention pools the tokens into it
+        for blk in self.ca_blocks:
+            cls = blk(cls, tokens)
+        return tokens, cls[:, 0]
 
     def forward(self, x, keep=None):
         tokens, instance = self.forward_features(x, keep)
@@ -385,11 +360,9 @@ def rescale_map(dim, factor):
 
 
 class FeatureMaps(nn.Module):
-    """Multi-scale maps for dense transfer: the tokens after four blocks as (B, D, H/s, W/s), s = strides.
-
-    Takes over the encoder and drops what dense tasks never read: the blocks after the last feature
-    block, the class-attention blocks, the cls token and the final norm.
-    """
+    """Multi-scale maps for dense transfer: the tokens after four blocks as (B, D, H/s, W/s), s = strides. Takes over
+    the encoder and drops what dense tasks never read: the blocks after the last feature block, the class-attention
+    blocks, the cls token and the final norm."""
 
     def __init__(self, encoder, feature_blocks=None, strides=(4, 8, 16, 32)):
         super().__init__()
@@ -407,28 +380,15 @@ class FeatureMaps(nn.Module):
                 for neck, block in zip(self.necks, self.feature_blocks)]
 
 
-def vit_tiny(**kwargs):
-    return VisionTransformer(**ARCHS["vit_tiny"], **kwargs)
-
-
-def vit_small(**kwargs):
-    return VisionTransformer(**ARCHS["vit_small"], **kwargs)
-
-
-def vit_base(**kwargs):
-    return VisionTransformer(**ARCHS["vit_base"], **kwargs)
-
-
-def vit_large(**kwargs):
-    return VisionTransformer(**ARCHS["vit_large"], **kwargs)
+vit_tiny = partial(VisionTransformer, **ARCHS["vit_tiny"])  # e.g. vit_tiny(img_size=64, patch_size=8)
+vit_small = partial(VisionTransformer, **ARCHS["vit_small"])
+vit_base = partial(VisionTransformer, **ARCHS["vit_base"])
+vit_large = partial(VisionTransformer, **ARCHS["vit_large"])
 
 
 def init_weights(module):
-    """Xavier-uniform Linear weights (the patch embedding's too), zero biases, unit LayerNorm (as official;
-    VisionTransformer then gives the patch embedding's bias PyTorch's default conv initialisation, as official).
-
-    A fused k|v weight is initialised as the two separate matrices of the official model.
-    """
+    """As official: Xavier-uniform Linear weights (the patch embedding's too; a fused k|v weight as two separate
+    matrices), zero biases, unit LayerNorm. VisionTransformer then gives the patch embedding PyTorch's conv bias."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -441,19 +401,16 @@ def init_weights(module):
                 nn.init.xavier_uniform_(half)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Heads, loss and the siamese learner
+# ============ Heads, loss and the siamese learner ============
 
 
 def mlp_head(in_dim, hidden_dim, out_dim, num_layers):
     """Linear - LN - GELU - ... - Linear: the projector (3 layers) and predictor (2 layers)."""
     dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
     layers = []
-    for i in range(num_layers):
-        layers.append(nn.Linear(dims[i], dims[i + 1]))
-        if i < num_layers - 1:
-            layers += [nn.LayerNorm(dims[i + 1]), nn.GELU()]
-    head = nn.Sequential(*layers)
+    for d_in, d_out in zip(dims, dims[1:]):
+        layers += [nn.Linear(d_in, d_out), nn.LayerNorm(d_out), nn.GELU()]
+    head = nn.Sequential(*layers[:-2])  # no norm or activation after the last Linear
     init_weights(head)
     return head
 
@@ -482,9 +439,8 @@ def infonce_loss(q, k, temperature):
 
 
 def target_std(k):
-    """Collapse statistic of target projections k (B, P): the mean over dimensions of the standard deviation
-    over the batch of the L2-normalised vectors, times sqrt(P). About 1 when the vectors spread over the
-    sphere, 0 when they collapse to one point."""
+    """Collapse statistic of target projections k (B, P): the mean over dimensions of the batch's standard deviation
+    of the L2-normalised vectors, times sqrt(P); about 1 spread over the sphere, 0 collapsed to one point."""
     z = F.normalize(k.detach().float(), dim=-1)
     if len(z) < 2:  # no spread over one vector: NaN, which the logs leave out
         return z.new_tensor(float("nan"))
@@ -498,11 +454,9 @@ def momentum_at(epoch, epochs, base=0.996):
 
 class ExtreMA(nn.Module):
     """Online encoder + projector + predictor sees masked x1; momentum encoder + projector sees full x2.
-
-    forward(x1, x2, keep=None) returns the loss (and with return_target=True also the target projections
-    k (B, P), e.g. for target_std) and leaves the momentum branch alone; call update_momentum(m) once per
-    optimizer step (the official code does it before the forward).
-    """
+    forward(x1, x2, keep=None) returns the loss (with return_target=True also the target projections k (B, P), e.g.
+    for target_std) and leaves the momentum branch alone; call update_momentum(m) once per optimizer step (the
+    official code does it before the forward)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, ca_depth=2, layer_scale=0.1, proj_dim=256, proj_hidden_dim=4096, mask_ratio=0.8,
@@ -535,13 +489,11 @@ class ExtreMA(nn.Module):
 
     @torch.no_grad()
     def update_momentum(self, m):
-        """target <- m * target + (1 - m) * online, one fused foreach op over all tensors (m: a number or a 0-d
-        tensor)."""
+        """target <- m * target + (1 - m) * online, one fused foreach op (m: a number or a 0-d tensor)."""
         torch._foreach_lerp_(self.momentum_params(), self.online_params(), 1.0 - m)
 
     def sample_keep(self, batch_size, device=None):
-        return sample_keep(batch_size, self.encoder.num_patches, self.mask_ratio, self.num_masks,
-                           self.disjoint, device)
+        return sample_keep(batch_size, self.encoder.num_patches, self.mask_ratio, self.num_masks, self.disjoint, device)
 
     def predict(self, x1, keep):
         """Online predictions (M*B, P) for x1 under the masks keep (M, B, K)."""
@@ -562,16 +514,12 @@ class ExtreMA(nn.Module):
         return (loss, k) if return_target else loss
 
 
-# ----------------------------------------------------------------------------------------------------
-# Optimizer parameter groups: weight decay off for biases and norms, layer-wise lr decay for fine-tuning
-
-
-NO_DECAY_NAMES = ("pos_embed", "cls_token")
+# ============ Optimizer parameter groups: no weight decay for biases and norms, layer-wise lr decay ============
 
 
 def no_weight_decay(name, param):
     """Biases, norm weights, layer-scale vectors (all 1-D), pos_embed and cls_token skip weight decay."""
-    return param.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
+    return param.ndim <= 1 or name.split(".")[-1] in ("pos_embed", "cls_token")
 
 
 def param_groups(model, weight_decay):
@@ -586,8 +534,7 @@ def param_groups(model, weight_decay):
 def layer_id(name, num_layers):
     """Depth of a parameter for layer-wise lr decay: patch embedding, pos_embed and cls_token are 0,
     block i is i + 1, everything else (norms, heads, decoders) is num_layers + 1."""
-    match = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
-    if match:
+    if match := re.search(r"(?:^|\.)blocks\.(\d+)\.", name):
         return int(match.group(1)) + 1
     if re.search(r"(?:^|\.)(patch_embed|pos_embed|cls_token)(\.|$)", name):
         return 0
@@ -600,8 +547,7 @@ def layer_decay_groups(model, weight_decay, layer_decay, num_layers):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lid = layer_id(name, num_layers)
-        skip = no_weight_decay(name, p)
+        lid, skip = layer_id(name, num_layers), no_weight_decay(name, p)
         group = groups.setdefault((lid, skip), {
             "params": [], "weight_decay": 0.0 if skip else weight_decay,
             "lr_scale": layer_decay ** (num_layers + 1 - lid), "layer_id": lid})
@@ -609,8 +555,7 @@ def layer_decay_groups(model, weight_decay, layer_decay, num_layers):
     return list(groups.values())
 
 
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints
+# ============ Checkpoints ============
 
 
 def read_checkpoint(path):
@@ -699,29 +644,24 @@ def load_checkpoint(path, log=print):
 
 
 def convert_official_state_dict(state_dict):
-    """Official ExtreMA keys (`module.base_encoder.*`, ...) -> keys of ExtreMA here.
-
-    base_encoder -> encoder, base_encoder.head -> projector, momentum_encoder.head -> momentum_projector,
-    blocks_token -> ca_blocks with attn.k and attn.v concatenated into attn.kv,
-    patch_embed.proj -> patch_embed (the conv weight (D, C, p, p) flattened to a linear one (D, C*p*p)).
-    """
+    """Official ExtreMA keys (`module.base_encoder.*`, ...) -> keys of ExtreMA here: base_encoder -> encoder,
+    base_encoder.head -> projector, momentum_encoder.head -> momentum_projector, blocks_token -> ca_blocks with
+    attn.k and attn.v concatenated into attn.kv, patch_embed.proj -> patch_embed (the conv weight (D, C, p, p)
+    flattened to a linear one (D, C*p*p))."""
     out = {}
     for key, value in state_dict.items():
         key = key.removeprefix("module.")
         branch, _, rest = key.partition(".")
+        ours = {"base_encoder": "", "momentum_encoder": "momentum_"}.get(branch)  # our branch's prefix
         if branch == "predictor":
             out[key] = value
-            continue
-        if branch not in ("base_encoder", "momentum_encoder"):
+        elif ours is None:
             raise ValueError(f"not an official ExtreMA key: {key}")
-        online = branch == "base_encoder"
-        if rest.startswith("head."):
-            out[("projector." if online else "momentum_projector.") + rest[5:]] = value
-            continue
-        rest = rest.replace("blocks_token.", "ca_blocks.").replace("patch_embed.proj.", "patch_embed.")
-        if rest == "patch_embed.weight":
-            value = value.flatten(1)
-        out[("encoder." if online else "momentum_encoder.") + rest] = value
+        elif rest.startswith("head."):
+            out[ours + "projector." + rest[5:]] = value
+        else:
+            rest = rest.replace("blocks_token.", "ca_blocks.").replace("patch_embed.proj.", "patch_embed.")
+            out[ours + "encoder." + rest] = value.flatten(1) if rest == "patch_embed.weight" else value
     for key in [k for k in out if ".attn.k." in k]:
         out[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([out.pop(key), out.pop(key.replace(".k.", ".v."))])
     return out
@@ -752,9 +692,9 @@ def checkpoint_inputs(checkpoint):
 
 def encoder_config(checkpoint):
     """The encoder a checkpoint (ours, official, or either's bare state_dict) holds, read from its weights:
-    {'arch', 'img_size', 'patch_size', 'in_chans', 'ca_depth', 'rel_pos_bias', 'mean', 'std'}. The arch is the
-    ARCHS entry of the encoder's width and depth (the name the checkpoint records where several fit: the heads
-    are not in the shapes); img_size is the side of its position table's grid; mean, std: None when not recorded."""
+    {'arch', 'img_size', 'patch_size', 'in_chans', 'ca_depth', 'rel_pos_bias', 'mean', 'std'}. arch: the ARCHS entry
+    of its width and depth (the recorded name where several fit: heads are not in the shapes); img_size: the side of
+    its position table's grid; mean, std: None when not recorded."""
     online = any(k.startswith("encoder.") for k in model_state_dict(checkpoint))
     sd = encoder_state_dict(checkpoint, "online" if online else "momentum")  # both branches: one architecture
     if "patch_embed.weight" not in sd or "pos_embed" not in sd:
@@ -813,10 +753,9 @@ def check_state_dict(module, state_dict, what="checkpoint"):
 
 
 def adapt_input_channels(weight, in_chans):
-    """A patch embedding's weight (D, 3*p*p) for RGB, flattened in (c p1 p2) order, -> (D, in_chans*p*p) as
-    timm's adapt_input_conv: one channel gets the sum over R, G and B (a grey image then gives the tokens the RGB
-    model gives it replicated three times); more channels repeat R, G, B cyclically, scaled by 3 / in_chans so
-    the response to a constant input stays the same."""
+    """An RGB patch embedding's weight (D, 3*p*p) in (c p1 p2) order -> (D, in_chans*p*p) as timm's adapt_input_conv:
+    one channel gets the sum over R, G, B (a grey image gives the tokens the RGB model gives it in three channels);
+    more repeat R, G, B cyclically, scaled by 3 / in_chans so a constant input's response stays the same."""
     rgb = rearrange(weight, "d (c pp) -> d c pp", c=3)
     if in_chans == 1:
         adapted = rgb.sum(dim=1, keepdim=True)
@@ -826,10 +765,9 @@ def adapt_input_channels(weight, in_chans):
 
 
 def load_encoder(encoder, checkpoint, branch="momentum"):
-    """Load one branch of a checkpoint into a VisionTransformer, resizing the position table to its grid.
-    Relative position bias tables the checkpoint lacks (pretraining has none) start at zero. An RGB patch
-    embedding going into an encoder of other in_chans is adapted (adapt_input_channels).
-    Returns a one-line note of what was adapted, or None."""
+    """Load one branch of a checkpoint into a VisionTransformer, resizing the position table to its grid. Relative
+    position bias tables the checkpoint lacks (pretraining has none) start at zero; an RGB patch embedding going into
+    an encoder of other in_chans is adapted (adapt_input_channels). Returns a one-line note of that, or None."""
     sd = encoder_state_dict(checkpoint, branch)
     note = None
     weight = sd.get("patch_embed.weight")
@@ -861,8 +799,7 @@ def load_encoder(encoder, checkpoint, branch="momentum"):
 
 def load_pretraining(learner, checkpoint):
     """A whole pretraining checkpoint (ours or official) into an ExtreMA learner, to continue pretraining from it:
-    both encoders as load_encoder loads them (position table resized, an RGB patch embedding adapted), the
-    projectors and the predictor as they are. Returns load_encoder's note."""
+    both encoders through load_encoder, the projectors and the predictor as they are. Returns load_encoder's note."""
     note = load_encoder(learner.encoder, checkpoint, "online")
     load_encoder(learner.momentum_encoder, checkpoint, "momentum")
     sd = model_state_dict(checkpoint)
@@ -873,8 +810,7 @@ def load_pretraining(learner, checkpoint):
     return note
 
 
-# ----------------------------------------------------------------------------------------------------
-# Export to timm's ViT layout, and class attention for pictures
+# ============ Export to timm's ViT layout, and class attention for pictures ============
 
 # the parameters of a timm ViT block (no layer scale), named as ours
 TIMM_BLOCK_KEY = re.compile(r"blocks\.\d+\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)")
@@ -893,16 +829,15 @@ def _module_name(key, prefix):
 
 def timm_state_dict(checkpoint, branch="momentum", in_chans=None):
     """One encoder of a pretrain.py, finetune.py or official checkpoint as the state_dict of timm's
-    VisionTransformer(class_token=False, no_embed_class=True, global_pool="avg", fc_norm=True): the
-    fine-tuning layout, mean of the patch tokens -> fc_norm -> head (arguments: timm_vit_kwargs).
+    VisionTransformer(class_token=False, no_embed_class=True, global_pool="avg", fc_norm=True): the fine-tuning
+    layout, mean of the patch tokens -> fc_norm -> head (arguments: timm_vit_kwargs).
 
-    The patch embedding becomes a conv weight (D, C, p, p) again, the position table stays at its grid as
-    timm's pos_embed without a class entry (1, N, D), and the blocks keep their names. A fine-tuned model
-    brings its fc_norm and head (a fine-tuned checkpoint holds one encoder: branch does not apply); a
-    pretrained encoder gets a new fc_norm (weight 1, bias 0: where finetune.py starts) and no head.
-    Returns (state_dict, left_out): left_out names what timm's layout cannot hold (a pretrained encoder's
-    cls token, class-attention blocks and final norm; its projector and predictor). in_chans: the encoder's input
-    channels, default the checkpoint's (checkpoint_inputs), so timm_vit_kwargs gives timm's in_chans.
+    The patch embedding becomes a conv weight (D, C, p, p) again, the position table (at its grid) timm's pos_embed
+    without a class entry (1, N, D), and the blocks keep their names. A fine-tuned model brings its fc_norm and head
+    (it holds one encoder: branch does not apply); a pretrained one gets a new fc_norm (weight 1, bias 0: where
+    finetune.py starts) and no head. Returns (state_dict, left_out): what timm's layout cannot hold (a pretrained
+    encoder's cls token, class-attention blocks and final norm; its projector and predictor). in_chans: the encoder's
+    input channels, default the checkpoint's (checkpoint_inputs), so that timm_vit_kwargs gives timm's in_chans.
     """
     in_chans = in_chans or checkpoint_inputs(checkpoint)[0]
     sd = model_state_dict(checkpoint)
@@ -933,8 +868,8 @@ def timm_state_dict(checkpoint, branch="momentum", in_chans=None):
     else:
         dim = out["patch_embed.proj.weight"].shape[0]
         out["fc_norm.weight"], out["fc_norm.bias"] = torch.ones(dim), torch.zeros(dim)
-    other = ("momentum_encoder.", "momentum_projector.") if branch == "online" else ("encoder.", "projector.",
-                                                                                     "predictor.")
+    other = (("momentum_encoder.", "momentum_projector.") if branch == "online"
+             else ("encoder.", "projector.", "predictor."))  # the other branch's weights: not this encoder's
     left_out = sorted({_module_name(k, prefix) for k in sd if k not in used and not k.startswith(other)})
     return out, left_out
 
@@ -960,10 +895,9 @@ def timm_vit_kwargs(state_dict, arch):
 
 
 def from_timm_state_dict(state_dict):
-    """The inverse of timm_state_dict, exact: timm's keys -> finetune.py's model keys (encoder.*, fc_norm.*,
-    head.*). The encoder.* part loads into a VisionTransformer with strict=False (it has no cls token,
-    class-attention blocks or final norm). A timm model with parts of its own (a class token, a final norm,
-    layer scale) is refused."""
+    """The inverse of timm_state_dict, exact: timm's keys -> finetune.py's model keys (encoder.*, fc_norm.*, head.*).
+    The encoder.* part loads into a VisionTransformer with strict=False (it has no cls token, class-attention blocks
+    or final norm). A timm model with parts of its own (a class token, a final norm, layer scale) is refused."""
     out = {}
     for key, value in state_dict.items():
         if key == "patch_embed.proj.weight":
