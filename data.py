@@ -191,7 +191,7 @@ def source_kind(data):
 
 def shard_urls(data):
     """The shards of a brace pattern (several joined by '::'); one-line error when a local one does not exist."""
-    urls = import_webdataset().shardlists.expand_urls(data)
+    urls = utils.optional_import("webdataset", "webdataset", "reading shards").shardlists.expand_urls(data)
     if not all(urls):
         utils.fail(f"--data {data} names an empty shard (patterns are joined by '::', none of them empty)")
     missing = [url for url in urls if not re.match(r"^(pipe:|\w+://)", url) and not os.path.isfile(url)]
@@ -200,16 +200,11 @@ def shard_urls(data):
     return urls
 
 
-def import_webdataset():
-    """webdataset, imported only where shards are read; a one-line error when it is not installed."""
-    return utils.optional_import("webdataset", "webdataset", "reading shards")
-
-
 def shard_samples(urls):
     """(key, bytes, extension) of every sample of the shards, in order, undecoded; extension: its image's (None
     without any of SHARD_IMAGE_KEYS). A shard that cannot be read to its end as a tar file (cut short, a failed
     download) raises DataError naming it: it loses an unknown number of samples, so it is not skipped."""
-    wds = import_webdataset()
+    import webdataset as wds  # only where shards are read (shard_urls has said in one line if it is not installed)
     for url in urls:
         try:
             for sample in wds.tarfile_samples(iter([{"url": url}])):
@@ -338,7 +333,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
 
     def reader_samples(self, epoch, worker):
         """The endless undecoded sample stream of reader (rank, worker) in an epoch: its shards, pass after pass."""
-        wds = import_webdataset()
+        import webdataset as wds
         slot, slots = self.rank * self.workers + worker, self.world * self.workers
         # the shards shuffled from (seed, epoch), then dealt round-robin: each goes to exactly one reader of the epoch
         order = np.random.default_rng([self.seed % 2**64, epoch]).permutation(len(self.urls))
@@ -380,8 +375,7 @@ def pretraining_loader(args, transform, batch_size, device):
     """(per-process loader of Batch, images per epoch) of --data: 'synthetic', a folder (DIR/train when it exists;
     every image at any depth), a list file of image paths, or WebDataset shards (args.train_num_samples images per
     epoch). Every process takes the same number of batches per epoch; epoch_batches starts an epoch, part-way after
-    a resume without reading the images already used. Reads args.data, num_workers, seed, synthetic_size, img_size,
-    train_num_samples and in_chans."""
+    a resume without reading the images already used."""
     kind = source_kind(args.data)
     if kind != "shards":
         names, read = indexed_source(args.data, kind, args.synthetic_size, args.img_size, args.seed, args.in_chans)
@@ -504,10 +498,9 @@ def load_pretrained_encoder(encoder, path, branch, log=print, output_dir=None):
 
 
 def sample_images(args, max_images):
-    """Up to max_images decoded training images of --data (PIL images as uint8 tensors), for --norm-stats auto:
-    a fixed random subset of a folder, list or synthetic set (the same in every process and on resume), the
-    first images of shards in order. Unreadable ones are skipped as pretraining skips them: the first WARN_SKIPPED
-    named in warnings, all counted in one (main process)."""
+    """Up to max_images decoded training images of --data (PIL ones as uint8 tensors) for --norm-stats auto: a fixed
+    random subset of a folder, list or synthetic set (the same in every process and on resume), the first images of
+    shards. Unreadable ones are skipped: the first WARN_SKIPPED named in warnings, all counted in one (main process)."""
     kind = source_kind(args.data)
     if kind == "shards":
         samples = shard_samples(shard_urls(args.data))
@@ -563,8 +556,7 @@ class ExtractionBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, parts, read, transform, batch_size, workers):
         self.parts, self.read, self.transform, self.batch_size = parts, read, transform, batch_size
-        self.rank, self.world = utils.rank_world()
-        self.workers = max(1, workers)
+        self.rank, self.world, self.workers = *utils.rank_world(), max(1, workers)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -663,9 +655,8 @@ class SyntheticImages(torch.utils.data.Dataset):
 
 
 def eval_transform(img_size, interpolation=v2.InterpolationMode.BICUBIC):
-    """Resize(256/224 of the crop) + CenterCrop, the ImageNet evaluation protocol: bicubic as timm's fine-tuning
-    pipeline, bilinear (torchvision's default) for the official linear probe; a PIL image or a decoded tensor
-    -> (C, H, W) in its stored dtype (uint8 for PIL) for to_device."""
+    """Resize(256/224 of the crop) + CenterCrop, the ImageNet evaluation protocol (bicubic as timm's fine-tuning,
+    bilinear as the official linear probe): a PIL image or decoded tensor -> (C, H, W), stored dtype (PIL: uint8)."""
     return v2.Compose([v2.Resize(int(img_size * 256 / 224), interpolation=interpolation),
                        v2.CenterCrop(img_size), v2.PILToTensor()])
 
@@ -685,9 +676,8 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 
 def ignore_stop_signals(worker_id):
-    """DataLoader workers leave SIGTERM, SIGUSR1 and SIGINT (sent to every process of a job, or of a terminal's
-    foreground group) to the main process, which stops at a step boundary and shuts them down
-    (utils.run_main, however it ends); they die with it if it is killed."""
+    """DataLoader workers leave SIGTERM, SIGUSR1 and SIGINT (sent to every process of a job or terminal group) to the
+    main process, which stops at a step boundary and ends them (utils.run_main); they die with it if it is killed."""
     for name in utils.STOP_SIGNALS:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
     utils.exit_with_parent(signal.SIGKILL)

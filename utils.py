@@ -242,15 +242,13 @@ def release_output_dirs():
 
 
 def init_distributed(device):
-    """Set up torch.distributed under torchrun (NCCL on CUDA, gloo on CPU); a plain python run is one
-    process. Returns (rank, world_size, torch.device)."""
-    rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1),
-                                                                             ("LOCAL_RANK", 0)))
+    """(rank, world_size, torch.device), torch.distributed set up under torchrun (NCCL on CUDA, gloo on CPU)."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if not torch.cuda.is_available():
             fail("--device cuda was asked for but no CUDA device is visible")
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: a killed torchrun (SIGUSR1 too) stops the run as SIGTERM
         exit_with_parent(signal.SIGTERM)
@@ -311,8 +309,7 @@ def grad_scaler(device, amp):
 def local_batch_size(batch_size, world_size, accum_iter):
     """Per-process micro-batch of a global --batch-size, or a one-line error when it does not divide."""
     if batch_size < 1 or accum_iter < 1 or batch_size % (world_size * accum_iter):
-        fail(f"--batch-size {batch_size} does not divide over {world_size} process(es) x "
-             f"--accum-iter {accum_iter}")
+        fail(f"--batch-size {batch_size} does not divide over {world_size} process(es) x --accum-iter {accum_iter}")
     return batch_size // (world_size * accum_iter)
 
 
