@@ -96,9 +96,9 @@ def decode_pil(raw, in_chans):
 
 def decode(raw, ext, in_chans=3):
     """An image file's bytes and extension (".png", ".npy", ...) -> a compact tensor (in_chans, H, W) in the stored
-    dtype, which normalize maps to [0, 1] on the device. .npy: decode_array. Image files: in_chans 1 one grey
-    channel (a colour image converted; 16-bit PNG and TIFF stay uint16), 3 RGB (a grey image replicated; 8-bit
-    only), any other count the image's own 8-bit channels if it has that many (RGBA for 4). JPEG, PNG, WebP and GIF
+    dtype, which normalize maps to [0, 1] on the device. .npy: decode_array. Image files, in_chans 1: one grey
+    channel (a colour image converted; 16-bit PNG and TIFF stay uint16); 3: RGB (a grey image replicated; 8-bit
+    only); other counts: the image's own 8-bit channels if it has that many (RGBA for 4). JPEG, PNG, WebP and GIF
     through torchcodec (less CPU than PIL for a JPEG, the same pixels), the rest through PIL. DataError for a file
     that cannot give in_chans channels, an empty one, one without pixels, one with NaN or infinite values."""
     try:
@@ -204,7 +204,7 @@ def shard_samples(urls):
     """(key, bytes, extension) of every sample of the shards, in order, undecoded; extension: its image's (None
     without any of SHARD_IMAGE_KEYS). A shard that cannot be read to its end as a tar file (cut short, a failed
     download) raises DataError naming it: it loses an unknown number of samples, so it is not skipped."""
-    import webdataset as wds  # only where shards are read (shard_urls has said in one line if it is not installed)
+    import webdataset as wds  # only where shards are read; shard_urls, called first, says so when it is missing
     for url in urls:
         try:
             for sample in wds.tarfile_samples(iter([{"url": url}])):
@@ -676,8 +676,8 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 
 def ignore_stop_signals(worker_id):
-    """DataLoader workers leave SIGTERM, SIGUSR1 and SIGINT (sent to every process of a job or terminal group) to the
-    main process, which stops at a step boundary and ends them (utils.run_main); they die with it if it is killed."""
+    """DataLoader workers leave SIGTERM, SIGUSR1 and SIGINT (sent to a whole job, or a terminal's foreground group) to
+    the main process, which stops at a step boundary and ends them (utils.run_main); they die with it when killed."""
     for name in utils.STOP_SIGNALS:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
     utils.exit_with_parent(signal.SIGKILL)
