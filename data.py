@@ -1,15 +1,14 @@
 """What goes into the encoder: its architecture and inputs (channels, statistics) from --pretrained or the flags
 (encoder_inputs), decoding, the pretraining sources (synthetic, a folder, a list file, WebDataset shards) behind
 pretraining_loader, the sources of `linprobe.py --extract` behind extraction_loader, labelled classification sets,
-the per-process DataLoader with its resumable sampler, and normalisation on the device.
-
-A file of its own, beside utils.py (which it imports for errors and the process layout) and imported by the
-stages: the data sources are a concern of their own, and utils.py holds the rest of the plumbing."""
+the per-process DataLoader with its resumable sampler, and normalisation on the device. Imports utils.py (errors,
+the process layout); imported by the stages."""
 import functools
 import io
 import itertools
 import math
 import os
+import pathlib
 import re
 import signal
 import sys
@@ -38,18 +37,14 @@ EXTRACT_PART = 10000  # rows of a folder or list per part of --extract (a shard 
 # Decoding
 
 
-ARRAY_DTYPES = (np.uint8, np.uint16, np.float32)  # of .npy inputs, kept as they are (normalize scales each)
-# the files decode() reads: torchvision's image extensions and arrays
-EXTENSIONS = (*IMG_EXTENSIONS, ".npy")
+EXTENSIONS = (*IMG_EXTENSIONS, ".npy")  # the files decode() reads: torchvision's image extensions and arrays
 # 16-bit and floating-point PIL modes (TIFF) read as arrays: I;16* -> uint16, I -> int32 (cast to uint16), F -> float32
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I", "F")
-TORCHCODEC_MODES = {1: "GRAY", 3: "RGB"}  # torchcodec's colour modes; other channel counts: "UNCHANGED"
 
 
 def wide_pixels(img):
-    """The pixel layout of an opened PIL image when it holds more than 8 bits a channel (a WIDE_MODES mode, or
-    16-bit colour such as a 48-bit PNG, which PIL opens as 8-bit RGB: raw mode "RGB;16B"; not BMP's 5-6-5
-    "BGR;16"), else None: 8-bit conversion would clip it."""
+    """The pixel layout of an opened PIL image of more than 8 bits a channel, which 8-bit conversion would clip (a
+    WIDE_MODES mode, or 16-bit colour such as a 48-bit PNG: PIL's raw mode "RGB;16B"; not BMP's "BGR;16"), else None."""
     layout = img.tile[0].args if img.tile else None
     layout = layout[0] if isinstance(layout, tuple) else layout
     if img.mode in WIDE_MODES:
@@ -70,14 +65,12 @@ def load_rgb(path):
 
 
 def decode_array(raw, in_chans):
-    """A .npy file's bytes: an array (H, W, C) or, for one channel, (H, W) of uint8, uint16 or float32 -> a
-    tensor (C, H, W) of the same dtype: a channel-first view of the loaded array (no copy; the crop and the
-    batch collation make the contiguous ones)."""
+    """A .npy file's bytes, an array (H, W, C) or (H, W) of uint8, uint16 or float32 -> a tensor (C, H, W) of the
+    same dtype: a channel-first view, no copy (the crop and the batch collation make contiguous ones)."""
     array = np.load(io.BytesIO(raw), allow_pickle=False)
-    if not array.dtype.isnative:
-        array = array.astype(array.dtype.newbyteorder("="))
+    array = array.astype(array.dtype.newbyteorder("="), copy=False)  # native byte order
     array = array[:, :, None] if array.ndim == 2 else array
-    if array.ndim != 3 or array.shape[2] != in_chans or array.dtype not in ARRAY_DTYPES:
+    if array.ndim != 3 or array.shape[2] != in_chans or array.dtype not in (np.uint8, np.uint16, np.float32):
         raise ValueError(f"expected an array (H, W, {in_chans}) of uint8, uint16 or float32, got {array.dtype} "
                          f"{array.shape}")
     return torch.from_numpy(array).permute(2, 0, 1)
@@ -91,11 +84,8 @@ def decode_pil(raw, in_chans):
         wide = wide_pixels(img)
         if in_chans == 1 and wide in WIDE_MODES:
             array = np.array(img)  # (H, W), a writable copy
-            if array.dtype == np.int32:
-                array = array.clip(0, 65535).astype(np.uint16)
-            elif not array.dtype.isnative:
-                array = array.astype(array.dtype.newbyteorder("="))
-            return torch.from_numpy(array)[None]
+            array = array.clip(0, 65535).astype(np.uint16) if array.dtype == np.int32 else array
+            return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))[None]  # native order
         if in_chans not in (1, 3):
             raise ValueError(f"an image file has 1 or 3 channels, not {in_chans}: store such data as .npy (H, W, C)")
         if wide:
@@ -105,16 +95,12 @@ def decode_pil(raw, in_chans):
 
 
 def decode(raw, ext, in_chans=3):
-    """An image file's bytes and extension (".png", ".npy", ...) -> a compact tensor (in_chans, H, W) in the
-    stored dtype, which normalize later maps to [0, 1] on the device: uint8 / 255, uint16 / 65535, float32 as
-    stored.
-
-    .npy: see decode_array. Image files: in_chans 1 gives one grey channel (a grey image is kept as it is, a
-    colour one converted; 16-bit PNG and TIFF stay uint16, never replicated), in_chans 3 RGB (a grey image
-    replicated; 8-bit only), any other count the image's own 8-bit channels if it has that many (RGBA for 4).
-    JPEG, PNG, WebP and GIF through torchcodec.decoders (less CPU than PIL for a JPEG, the same pixels), the rest
-    through PIL. Raises DataError for a file that cannot give in_chans channels, an empty one, one without pixels
-    and one with NaN or infinite values."""
+    """An image file's bytes and extension (".png", ".npy", ...) -> a compact tensor (in_chans, H, W) in the stored
+    dtype, which normalize maps to [0, 1] on the device. .npy: decode_array. Image files, in_chans 1: one grey
+    channel (a colour image converted; 16-bit PNG and TIFF stay uint16); 3: RGB (a grey image replicated; 8-bit
+    only); other counts: the image's own 8-bit channels if it has that many (RGBA for 4). JPEG, PNG, WebP and GIF
+    through torchcodec (less CPU than PIL for a JPEG, the same pixels), the rest through PIL. DataError for a file
+    that cannot give in_chans channels, an empty one, one without pixels, one with NaN or infinite values."""
     try:
         if not raw:
             raise ValueError("the file is empty")
@@ -122,7 +108,7 @@ def decode(raw, ext, in_chans=3):
             image = decode_array(raw, in_chans)
         else:
             try:
-                image = torchcodec.decoders.decode_image(raw, mode=TORCHCODEC_MODES.get(in_chans, "UNCHANGED"),
+                image = torchcodec.decoders.decode_image(raw, mode={1: "GRAY", 3: "RGB"}.get(in_chans, "UNCHANGED"),
                                                          output_dtype="auto")
             except (RuntimeError, ValueError):  # a format torchcodec does not read, or a damaged file: PIL says
                 image = decode_pil(raw, in_chans)
@@ -142,17 +128,12 @@ def decode(raw, ext, in_chans=3):
 
 
 def decode_image(source, name=None, in_chans=3):
-    """An image file (a path) or its bytes as a compact tensor (in_chans, H, W) (decode): the one decoder of every
-    pretraining and extraction source (folders, lists, shards), so a new format is added here. name: the path, or
-    a shard sample's key with its image's extension (default: the path), which an error names and whose extension
-    says how to decode. An unreadable or missing image raises DataError naming it."""
+    """An image file (a path) or its bytes -> decode's tensor: the one decoder of every pretraining and extraction
+    source, so a new format is added here. name (default: the path; a shard sample's key.ext) is what an error
+    names, and its extension says how to decode. An unreadable or missing image raises DataError naming it."""
     name = source if name is None else name
     try:
-        if isinstance(source, bytes):
-            raw = source
-        else:
-            with open(source, "rb") as f:
-                raw = f.read()
+        raw = source if isinstance(source, bytes) else pathlib.Path(source).read_bytes()
         return decode(raw, os.path.splitext(name)[1], in_chans)
     except (OSError, utils.DataError) as e:
         raise utils.DataError(f"cannot read image {name}: {e.strerror if isinstance(e, OSError) else e}") from None
@@ -163,9 +144,8 @@ def decode_image(source, name=None, in_chans=3):
 
 
 def folder_images(root, extensions=EXTENSIONS):
-    """The images at any depth under root (torchvision's extensions, any case), as sorted paths relative to root.
-    Symlinked folders are followed, except a link back into a folder above it (a loop), which would repeat
-    images without end."""
+    """The images at any depth under root (torchvision's extensions, any case), as sorted paths relative to root;
+    symlinked folders are followed, except a link back into a folder above it (a loop: images without end)."""
     names = []
     for folder, subfolders, files in os.walk(root, followlinks=True):
         here = os.path.realpath(folder)
@@ -191,15 +171,13 @@ def list_images(path):
 
 
 def is_shards(data):
-    """Whether --data names WebDataset shards: a brace pattern, several joined by '::', a pipe: command, a URL or
-    a .tar file."""
+    """Whether --data names WebDataset shards: a brace pattern, patterns joined by '::', pipe:, a URL, a .tar file."""
     return ("::" in data or "{" in data or data.startswith("pipe:") or re.match(r"^\w+://", data) is not None
             or data.endswith((".tar", ".tar.gz", ".tgz")))
 
 
 def source_kind(data):
-    """What --data names: 'synthetic', 'folder', 'shards' (is_shards) or 'list' (any other file); a one-line error
-    when it does not exist."""
+    """What --data names: 'synthetic', 'folder', 'shards' (is_shards), 'list' (any other file); else one line."""
     if data == "synthetic":
         return data
     if os.path.isdir(data):
@@ -213,7 +191,7 @@ def source_kind(data):
 
 def shard_urls(data):
     """The shards of a brace pattern (several joined by '::'); one-line error when a local one does not exist."""
-    urls = import_webdataset().shardlists.expand_urls(data)
+    urls = utils.optional_import("webdataset", "webdataset", "reading shards").shardlists.expand_urls(data)
     if not all(urls):
         utils.fail(f"--data {data} names an empty shard (patterns are joined by '::', none of them empty)")
     missing = [url for url in urls if not re.match(r"^(pipe:|\w+://)", url) and not os.path.isfile(url)]
@@ -222,17 +200,11 @@ def shard_urls(data):
     return urls
 
 
-def import_webdataset():
-    """webdataset, imported only where shards are read; a one-line error when it is not installed."""
-    return utils.optional_import("webdataset", "webdataset", "reading shards")
-
-
 def shard_samples(urls):
-    """(name, bytes, extension) of every sample of the shards, in order, undecoded; the name is the sample's key
-    and the extension is that of its image (None when it has none of SHARD_IMAGE_KEYS). A shard that cannot be read
-    to its end as a tar file (cut short, a failed download) raises DataError naming it: it loses an unknown number
-    of samples, so it is not skipped as an unreadable image is."""
-    wds = import_webdataset()
+    """(key, bytes, extension) of every sample of the shards, in order, undecoded; extension: its image's (None
+    without any of SHARD_IMAGE_KEYS). A shard that cannot be read to its end as a tar file (cut short, a failed
+    download) raises DataError naming it: it loses an unknown number of samples, so it is not skipped."""
+    import webdataset as wds  # only where shards are read; shard_urls, called first, says so when it is missing
     for url in urls:
         try:
             for sample in wds.tarfile_samples(iter([{"url": url}])):
@@ -256,20 +228,13 @@ def read_sample(sample, in_chans=3):
     return decode_image(raw, f"{name}.{ext}", in_chans)
 
 
-def split_shards(urls, seed, epoch, slots):
-    """Each of `slots` readers' shards in an epoch (reader rank * workers + worker): the shards shuffled from
-    (seed, epoch), then dealt round-robin, so every shard goes to exactly one reader."""
-    order = np.random.default_rng([seed % 2**64, epoch]).permutation(len(urls))
-    return [[urls[i] for i in order[slot::slots]] for slot in range(slots)]
-
-
 # ----------------------------------------------------------------------------------------------------
 # Pretraining batches: every source, unreadable images skipped
 
 
 class Batch(NamedTuple):
-    """A pretraining batch: crops (B, C, H, W) in their decoded dtype; the B sample names read (paths relative to the data root,
-    shard keys, synthetic indices); the errors of the unreadable ones among them, whose places hold copies of
+    """A pretraining batch: crops (B, C, H, W) in their decoded dtype; the B names read (paths relative to the data
+    root, shard keys, synthetic indices); the errors of the unreadable ones among them, whose places hold copies of
     readable crops of the batch; the CPU seconds the loading process spent on it (bench.py)."""
     images: torch.Tensor
     names: list
@@ -318,33 +283,20 @@ class Samples(torch.utils.data.Dataset):
         return item, time.process_time() - start
 
 
-class FileReader:
-    """read(i): the image root/names[i], decoded with in_chans channels (a picklable callable, for loader
-    workers)."""
-
-    def __init__(self, root, names, in_chans=3):
-        self.root, self.names, self.in_chans = root, names, in_chans
-
-    def __call__(self, index):
-        return decode_image(os.path.join(self.root, self.names[index]), in_chans=self.in_chans)
+def read_file(root, names, in_chans, index):  # read(i) of a folder or list (functools.partial: picklable for workers)
+    return decode_image(os.path.join(root, names[index]), in_chans=in_chans)
 
 
-class SyntheticReader:
-    """read(i): the i-th image of a synthetic set (PIL)."""
-
-    def __init__(self, images):
-        self.images = images
-
-    def __call__(self, index):
-        return self.images[index][0]
+def read_synthetic(images, index):  # read(i) of a synthetic set: item i's image (PIL), without its label
+    return images[index][0]
 
 
 def indexed_source(data, kind, synthetic_size, img_size, seed, in_chans=3):
     """(names, read) of a synthetic set ('0', '1', ...), a folder (DIR/train when it exists; every image at any
     depth, paths relative to it) or a list file (its lines); read(i) gives image i."""
     if kind == "synthetic":
-        return [str(i) for i in range(synthetic_size)], SyntheticReader(SyntheticImages(synthetic_size, img_size,
-                                                                                        seed=seed, in_chans=in_chans))
+        images = SyntheticImages(synthetic_size, img_size, seed=seed, in_chans=in_chans)
+        return [str(i) for i in range(synthetic_size)], functools.partial(read_synthetic, images)
     if kind == "folder":
         root = os.path.join(data, "train") if os.path.isdir(os.path.join(data, "train")) else data
         names = folder_images(root)
@@ -352,27 +304,24 @@ def indexed_source(data, kind, synthetic_size, img_size, seed, in_chans=3):
             utils.fail(f"no images found in {root}")
     else:
         root, names = list_images(data)
-    return names, FileReader(root, names, in_chans)
+    return names, functools.partial(read_file, root, names, in_chans)
 
 
 class ShardBatches(torch.utils.data.IterableDataset):
     """Pretraining batches of WebDataset shards, made in the loader's workers (len: batches per process).
 
-    Each epoch the shards are split over (process, worker) readers by split_shards. A process takes
-    epoch_samples // world samples in whole batches; DataLoader takes its workers' batches in turn, so reader w
-    of K makes batches w, w + K, ... of its process (a resumed epoch's first batch comes from the worker that
-    reads for the reader whose turn it is). A reader reads its shards in order through a seeded shuffle buffer of
-    undecoded samples, the same for the same (seed, epoch, reader): after a mid-epoch resume it passes over the
-    samples its batches already used without decoding them. A reader whose shards run out before its
-    share starts them again in a new order, with a warning (those samples are then read twice in the epoch).
-    set_epoch writes the epoch in shared memory, which the persistent workers read when an epoch starts.
-    """
+    Each epoch the shards are dealt to (process, worker) readers. A process takes epoch_samples // world samples in
+    whole batches; DataLoader takes its workers' batches in turn, so reader w of K makes batches w, w + K, ... of its
+    process (a resumed epoch's first batch comes from the worker reading for the reader whose turn it is). A reader
+    reads its shards in order through a shuffle buffer of undecoded samples seeded by (seed, epoch, reader): after a
+    mid-epoch resume it passes over the samples its batches used without decoding them. A reader whose shards run
+    out before its share starts them again in a new order, with a warning (those samples are read twice). set_epoch
+    writes the epoch in shared memory, which the persistent workers read when an epoch starts."""
 
     def __init__(self, urls, epoch_samples, batch_size, transform, seed, workers, in_chans=3):
         self.rank, self.world = utils.rank_world()
-        self.in_chans = in_chans
-        self.urls, self.batch_size, self.transform, self.seed = urls, batch_size, transform, seed
-        self.workers = max(1, workers)
+        self.urls, self.batch_size, self.transform = urls, batch_size, transform
+        self.seed, self.in_chans, self.workers = seed, in_chans, max(1, workers)
         self.batches = epoch_samples // self.world // batch_size
         self.position = torch.zeros(2, dtype=torch.long).share_memory_()  # epoch, batches of it already used
 
@@ -384,16 +333,17 @@ class ShardBatches(torch.utils.data.IterableDataset):
 
     def reader_samples(self, epoch, worker):
         """The endless undecoded sample stream of reader (rank, worker) in an epoch: its shards, pass after pass."""
-        wds = import_webdataset()
-        slot = self.rank * self.workers + worker
-        shards = split_shards(self.urls, self.seed, epoch, self.world * self.workers)[slot]
+        import webdataset as wds
+        slot, slots = self.rank * self.workers + worker, self.world * self.workers
+        # the shards shuffled from (seed, epoch), then dealt round-robin: each goes to exactly one reader of the epoch
+        order = np.random.default_rng([self.seed % 2**64, epoch]).permutation(len(self.urls))
+        shards = [self.urls[i] for i in order[slot::slots]]
         for repeat in itertools.count():
             order = np.random.default_rng([self.seed % 2**64, epoch, slot, repeat]).permutation(len(shards))
             stream = shard_samples([shards[i] for i in order] if repeat else shards)
             count = 0
             seed = int(np.random.SeedSequence([self.seed % 2**64, epoch, slot, repeat]).generate_state(1)[0])
-            for sample in wds.shuffle(SHUFFLE_BUFFER, seed=seed)(stream):
-                count += 1
+            for count, sample in enumerate(wds.shuffle(SHUFFLE_BUFFER, seed=seed)(stream), 1):
                 yield sample
             if count == 0:
                 raise utils.DataError(f"shards {', '.join(shards)} hold no samples")
@@ -422,12 +372,10 @@ class ShardBatches(torch.utils.data.IterableDataset):
 
 
 def pretraining_loader(args, transform, batch_size, device):
-    """(per-process loader of Batch, images per epoch) of --data: 'synthetic', a folder (DIR/train when it
-    exists; every image at any depth), a list file of image paths, or WebDataset shards (args.train_num_samples
-    images per epoch). Uses args.data, num_workers, seed, synthetic_size, img_size, train_num_samples, in_chans.
-
-    Every process takes the same number of batches per epoch; epoch_batches starts an epoch, part-way
-    after a resume without reading the images already used."""
+    """(per-process loader of Batch, images per epoch) of --data: 'synthetic', a folder (DIR/train when it exists;
+    every image at any depth), a list file of image paths, or WebDataset shards (args.train_num_samples images per
+    epoch). Every process takes the same number of batches per epoch; epoch_batches starts an epoch, part-way after
+    a resume without reading the images already used."""
     kind = source_kind(args.data)
     if kind != "shards":
         names, read = indexed_source(args.data, kind, args.synthetic_size, args.img_size, args.seed, args.in_chans)
@@ -470,17 +418,15 @@ def check_stats(in_chans, mean, std):
 
 
 def encoder_inputs(args, channels=None):
-    """The one place that decides the encoder and its inputs for every stage, before anything is built.
-
-    A stage that reads an encoder: --arch, --patch-size and --img-size left unset are the --pretrained
-    checkpoint's (models.encoder_config), or a resumed run's own, else the official ViT-B/16 at 224; so is the
-    class-attention depth (args.ca_depth). --in-chans, --mean and --std: what the checkpoint records (an RGB one
-    without statistics: ImageNet's), else the flags, else 3 channels and ImageNet's; pretraining's --norm-stats
-    auto leaves them to be estimated. A flag that contradicts the checkpoint is refused in one line naming both
-    values, except another --img-size (the position table is resized on load) and --in-chans C with an RGB
-    checkpoint (its patch embedding is adapted on load: give the data's --mean and --std). channels: the channel
-    counts the stage's data pipeline reads (None: any). Called by every stage's get_args after utils.parse_args;
-    returns args."""
+    """The one place that decides the encoder and its inputs for every stage, before anything is built (every
+    stage's get_args calls it after utils.parse_args; returns args). A stage that reads an encoder: unset --arch,
+    --patch-size and --img-size, and the class-attention depth (args.ca_depth), are the --pretrained checkpoint's
+    (models.encoder_config), or a resumed run's own, else the official ViT-B/16 at 224. --in-chans, --mean and
+    --std: what the checkpoint records (an RGB one without statistics: ImageNet's), else the flags, else 3 channels
+    and ImageNet's; pretraining's --norm-stats auto leaves them to be estimated. A flag that contradicts the
+    checkpoint is refused in one line naming both values, except another --img-size (the position table is resized
+    on load) and --in-chans C with an RGB checkpoint (its patch embedding is adapted on load: give the data's --mean
+    and --std). channels: the channel counts the stage's data pipeline reads (None: any)."""
     path, auto = getattr(args, "pretrained", None), getattr(args, "norm_stats", None) == "auto"
     found = dict(OFFICIAL_ARCH, in_chans=None, mean=None, std=None, ca_depth=2)
     last = os.path.join(getattr(args, "output_dir", None) or "", "checkpoint-last.pth")
@@ -512,10 +458,10 @@ def encoder_inputs(args, channels=None):
         if given is not None and recorded is not None and [float(v) for v in given] != list(recorded):
             utils.fail(f"{flag} {' '.join(map(str, given))} contradicts {path}, which records "
                        f"{' '.join(f'{v:g}' for v in recorded)}")
-    if channels is not None and (in_chans or args.in_chans or 3) not in channels:
-        utils.fail(f"this stage's data pipeline reads {' or '.join(map(str, channels))}-channel images, not "
-                   f"{in_chans or args.in_chans or 3} channel(s)")
     args.in_chans = in_chans = in_chans or args.in_chans or 3
+    if channels is not None and in_chans not in channels:
+        utils.fail(f"this stage's data pipeline reads {' or '.join(map(str, channels))}-channel images, not "
+                   f"{in_chans} channel(s)")
     mean, std = (args.mean if mean is None else mean), (args.std if std is None else std)
     if auto:  # estimated by pretrain.py before its first step
         if mean is not None or std is not None:
@@ -538,8 +484,7 @@ def encoder_inputs(args, channels=None):
 def load_pretrained_encoder(encoder, path, branch, log=print, output_dir=None):
     """--pretrained PATH into a VisionTransformer (ours or official format); None means random init.
     Nothing is read when output_dir holds checkpoint-last.pth: resuming and --eval-only load the whole model."""
-    last = os.path.join(output_dir, "checkpoint-last.pth") if output_dir is not None else None
-    if last is not None and os.path.exists(last):
+    if output_dir is not None and os.path.exists(last := os.path.join(output_dir, "checkpoint-last.pth")):
         log(f"the encoder's weights will come from {last}" + (f" (--pretrained {path} is not read)" if path else ""))
         return
     if path is None:
@@ -553,10 +498,9 @@ def load_pretrained_encoder(encoder, path, branch, log=print, output_dir=None):
 
 
 def sample_images(args, max_images):
-    """Up to max_images decoded training images of --data (PIL images as uint8 tensors), for --norm-stats auto:
-    a fixed random subset of a folder, list or synthetic set (the same in every process and on resume), the
-    first images of shards in order. Unreadable ones are skipped as pretraining skips them: the first WARN_SKIPPED
-    named in warnings, all counted in one (main process)."""
+    """Up to max_images decoded training images of --data (PIL ones as uint8 tensors) for --norm-stats auto: a fixed
+    random subset of a folder, list or synthetic set (the same in every process and on resume), the first images of
+    shards. Unreadable ones are skipped: the first WARN_SKIPPED named in warnings, all counted in one (main process)."""
     kind = source_kind(args.data)
     if kind == "shards":
         samples = shard_samples(shard_urls(args.data))
@@ -605,15 +549,14 @@ def channel_stats(images):
 
 
 class ExtractionBatches(torch.utils.data.IterableDataset):
-    """Batches (uint8 images (b, 3, H, W), names, part) of the parts of a source: a shard, or EXTRACT_PART
-    consecutive images of a folder, list or synthetic set. Process r of W reads parts r, r + W, ..., and its
-    worker w of K every K-th of those, each part in order; a part's last batch may be short. An unreadable image
-    stops the run (DataError), as in every evaluation."""
+    """Batches (images (b, C, H, W), names, part) of the parts of a source: a shard, or EXTRACT_PART consecutive
+    images of a folder, list or synthetic set. Process r of W reads parts r, r + W, ..., and its worker w of K every
+    K-th of those, each part in order; a part's last batch may be short. An unreadable image stops the run
+    (DataError), as in every evaluation."""
 
     def __init__(self, parts, read, transform, batch_size, workers):
         self.parts, self.read, self.transform, self.batch_size = parts, read, transform, batch_size
-        self.rank, self.world = utils.rank_world()
-        self.workers = max(1, workers)
+        self.rank, self.world, self.workers = *utils.rank_world(), max(1, workers)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -634,14 +577,10 @@ def read_shard(url, in_chans=3):
         yield sample[0], read_sample(sample, in_chans)
 
 
-class ReadPart:
+def read_part(names, read, part):
     """(name, image) of each item of a part (a range of indices) of an indexed source, in order."""
-
-    def __init__(self, names, read):
-        self.names, self.read = names, read
-
-    def __call__(self, part):
-        return ((self.names[i], self.read(i)) for i in part)
+    for i in part:
+        yield names[i], read(i)
 
 
 def extraction_loader(data, transform, batch_size, num_workers, seed, device, synthetic_size=256, img_size=224,
@@ -654,7 +593,7 @@ def extraction_loader(data, transform, batch_size, num_workers, seed, device, sy
     else:
         names, read_item = indexed_source(data, kind, synthetic_size, img_size, seed, in_chans)
         parts = [range(i, min(i + EXTRACT_PART, len(names))) for i in range(0, len(names), EXTRACT_PART)]
-        read = ReadPart(names, read_item)
+        read = functools.partial(read_part, names, read_item)
     dataset = ExtractionBatches(parts, read, transform, batch_size, num_workers)
     return make_loader(dataset, batch_size, False, num_workers, seed, device), len(parts)
 
@@ -665,8 +604,7 @@ def extraction_loader(data, transform, batch_size, num_workers, seed, device, sy
 
 class LabelledFolder(datasets.DatasetFolder):
     """ImageFolder (a DatasetFolder of the given extensions) whose images in each class folder are found by
-    folder_images (symlinked folders followed,
-    loops not)."""
+    folder_images (symlinked folders followed, loops not)."""
 
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
@@ -707,8 +645,7 @@ class SyntheticImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         label = index % self.num_classes
-        rng = np.random.default_rng((self.seed, index))
-        noise = rng.normal(0, 40, (self.img_size, self.img_size, self.in_chans))
+        noise = np.random.default_rng((self.seed, index)).normal(0, 40, (self.img_size, self.img_size, self.in_chans))
         pixels = np.clip(self.colours[label] + noise, 0, 255).astype(np.uint8)  # (H, W, C)
         if self.in_chans in (1, 3):
             img = Image.fromarray(pixels[:, :, 0] if self.in_chans == 1 else pixels)
@@ -718,9 +655,8 @@ class SyntheticImages(torch.utils.data.Dataset):
 
 
 def eval_transform(img_size, interpolation=v2.InterpolationMode.BICUBIC):
-    """Resize(256/224 of the crop) + CenterCrop, the ImageNet evaluation protocol: bicubic as timm's fine-tuning
-    pipeline, bilinear (torchvision's default) for the official linear probe; a PIL image or a decoded tensor
-    -> (C, H, W) in its stored dtype (uint8 for PIL) for to_device."""
+    """Resize(256/224 of the crop) + CenterCrop, the ImageNet evaluation protocol (bicubic as timm's fine-tuning,
+    bilinear as the official linear probe): a PIL image or decoded tensor -> (C, H, W), stored dtype (PIL: uint8)."""
     return v2.Compose([v2.Resize(int(img_size * 256 / 224), interpolation=interpolation),
                        v2.CenterCrop(img_size), v2.PILToTensor()])
 
@@ -740,23 +676,18 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 
 def ignore_stop_signals(worker_id):
-    """DataLoader workers leave SIGTERM, SIGUSR1 and SIGINT (sent to every process of a job, or of a terminal's
-    foreground group) to the main process, which stops at a step boundary and shuts them down
-    (utils.run_main, however it ends); they die with it if it is killed."""
+    """DataLoader workers leave SIGTERM, SIGUSR1 and SIGINT (sent to a whole job, or a terminal's foreground group) to
+    the main process, which stops at a step boundary and ends them (utils.run_main); they die with it when killed."""
     for name in utils.STOP_SIGNALS:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
     utils.exit_with_parent(signal.SIGKILL)
 
 
 def make_loader(dataset, batch_size, train, num_workers, seed, device, collate_fn=None):
-    """Per-process DataLoader.
-
-    An IterableDataset makes its own batches and split (batch_size is its business).
-    train: a shuffling ResumableSampler that drops the last partial batch (also in one process, so the order
-    depends only on seed and epoch: start each epoch with epoch_batches()).
-    Otherwise every process takes the indices rank, rank + world, ...: each item is seen exactly once
-    over all processes, with no padding, so evaluation sums are exact.
-    """
+    """Per-process DataLoader. An IterableDataset makes its own batches and split (batch_size is its business).
+    train: a shuffling ResumableSampler that drops the last partial batch (also in one process, so the order depends
+    only on seed and epoch: start each epoch with epoch_batches()). Otherwise process r takes items r, r + world,
+    ...: each item is seen exactly once over all processes, with no padding, so evaluation sums are exact."""
     rank, world = utils.rank_world()
     if isinstance(dataset, torch.utils.data.IterableDataset):  # ShardBatches, ExtractionBatches: batches made there
         sampler = batch_size = None
@@ -766,32 +697,26 @@ def make_loader(dataset, batch_size, train, num_workers, seed, device, collate_f
         sampler = range(rank, len(dataset), world)
     # its own generator for the workers' seeds: starting an epoch draws nothing from the seeded global RNG
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed % 2**64, rank]).generate_state(1)[0]))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                       drop_last=train and batch_size is not None,
-                                       num_workers=num_workers, pin_memory=device.type == "cuda",
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       drop_last=train and batch_size is not None, pin_memory=device.type == "cuda",
                                        persistent_workers=num_workers > 0, collate_fn=collate_fn,
                                        worker_init_fn=ignore_stop_signals, generator=generator)
 
 
 def classification_datasets(data, img_size, train_transform, val_transform, num_classes=None, synthetic_size=256,
                             in_chans=3):
-    """(train set, val set, number of classes).
-
-    data "synthetic": SyntheticImages items 0..synthetic_size-1 for training and the next synthetic_size // 4
-    (at least 1) of the same set for validation, num_classes default 10, in_chans channels. Otherwise
+    """(train set, val set, number of classes). "synthetic": SyntheticImages items 0..synthetic_size-1 for training
+    and the next synthetic_size // 4 (at least 1) of the same set for validation, num_classes default 10. Otherwise
     ImageFolder DATA/train and DATA/val, which must hold the same classes: PIL RGB images for 3 channels (the
-    official pipelines' decoding), else decode_image's tensors of in_chans channels (arrays too).
-    """
+    official pipelines' decoding), else decode_image's tensors of in_chans channels (arrays too)."""
     if data == "synthetic":
         if synthetic_size < 1:
             utils.fail(f"--synthetic-size must be positive, got {synthetic_size}")
         num_classes = num_classes or 10
         num_val = max(1, synthetic_size // 4)
         train = SyntheticImages(synthetic_size, img_size, num_classes, train_transform, in_chans=in_chans)
-        val = torch.utils.data.Subset(SyntheticImages(synthetic_size + num_val, img_size, num_classes, val_transform,
-                                                      in_chans=in_chans),
-                                      range(synthetic_size, synthetic_size + num_val))
-        return train, val, num_classes
+        val = SyntheticImages(synthetic_size + num_val, img_size, num_classes, val_transform, in_chans=in_chans)
+        return train, torch.utils.data.Subset(val, range(synthetic_size, synthetic_size + num_val)), num_classes
     if not os.path.isdir(data):
         utils.fail(f"data folder {data} does not exist")
     files = (load_rgb, IMG_EXTENSIONS) if in_chans == 3 else (functools.partial(decode_image, in_chans=in_chans),
@@ -815,9 +740,8 @@ def labels_of(dataset):
 
 def cap_per_class(dataset, per_class):
     """The first per_class items of each class of an ImageFolder or a labelled synthetic set, as a Subset."""
-    labels = labels_of(dataset)
     seen, keep = {}, []
-    for index, label in enumerate(labels):
+    for index, label in enumerate(labels_of(dataset)):
         seen[label] = seen.get(label, 0) + 1
         if seen[label] <= per_class:
             keep.append(index)

@@ -12,6 +12,7 @@ import json
 import math
 import multiprocessing
 import os
+import pathlib
 import random
 import re
 import signal
@@ -63,18 +64,14 @@ def run_main(main):
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         fail(re.sub(r"^(\w+\.)*\w+Error: ", "", last))
     finally:
-        stop_loader_workers()
+        # end the DataLoader workers now: they ignore stop signals (data.ignore_stop_signals), so an exit with an
+        # epoch's iterator still referenced would wait for them forever (SIGTERM, then join, at exit)
+        for worker in multiprocessing.active_children():
+            worker.kill()
+            worker.join()
         release_output_dirs()
     if distributed():
         dist.destroy_process_group()
-
-
-def stop_loader_workers():
-    """End this process's DataLoader workers now: they ignore stop signals (data.ignore_stop_signals), so an exit
-    with an epoch's iterator still referenced would wait for them forever (SIGTERM, then join, at exit)."""
-    for worker in multiprocessing.active_children():
-        worker.kill()
-        worker.join()
 
 
 def exit_with_parent(signum):
@@ -183,18 +180,16 @@ def parse_args(parser, argv=None):
     return args
 
 
-# the numeric flags of any script whose values must lie in a range: flag -> (test, the range in words); NaN and
-# infinity fail every test
+# numeric flags of any script -> (test of their value, the range in words); NaN and infinity fail every test
 positive, not_negative = (lambda v: 0 < v < math.inf), (lambda v: 0 <= v < math.inf)
 VALUE_RANGES = {
-    **{flag: (positive, "positive") for flag in ("blr", "lr", "temperature", "knn_temperature", "peak_tflops",
-                                                 "predictor_lr_scale", "clip_grad")},
-    **{flag: (not_negative, "at least 0") for flag in ("warmup_epochs", "warmup_iters", "min_lr", "weight_decay",
-                                                       "color_jitter", "mixup", "cutmix", "save_interval")},
-    "smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"), "drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "reprob": (lambda v: 0 <= v <= 1, "in [0, 1]"), "ema": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "crop_min": (lambda v: 0 < v <= 1, "in (0, 1]"), "layer_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "label_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    **dict.fromkeys(("blr", "lr", "temperature", "knn_temperature", "peak_tflops", "predictor_lr_scale", "clip_grad"),
+                    (positive, "positive")),
+    **dict.fromkeys(("warmup_epochs", "warmup_iters", "min_lr", "weight_decay", "color_jitter", "mixup", "cutmix",
+                     "save_interval"), (not_negative, "at least 0")),
+    **dict.fromkeys(("smoothing", "drop_path"), (lambda v: 0 <= v < 1, "in [0, 1)")),
+    **dict.fromkeys(("reprob", "ema"), (lambda v: 0 <= v <= 1, "in [0, 1]")),
+    **dict.fromkeys(("crop_min", "layer_decay", "label_fraction"), (lambda v: 0 < v <= 1, "in (0, 1]")),
 }
 
 
@@ -247,15 +242,13 @@ def release_output_dirs():
 
 
 def init_distributed(device):
-    """Set up torch.distributed under torchrun (NCCL on CUDA, gloo on CPU); a plain python run is one
-    process. Returns (rank, world_size, torch.device)."""
-    rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1),
-                                                                             ("LOCAL_RANK", 0)))
+    """(rank, world_size, torch.device), torch.distributed set up under torchrun (NCCL on CUDA, gloo on CPU)."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if not torch.cuda.is_available():
             fail("--device cuda was asked for but no CUDA device is visible")
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: a killed torchrun (SIGUSR1 too) stops the run as SIGTERM
         exit_with_parent(signal.SIGTERM)
@@ -316,8 +309,7 @@ def grad_scaler(device, amp):
 def local_batch_size(batch_size, world_size, accum_iter):
     """Per-process micro-batch of a global --batch-size, or a one-line error when it does not divide."""
     if batch_size < 1 or accum_iter < 1 or batch_size % (world_size * accum_iter):
-        fail(f"--batch-size {batch_size} does not divide over {world_size} process(es) x "
-             f"--accum-iter {accum_iter}")
+        fail(f"--batch-size {batch_size} does not divide over {world_size} process(es) x --accum-iter {accum_iter}")
     return batch_size // (world_size * accum_iter)
 
 
@@ -484,14 +476,13 @@ class Reporter:
         if "wandb" in targets:
             wandb = optional_import(*REPORT_PACKAGES["wandb"], "--report-to wandb")
             id_path = os.path.join(args.output_dir, "wandb-run-id")
-            run_id = open(id_path).read().strip() if start_step > 0 and os.path.exists(id_path) else None
+            run_id = pathlib.Path(id_path).read_text().strip() if start_step > 0 and os.path.exists(id_path) else None
             try:
                 self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_name, id=run_id, resume="allow",
                                         config=vars(args), dir=os.environ.get("WANDB_DIR", args.output_dir))
             except wandb.errors.Error as e:  # not logged in, no network: one line
                 fail(f"--report-to wandb: {str(e).strip().splitlines()[-1]} (WANDB_MODE=offline logs offline)")
-            with open(id_path, "w") as f:
-                f.write(self.wandb.id + "\n")
+            pathlib.Path(id_path).write_text(self.wandb.id + "\n")
 
     def scalars(self, step, values):
         """Write {tag: number or one-element tensor} at optimizer step `step`; None values are left out. A
@@ -651,10 +642,7 @@ class Run:
     def sync_log(self, record):
         """Drop log lines past `record` (the checkpoint's last line, None before the first), append it if a kill came
         between the checkpoint and its line; drop lines that are not JSON (cut short by a kill), with a warning."""
-        lines = []
-        if os.path.exists(self.log_path):
-            with open(self.log_path) as f:
-                lines = f.read().splitlines()
+        lines = pathlib.Path(self.log_path).read_text().splitlines() if os.path.exists(self.log_path) else []
         records = [json_object(line) for line in lines]
         bad = [str(number) for number, r in enumerate(records, 1) if r is None]
         if bad:
@@ -665,8 +653,7 @@ class Run:
         if record is not None and record not in records:
             kept.append(json.dumps(record))
         if kept != lines:
-            with open(f"{self.log_path}.tmp", "w") as f:
-                f.write("".join(line + "\n" for line in kept))
+            pathlib.Path(f"{self.log_path}.tmp").write_text("".join(line + "\n" for line in kept))
             os.replace(f"{self.log_path}.tmp", self.log_path)
 
     # ---- the steps of an epoch
@@ -763,9 +750,8 @@ class Run:
         done, elapsed = step - self.first, time.time() - self.start_time
         rate = done * self.args.batch_size / max(elapsed, 1e-9)
         eta = time.strftime("%H:%M:%S", time.gmtime(elapsed / done * (self.last - step)))
-        self.log(f"{self.where(step)} " + " ".join(f"{k} {v:{VALUE_FORMATS.get(k, '.4f')}}" for k, v in shown.items()
-                                                   if math.isfinite(v))
-                 + f" {rate:.1f} img/s  eta {eta}")
+        text = " ".join(f"{k} {v:{VALUE_FORMATS.get(k, '.4f')}}" for k, v in shown.items() if math.isfinite(v))
+        self.log(f"{self.where(step)} {text} {rate:.1f} img/s  eta {eta}")
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.reporter.scalars(self.global_step(self.epoch, step), {
             **{f"train/{k}": v for k, v in shown.items() if math.isfinite(v)}, "train/loss_scale": scale,
