@@ -182,11 +182,10 @@ def make_jpegs(root, count, classes=10, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Baseline: the official compute pattern (explicit softmax attention, a loop of per-mask gathers, separate
-# q/k/v linears in class attention, the final norm over all tokens, per-mask loss loop, per-parameter
-# momentum update, for-loop AdamW, loss.item() and the total gradient norm every step). Same parameters and
-# state_dict keys as models.ExtreMA, except class attention's attn.kv, here attn.k and attn.v, and the patch
-# embedding, here a conv.
+# Baseline: the official compute pattern (explicit softmax attention, a loop of per-mask gathers, separate q/k/v
+# linears in class attention, the final norm over all tokens, per-mask loss loop, per-parameter momentum update,
+# for-loop AdamW, loss.item() and the total gradient norm every step). Same parameters and state_dict keys as
+# models.ExtreMA, except class attention's attn.kv, here attn.k and attn.v, and the patch embedding, here a conv.
 
 
 def official_drop_path(x, p, training):
@@ -231,11 +230,10 @@ class BaselineClassAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, u):  # (B, 1+N, D)
-        b, n, d = u.shape
-        q = self.q(u[:, 0]).reshape(b, 1, self.num_heads, d // self.num_heads).permute(0, 2, 1, 3) * self.scale
-        k = self.k(u).reshape(b, n, self.num_heads, d // self.num_heads).permute(0, 2, 1, 3)
-        v = self.v(u).reshape(b, n, self.num_heads, d // self.num_heads).permute(0, 2, 1, 3)
-        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, 1, 1+N)
+        b, _, d = u.shape
+        q, k, v = (x.reshape(b, -1, self.num_heads, d // self.num_heads).permute(0, 2, 1, 3)
+                   for x in (self.q(u[:, :1]), self.k(u), self.v(u)))  # (B, H, 1 or 1+N, D/H)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, 1, 1+N)
         return self.proj((attn @ v).transpose(1, 2).reshape(b, 1, d))
 
 
@@ -423,16 +421,6 @@ def main(argv=None):
         results.append(prepare_baseline(initial_state, args, device, amp, micro_batches, lr, momentum,
                                         memory_mb(device) - inputs_mb))
     timings = time_interleaved([r.pop("step") for r in results], device, args.steps)
-    peak = args.peak_tflops  # for MFU; known for some GPUs at bf16/fp16
-    if peak is None and device.type == "cuda" and amp in ("bf16", "fp16"):
-        peak = next((p for fragment, p in PEAK_TFLOPS if fragment in torch.cuda.get_device_name(device)), None)
-    for r, seconds in zip(results, timings):
-        r.update(step_ms=1000 * sum(seconds) / len(seconds), min_step_ms=1000 * min(seconds),
-                 max_step_ms=1000 * max(seconds))
-        r["images_per_s"] = 1000 * args.batch_size / r["step_ms"]
-        r["tflops"] = r["flops_per_image"] * r["images_per_s"] / 1e12
-        if peak:
-            r["mfu"] = r["tflops"] / peak
 
     grid = args.img_size // args.patch_size
     visible = models.num_visible(grid * grid, args.mask_ratio)
@@ -446,8 +434,17 @@ def main(argv=None):
     mem = "peak MB (CUDA max allocated)" if device.type == "cuda" else "peak MB (process peak RSS in the step)"
     print(f"{'impl':<10}{'step ms':>10}{'(min-max)':>16}{'images/s':>11}{'GFLOP/img':>11}{'TFLOP/s':>9}{'MFU':>7}"
           f"  {mem}")
-    for r in results:
-        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+    peak = args.peak_tflops  # for MFU; known for some GPUs at bf16/fp16
+    if peak is None and device.type == "cuda" and amp in ("bf16", "fp16"):
+        peak = next((p for fragment, p in PEAK_TFLOPS if fragment in hardware), None)
+    for r, seconds in zip(results, timings):
+        r.update(step_ms=1000 * sum(seconds) / len(seconds), min_step_ms=1000 * min(seconds),
+                 max_step_ms=1000 * max(seconds))
+        r["images_per_s"] = 1000 * args.batch_size / r["step_ms"]
+        r["tflops"] = r["flops_per_image"] * r["images_per_s"] / 1e12
+        if peak:
+            r["mfu"] = r["tflops"] / peak
+        mfu = f"{100 * r['mfu']:.1f}%" if peak else "-"
         spread = f"({r['min_step_ms']:.1f}-{r['max_step_ms']:.1f})"
         print(f"{r['impl']:<10}{r['step_ms']:>10.1f}{spread:>16}{r['images_per_s']:>11.2f}"
               f"{r['flops_per_image'] / 1e9:>11.2f}{r['tflops']:>9.3f}{mfu:>7}  {r['peak_mem_mb']:.0f}")
@@ -456,8 +453,7 @@ def main(argv=None):
                                     "flops_per_image", "mfu") if k in ours}
     if args.baseline:
         base = results[1]
-        summary.update(baseline_images_per_s=base["images_per_s"], baseline_step_ms=base["step_ms"],
-                       baseline_flops_per_image=base["flops_per_image"],
+        summary.update({f"baseline_{k}": base[k] for k in ("images_per_s", "step_ms", "flops_per_image")},
                        speedup=ours["images_per_s"] / base["images_per_s"],
                        speedup_median_pair=statistics.median(b / o for o, b in zip(*timings)))
         print(f"speedup ours/baseline: {summary['speedup']:.2f}x (mean step times), "

@@ -240,9 +240,8 @@ class CocoInstances(torch.utils.data.Dataset):
             self.ids = [i for i in self.ids if any(usable(a) for a in self.coco.imgToAnns[i])]
         if not self.ids:
             utils.fail(f"{self.ann_file} has no {'annotated ' if train else ''}images")
-        files = set(os.listdir(self.img_dir))
-        missing = [self.coco.imgs[i]["file_name"] for i in self.ids if self.coco.imgs[i]["file_name"] not in files
-                   and not os.path.isfile(os.path.join(self.img_dir, self.coco.imgs[i]["file_name"]))]
+        names, files = [self.coco.imgs[i]["file_name"] for i in self.ids], set(os.listdir(self.img_dir))
+        missing = [name for name in names if name not in files and not os.path.isfile(os.path.join(self.img_dir, name))]
         if missing:
             utils.fail(f"{len(missing)} image(s) of {self.ann_file} are not in {self.img_dir}, e.g. {missing[0]}")
         self.train, self.transform = train, transform
@@ -419,11 +418,11 @@ def mask_rcnn(backbone, num_classes, transform):
     rpn = L1RegionProposalNetwork(anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]), **RPN_SETTINGS)
     box_head = FastRCNNConvFCHead((channels, 7, 7), [HEAD_CHANNELS["box_conv"]] * 4, [HEAD_CHANNELS["box_fc"]],
                                   norm_layer=nn.BatchNorm2d)
-    box_predictor = FastRCNNPredictor(HEAD_CHANNELS["box_fc"], num_classes)
     for layer in box_head.modules():
         if isinstance(layer, nn.Linear):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
+    box_predictor = FastRCNNPredictor(HEAD_CHANNELS["box_fc"], num_classes)
     for layer, std in ((box_predictor.cls_score, 0.01), (box_predictor.bbox_pred, 0.001)):
         nn.init.normal_(layer.weight, std=std)
         nn.init.zeros_(layer.bias)

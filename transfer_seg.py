@@ -180,18 +180,6 @@ class EvalTransform:
         return data.normalize(img, self.mean, self.std), labels
 
 
-def load_annotation(path):
-    """A single-channel label png as uint8 (H, W); an unreadable or colour file raises DataError."""
-    try:
-        with Image.open(path) as ann:
-            annotation = np.array(ann)
-    except Exception as e:
-        raise utils.DataError(f"cannot read annotation {path}: {e}") from None
-    if annotation.ndim != 2 or annotation.dtype != np.uint8:
-        raise utils.DataError(f"annotation {path} is not a single-channel 8-bit label image")
-    return annotation
-
-
 def files_by_stem(folder, extension):
     """{name without extension: path} of the files in folder whose extension is `extension`, in any case."""
     return {os.path.splitext(f)[0]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
@@ -222,7 +210,14 @@ class ADE20K(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image_path, path = self.samples[index]
-        img, annotation = data.load_rgb(image_path), load_annotation(path)
+        img = data.load_rgb(image_path)
+        try:
+            with Image.open(path) as ann:
+                annotation = np.array(ann)  # uint8 (H, W) for a single-channel label png
+        except Exception as e:
+            raise utils.DataError(f"cannot read annotation {path}: {e}") from None
+        if annotation.ndim != 2 or annotation.dtype != np.uint8:
+            raise utils.DataError(f"annotation {path} is not a single-channel 8-bit label image")
         if annotation.shape != (img.height, img.width):
             raise utils.DataError(f"annotation {path} is {annotation.shape[1]}x{annotation.shape[0]} but its "
                                   f"image {image_path} is {img.width}x{img.height}")
@@ -486,9 +481,8 @@ def main(argv=None):
     model = build_model(args, log, load_pretrained=not os.path.exists(run.path)).to(device)
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    depth = models.ARCHS[args.arch]["depth"]
-    optimizer = utils.adamw(models.layer_decay_groups(model, args.weight_decay, args.layer_decay, depth),
-                            args.lr, (0.9, 0.999), device)
+    groups = models.layer_decay_groups(model, args.weight_decay, args.layer_decay, models.ARCHS[args.arch]["depth"])
+    optimizer = utils.adamw(groups, args.lr, (0.9, 0.999), device)
     scaler = utils.grad_scaler(device, amp)
     run.resume(model, optimizer, scaler, ARCH_FLAGS)
     start_iter = run.start_step
