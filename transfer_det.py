@@ -182,9 +182,8 @@ def annotation_problem(ann, image, known_categories):
 
 
 def load_coco(ann_file):
-    """pycocotools COCO with one-line errors for a missing or malformed file, image entry or annotation (see
-    annotation_problem). An annotation without segmentation (missing or empty) gives Mask R-CNN no mask to learn
-    or to score: it is left out of the index, for training and evaluation alike. Returns (COCO, how many)."""
+    """pycocotools COCO with one-line errors for a missing or malformed file, image entry or annotation; returns
+    (COCO, how many annotations without segmentation, no mask to learn or score, were left out of its index)."""
     if not os.path.isfile(ann_file):
         utils.fail(f"annotation file {ann_file} does not exist")
     try:
@@ -332,11 +331,6 @@ class ViTPyramid(nn.Module):
         return self.fpn(OrderedDict((str(level), m) for level, m in enumerate(maps)))  # '0'..'3', 'pool'
 
 
-def scales(img_size):
-    """Training shorter sides (480..800 step 32) and the longer-side cap 1333, scaled by img_size/800."""
-    return tuple(sorted({round(s * img_size / 800) for s in range(480, 801, 32)})), round(1333 * img_size / 800)
-
-
 class ClampedBoxCoder(BoxCoder):
     """torchvision's BoxCoder with the decoded log-scales dw, dh clamped to [-log(1000/16), log(1000/16)], as
     mmdetection's delta2bbox (torchvision clamps them from above only): a decoded side is at most 1000/16 times
@@ -456,8 +450,11 @@ def build_detector(args, num_classes, log=print):
                                        drop_path=args.drop_path, ca_depth=args.ca_depth)
     data.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir)
     encoder.set_grad_checkpointing(args.grad_checkpointing)
-    side = round(1024 * args.img_size / 800)  # --lsj's square
-    min_size, max_size = (side, side) if args.lsj else scales(args.img_size)  # training: a random min_size per image
+    if args.lsj:
+        min_size = max_size = round(1024 * args.img_size / 800)  # the square
+    else:  # shorter side 480..800 (step 32; one at random per training image, the last at test), longer <= 1333
+        min_size = tuple(sorted({round(s * args.img_size / 800) for s in range(480, 801, 32)}))
+        max_size = round(1333 * args.img_size / 800)
     transform = GeneralizedRCNNTransform(min_size, max_size, args.mean, args.std, size_divisible=max(32, patch))
     return mask_rcnn(ViTPyramid(encoder, blocks), num_classes + 1, transform)
 
