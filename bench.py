@@ -1,7 +1,7 @@
 """Benchmark of the ExtreMA pretraining step: the real pretrain.train_step (same model, optimizer, precision and
-momentum update, the two colourings of each crop on the device included) on random uint8 crops, with FLOPs counted by torch.utils.flop_counter, and optionally the input
-pipeline (--data) and an eager baseline written in the official compute pattern (--baseline). With --baseline
-the two steps are timed in turns, so that a shared machine's slow spells hit both alike.
+momentum update, the two colourings of each crop on the device included) on random uint8 crops, FLOPs counted by
+torch.utils.flop_counter; optionally the input pipeline (--data) and an eager baseline in the official compute
+pattern (--baseline), timed in turns with ours so that a shared machine's slow spells hit both alike.
 
     python bench.py --arch vit_base --img-size 224 --batch-size 256 --amp bf16 --device cuda --steps 20
     python bench.py --arch vit_small --batch-size 16 --amp none --device cpu --steps 5 --warmup-steps 1 --baseline
@@ -9,15 +9,15 @@ the two steps are timed in turns, so that a shared machine's slow spells hit bot
     python bench.py --data 'shards/{0000..0007}.tar' --train-num-samples 2000 --num-workers 2 ...   # over shards
     python bench.py --make-jpegs output/jpegs --count 2000            # ImageNet-sized JPEGs to time the loader on
 
-Every flag of pretrain.py is accepted with its meaning and default (--arch, --img-size, --batch-size, --accum-iter,
---mask-ratio, --num-masks, --no-disjoint, --proj-hidden-dim, --drop-path, --amp, --compile [MODE], --num-workers,
-the speed options --autocast-residual, --split-class-attention, --cuda-graphs and the memory option
---grad-checkpointing; see `python pretrain.py --help`), except that --data defaults to no input-pipeline
-measurement. The last line printed is one JSON object. Peak memory: CUDA's max allocated; on CPU the process's peak
-resident set during the last warm-up step (Linux): compare options in separate runs, under
-MALLOC_MMAP_THRESHOLD_=131072 so that glibc returns freed tensors and the resident set follows the live ones.
+Every flag of pretrain.py is accepted with its meaning and default (see `python pretrain.py --help`; the speed
+options --compile [MODE], --autocast-residual, --split-class-attention, --cuda-graphs and the memory option
+--grad-checkpointing among them), except that --data defaults to no input-pipeline measurement. The last line
+printed is one JSON object. Peak memory: CUDA's max allocated; on CPU the process's peak resident set during the
+last warm-up step (Linux): compare options in separate runs, under MALLOC_MMAP_THRESHOLD_=131072 so that glibc
+returns freed tensors and the resident set follows the live ones.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -42,8 +42,7 @@ PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H20
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter,
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter, allow_abbrev=False)
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     p.add_argument("--warmup-steps", type=int, default=5,
                    help="untimed steps before the timed ones, at least 1 (with --compile, compilation happens in "
@@ -106,41 +105,27 @@ def memory_mb(device):
     return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
 
 
-def reset_peak_rss():
-    """Start the process's peak resident set (VmHWM) afresh at the current one, where the system allows it
-    (Linux 4.0+: /proc/self/clear_refs); elsewhere peak_rss_mb keeps counting from the start."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb():
-    """The process's peak resident set in MB: VmHWM of /proc/self/status (Linux), else the max resident set."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux and macOS differ in units
-
-
 def warm_up(step, device, steps, others_mb):
     """Untimed steps (with --compile, compilation happens in the first); returns the peak memory in MB of the
     last one. CUDA: max allocated minus what other models hold (others_mb); CPU: the process's peak resident set
     during it (everything the process holds, the other model's too; where it cannot be reset, since the start)."""
-    for i in range(steps):
-        if i == steps - 1:
-            synchronize(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            else:
-                reset_peak_rss()
+    for _ in range(steps - 1):
         step()
     synchronize(device)
     if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:  # the peak resident set (VmHWM) starts afresh at the current one, where Linux 4.0+ allows it
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    step()
+    synchronize(device)
+    if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20 - others_mb
-    return peak_rss_mb()
+    try:  # VmHWM of /proc/self/status (Linux), else the max resident set
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux and macOS differ in units
 
 
 def time_interleaved(steps, device, n):
@@ -155,15 +140,6 @@ def time_interleaved(steps, device, n):
             synchronize(device)
             times.append(time.perf_counter() - start)
     return seconds
-
-
-def peak_tflops(args, device, amp):
-    if args.peak_tflops is not None:
-        return args.peak_tflops
-    if device.type == "cuda" and amp in ("bf16", "fp16"):
-        name = torch.cuda.get_device_name(device)
-        return next((peak for fragment, peak in PEAK_TFLOPS if fragment in name), None)
-    return None
 
 
 def time_loader(loader, device, data_batches):
@@ -206,11 +182,10 @@ def make_jpegs(root, count, classes=10, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Baseline: the official compute pattern (explicit softmax attention, a loop of per-mask gathers, separate
-# q/k/v linears in class attention, the final norm over all tokens, per-mask loss loop, per-parameter
-# momentum update, for-loop AdamW, loss.item() and the total gradient norm every step). Same parameters and
-# state_dict keys as models.ExtreMA, except class attention's attn.kv, here attn.k and attn.v, and the patch
-# embedding, here a conv.
+# Baseline: the official compute pattern (explicit softmax attention, a loop of per-mask gathers, separate q/k/v
+# linears in class attention, the final norm over all tokens, per-mask loss loop, per-parameter momentum update,
+# for-loop AdamW, loss.item() and the total gradient norm every step). Same parameters and state_dict keys as
+# models.ExtreMA, except class attention's attn.kv, here attn.k and attn.v, and the patch embedding, here a conv.
 
 
 def official_drop_path(x, p, training):
@@ -255,11 +230,10 @@ class BaselineClassAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, u):  # (B, 1+N, D)
-        b, n, d = u.shape
-        q = self.q(u[:, 0]).reshape(b, 1, self.num_heads, d // self.num_heads).permute(0, 2, 1, 3) * self.scale
-        k = self.k(u).reshape(b, n, self.num_heads, d // self.num_heads).permute(0, 2, 1, 3)
-        v = self.v(u).reshape(b, n, self.num_heads, d // self.num_heads).permute(0, 2, 1, 3)
-        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, 1, 1+N)
+        b, _, d = u.shape
+        q, k, v = (x.reshape(b, -1, self.num_heads, d // self.num_heads).permute(0, 2, 1, 3)
+                   for x in (self.q(u[:, :1]), self.k(u), self.v(u)))  # (B, H, 1 or 1+N, D/H)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, 1, 1+N)
         return self.proj((attn @ v).transpose(1, 2).reshape(b, 1, d))
 
 
@@ -383,19 +357,9 @@ def baseline_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, co
 # ----------------------------------------------------------------------------------------------------
 
 
-def prepare(name, step, args, device, others_mb, compile_fn=None, model_step=None):
-    """FLOPs of one eager step (also the first untimed step; of model_step, where given), then compile_fn and
-    the warm-up steps."""
-    flops = count_flops(model_step or step) / args.batch_size
-    if compile_fn is not None:
-        compile_fn()
-    peak_mb = warm_up(step, device, args.warmup_steps, others_mb)
-    return {"impl": name, "step": step, "flops_per_image": flops, "peak_mem_mb": peak_mb}
-
-
 def prepare_ours(learner, args, device, amp, micro_batches, lr, momentum):
-    """pretrain.py's optimizer (or --cuda-graphs updates), loss scaler, training step and (with --compile)
-    compilation."""
+    """pretrain.py's optimizer (or --cuda-graphs updates), loss scaler and training step; its FLOPs counted in one
+    eager step (also the first untimed one), then (with --compile) compilation and the warm-up steps."""
     optimizer = utils.adamw(models.param_groups(learner, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
                             device=device)
     updates = pretrain.step_updates(args, learner, optimizer, device, amp)
@@ -404,13 +368,13 @@ def prepare_ours(learner, args, device, amp, micro_batches, lr, momentum):
     def step():
         pretrain.train_step(learner, updates, scaler, micro_batches, lr, momentum, amp, args.color_aug)
 
-    def model_step():  # the model's FLOPs (MFU's): without grad checkpointing's recomputation
-        learner.encoder.set_grad_checkpointing(False)
-        step()
-        learner.encoder.set_grad_checkpointing(args.grad_checkpointing)
-
-    return prepare("ours", step, args, device, 0.0,
-                   (lambda: pretrain.compile_model(learner, args.compile)) if args.compile else None, model_step)
+    learner.encoder.set_grad_checkpointing(False)  # the model's FLOPs (MFU's): without the recomputation
+    flops = count_flops(step) / args.batch_size
+    learner.encoder.set_grad_checkpointing(args.grad_checkpointing)
+    if args.compile:
+        pretrain.compile_model(learner, args.compile)
+    return {"impl": "ours", "step": step, "flops_per_image": flops,
+            "peak_mem_mb": warm_up(step, device, args.warmup_steps, 0.0)}
 
 
 def prepare_baseline(state_dict, args, device, amp, micro_batches, lr, momentum, others_mb):
@@ -420,9 +384,12 @@ def prepare_baseline(state_dict, args, device, amp, micro_batches, lr, momentum,
     optimizer = torch.optim.AdamW(models.param_groups(baseline, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
                                   foreach=False, fused=False)
     scaler = utils.grad_scaler(device, amp)
-    return prepare("baseline", lambda: baseline_step(baseline, optimizer, scaler, micro_batches, lr, momentum, amp,
-                                                     args.color_aug),
-                   args, device, others_mb)
+
+    def step():
+        baseline_step(baseline, optimizer, scaler, micro_batches, lr, momentum, amp, args.color_aug)
+
+    return {"impl": "baseline", "step": step, "flops_per_image": count_flops(step) / args.batch_size,
+            "peak_mem_mb": warm_up(step, device, args.warmup_steps, others_mb)}  # FLOPs from the first eager step
 
 
 def main(argv=None):
@@ -453,17 +420,7 @@ def main(argv=None):
     if args.baseline:
         results.append(prepare_baseline(initial_state, args, device, amp, micro_batches, lr, momentum,
                                         memory_mb(device) - inputs_mb))
-    steps = [r.pop("step") for r in results]
-    timings = time_interleaved(steps, device, args.steps)
-    for r, seconds in zip(results, timings):
-        r.update(step_ms=1000 * sum(seconds) / len(seconds), min_step_ms=1000 * min(seconds),
-                 max_step_ms=1000 * max(seconds))
-        r["images_per_s"] = 1000 * args.batch_size / r["step_ms"]
-        r["tflops"] = r["flops_per_image"] * r["images_per_s"] / 1e12
-    peak = peak_tflops(args, device, amp)
-    if peak:
-        for r in results:
-            r["mfu"] = r["tflops"] / peak
+    timings = time_interleaved([r.pop("step") for r in results], device, args.steps)
 
     grid = args.img_size // args.patch_size
     visible = models.num_visible(grid * grid, args.mask_ratio)
@@ -477,20 +434,26 @@ def main(argv=None):
     mem = "peak MB (CUDA max allocated)" if device.type == "cuda" else "peak MB (process peak RSS in the step)"
     print(f"{'impl':<10}{'step ms':>10}{'(min-max)':>16}{'images/s':>11}{'GFLOP/img':>11}{'TFLOP/s':>9}{'MFU':>7}"
           f"  {mem}")
-    for r in results:
-        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+    peak = args.peak_tflops  # for MFU; known for some GPUs at bf16/fp16
+    if peak is None and device.type == "cuda" and amp in ("bf16", "fp16"):
+        peak = next((p for fragment, p in PEAK_TFLOPS if fragment in hardware), None)
+    for r, seconds in zip(results, timings):
+        r.update(step_ms=1000 * sum(seconds) / len(seconds), min_step_ms=1000 * min(seconds),
+                 max_step_ms=1000 * max(seconds))
+        r["images_per_s"] = 1000 * args.batch_size / r["step_ms"]
+        r["tflops"] = r["flops_per_image"] * r["images_per_s"] / 1e12
+        if peak:
+            r["mfu"] = r["tflops"] / peak
+        mfu = f"{100 * r['mfu']:.1f}%" if peak else "-"
         spread = f"({r['min_step_ms']:.1f}-{r['max_step_ms']:.1f})"
         print(f"{r['impl']:<10}{r['step_ms']:>10.1f}{spread:>16}{r['images_per_s']:>11.2f}"
               f"{r['flops_per_image'] / 1e9:>11.2f}{r['tflops']:>9.3f}{mfu:>7}  {r['peak_mem_mb']:.0f}")
     ours = results[0]
     summary = {k: ours[k] for k in ("images_per_s", "step_ms", "min_step_ms", "max_step_ms", "peak_mem_mb", "tflops",
-                                    "flops_per_image")}
-    if "mfu" in ours:
-        summary["mfu"] = ours["mfu"]
+                                    "flops_per_image", "mfu") if k in ours}
     if args.baseline:
         base = results[1]
-        summary.update(baseline_images_per_s=base["images_per_s"], baseline_step_ms=base["step_ms"],
-                       baseline_flops_per_image=base["flops_per_image"],
+        summary.update({f"baseline_{k}": base[k] for k in ("images_per_s", "step_ms", "flops_per_image")},
                        speedup=ours["images_per_s"] / base["images_per_s"],
                        speedup_median_pair=statistics.median(b / o for o, b in zip(*timings)))
         print(f"speedup ours/baseline: {summary['speedup']:.2f}x (mean step times), "

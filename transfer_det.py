@@ -2,29 +2,28 @@
 
 The protocol of the paper, which follows CAE's Mask R-CNN config (lxtGH/CAE downstream_tasks/detection/
 evaluation/object_detection/configs/mask_rcnn/vit_base_giou_4conv1f_coco_maskrcnn_1x_cae_sincos_init0.1_lr00003.py
-on its _base_/models/mask_rcnn_vit_fpn.py and _base_/schedules/schedule_1x.py), built from torchvision's
-detection parts: features of four ViT blocks (4, 6, 8, 12 of 12) brought to strides 4, 8, 16, 32 (two 2x
-transposed convs; one; identity; 2x max-pool), an FPN of 256 channels with an extra pooled level, an RPN
-with an L1 box loss, RoIAlign with adaptive sampling (ratio 0), a box head of 4 convs (BatchNorm, SyncBN
-under DDP on GPUs) + 1 fully connected layer of 1024 whose boxes are decoded and trained with a GIoU loss
-(weight 10), torchvision's mask head. 1x schedule: 12 epochs, lr x0.1 at epochs 9 and 11, 500 linear
-warm-up iterations; AdamW (0.9, 0.999), lr 3e-4 at batch 32 (the config's 16 GPUs x 2) scaled linearly to
---batch-size (1.5e-4 at the default 16, the paper's batch), layer decay 0.75, weight decay 0.05, drop
-path 0.2. Training: flip, then with probability 0.5 DETR's branch (shorter side to 400, 500 or 600, a random
-crop of 384-600 on each side) before the multi-scale resize (shorter side 480-800, longer side at most 1333)
-that every image gets. Evaluated at 800/1333 with the COCO API (box AP and mask AP).
-Known differences: torchvision's RoIAlign is not pixel-aligned (mmcv's is: aligned=True); the RoI box
-head predicts boxes for the background class too (never trained or used).
+on its _base_/models/mask_rcnn_vit_fpn.py and _base_/schedules/schedule_1x.py), built from torchvision's detection
+parts: features of four ViT blocks (4, 6, 8, 12 of 12) brought to strides 4, 8, 16, 32 (two 2x transposed convs;
+one; identity; 2x max-pool), an FPN of 256 channels with an extra pooled level, an RPN with an L1 box loss,
+RoIAlign with adaptive sampling (ratio 0), a box head of 4 convs (BatchNorm, SyncBN under DDP on GPUs) + 1 fully
+connected layer of 1024 whose boxes are decoded and trained with a GIoU loss (weight 10), torchvision's mask head.
+1x schedule: 12 epochs, lr x0.1 at epochs 9 and 11, 500 linear warm-up iterations; AdamW (0.9, 0.999), lr 3e-4 at
+batch 32 (the config's 16 GPUs x 2) scaled linearly to --batch-size (1.5e-4 at the default 16, the paper's batch),
+layer decay 0.75, weight decay 0.05, drop path 0.2. Training: flip, then with probability 0.5 DETR's branch (shorter
+side to 400, 500 or 600, a random crop of 384-600 on each side) before the multi-scale resize (shorter side 480-800,
+longer side at most 1333) that every image gets. Evaluated at 800/1333 with the COCO API (box AP and mask AP).
+Known differences: torchvision's RoIAlign is not pixel-aligned (mmcv's is: aligned=True); the RoI box head predicts
+boxes for the background class too (never trained or used).
 
     python transfer_det.py --data /data/coco --pretrained checkpoint.pth --output-dir out/det
     torchrun --nproc_per_node 8 transfer_det.py --data /data/coco --pretrained extrema_mask08x5_color_1k_300ep.pth
     python transfer_det.py --data synthetic --arch vit_tiny --img-size 64 --patch-size 8 --epochs 2 --batch-size 2
 
-The annotation files are checked when the data sets are built, before any training: a malformed annotation
-(no bbox, a bbox that is not [x, y, w, h] with w, h >= 0, a polygon of fewer than 3 points, an RLE of another
-size than its image, an unknown image or category) or a missing image file stops the run with one line naming
-the file, the annotation id and the field. An annotation without segmentation (missing or []) gives Mask
-R-CNN no mask: it is left out of training and evaluation, and the count is logged.
+The annotation files are checked when the data sets are built, before any training: a malformed annotation (no
+bbox, a bbox that is not [x, y, w, h] with w, h >= 0, a polygon of fewer than 3 points, an RLE of another size than
+its image, an unknown image or category) or a missing image file stops the run with one line naming the file, the
+annotation id and the field. An annotation without segmentation (missing or []) gives Mask R-CNN no mask: it is
+left out of training and evaluation, and the count is logged.
 """
 import argparse
 import contextlib
@@ -85,16 +84,14 @@ def get_args(argv=None):
                    help="large-scale jitter instead of multi-scale resize: scale 0.1-2.0 of a square of side "
                         "round(1024 * img_size / 800), crop/pad to it; test with the longer side at that size")
     p.add_argument("--feature-blocks", type=int, nargs=4, default=None,
-                   help="1-based blocks whose tokens make the stride 4, 8, 16, 32 maps "
-                        "(default 4 6 8 12 for 12 blocks, scaled to the depth)")
+                   help="1-based blocks whose tokens feed strides 4, 8, 16, 32 (default: 4 6 8 12 of 12, scaled)")
     p.add_argument("--drop-path", type=float, default=0.2)
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--lr-drop-epochs", type=int, nargs="*", default=[9, 11],
                    help="0-based epochs at whose start the lr is multiplied by 0.1")
     p.add_argument("--lr", type=float, default=None,
                    help="AdamW lr for the global batch (default 3e-4 x batch-size / 32: 1.5e-4 at batch 16)")
-    p.add_argument("--warmup-iters", type=int, default=500,
-                   help="optimizer steps of linear warm-up from 0.001 * lr")
+    p.add_argument("--warmup-iters", type=int, default=500, help="optimizer steps of linear warm-up from 0.001 * lr")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--layer-decay", type=float, default=0.75)
     utils.add_grad_checkpointing_arg(p)
@@ -113,10 +110,8 @@ def write_synthetic_coco(root, img_size, num_images, seed=0):
     filled rectangles or polygons of three categories (non-contiguous ids 1, 3, 7, as in COCO), plus one
     image with no objects; the last object image also holds one iscrowd=1 region. Same files for a seed."""
     rng = np.random.default_rng(seed)
-    categories = [{"id": 1, "name": "square", "supercategory": "shape"},
-                  {"id": 3, "name": "triangle", "supercategory": "shape"},
-                  {"id": 7, "name": "blob", "supercategory": "shape"}]
-    colours = {1: (220, 40, 40), 3: (40, 200, 60), 7: (50, 70, 230)}
+    names, colours = {1: "square", 3: "triangle", 7: "blob"}, {1: (220, 40, 40), 3: (40, 200, 60), 7: (50, 70, 230)}
+    categories = [{"id": cat, "name": name, "supercategory": "shape"} for cat, name in names.items()]
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     for split in ("train", "val"):
         folder = os.path.join(root, f"{split}2017")
@@ -131,19 +126,15 @@ def write_synthetic_coco(root, img_size, num_images, seed=0):
             for index, cat in enumerate(shapes):
                 side = rng.uniform(0.25, 0.5) * img_size
                 cx, cy = rng.uniform(side / 2, img_size - side / 2, 2)
-                if cat == 1:
-                    angles = np.array([0.25, 0.75, 1.25, 1.75]) * np.pi
-                else:
-                    angles = np.sort(rng.uniform(0, 2 * np.pi, 3 if cat == 3 else 6))
+                angles = (np.array([0.25, 0.75, 1.25, 1.75]) * np.pi if cat == 1  # a square
+                          else np.sort(rng.uniform(0, 2 * np.pi, 3 if cat == 3 else 6)))  # a triangle, a blob
                 radius = side / 2 * (1 if cat != 7 else rng.uniform(0.6, 1.0, len(angles)))
                 xs, ys = cx + radius * np.cos(angles), cy + radius * np.sin(angles)
                 polygon = [float(round(v, 2)) for xy in zip(xs, ys) for v in xy]
                 draw.polygon(polygon, fill=colours[cat])
-                crowd = image_id == num_images and index == len(shapes) - 1
+                crowd = image_id == num_images and index == len(shapes) - 1  # as RLE, as COCO's crowd regions
                 rle = mask_util.merge(mask_util.frPyObjects([polygon], img_size, img_size))
-                segmentation = [polygon]
-                if crowd:  # crowd regions come as RLE in COCO
-                    segmentation = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+                segmentation = {"size": rle["size"], "counts": rle["counts"].decode("ascii")} if crowd else [polygon]
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(cat),
                                     "segmentation": segmentation, "area": float(mask_util.area(rle)),
                                     "bbox": [float(v) for v in mask_util.toBbox(rle)], "iscrowd": int(crowd)})
@@ -191,12 +182,8 @@ def annotation_problem(ann, image, known_categories):
 
 
 def load_coco(ann_file):
-    """pycocotools COCO with one-line errors for a missing or malformed file: a bad image entry, or an
-    annotation with an unknown image or category, a bbox that is not [x, y, w, h] (w, h >= 0), a polygon of
-    fewer than 3 points or an RLE of another size than its image.
-
-    An annotation without segmentation (missing or empty) gives Mask R-CNN no mask to learn or to score: it is
-    left out of the index, for training and evaluation alike, and counted. Returns (COCO, that count)."""
+    """pycocotools COCO with one-line errors for a missing or malformed file, image entry or annotation; returns
+    (COCO, how many annotations without segmentation, no mask to learn or score, were left out of its index)."""
     if not os.path.isfile(ann_file):
         utils.fail(f"annotation file {ann_file} does not exist")
     try:
@@ -230,11 +217,10 @@ def usable(ann):
 
 
 class CocoInstances(torch.utils.data.Dataset):
-    """COCO instances of one split. Items: (image, target) with image a tv_tensors.Image (3, H, W) and, in
-    training, target {boxes (N, 4) xyxy, labels (N,) in 1..C, masks (N, H, W) uint8, image_id}; in
-    evaluation target is {image_id} (COCOeval reads the ground truth itself).
-    Training skips images without usable annotations; crowd regions are never targets. The annotations and
-    the presence of every image file are checked here, before any training."""
+    """COCO instances of one split. Items: (image (3, H, W), target), in training target {boxes (N, 4) xyxy,
+    labels (N,) in 1..C, masks (N, H, W) uint8, image_id}, in evaluation {image_id} (COCOeval reads the ground
+    truth itself). Training skips images without usable annotations; crowd regions are never targets. The
+    annotations and the presence of every image file are checked here, before any training."""
 
     def __init__(self, root, split, train, transform, cat_ids=None, log=print):
         self.ann_file = os.path.join(root, "annotations", f"instances_{split}2017.json")
@@ -253,9 +239,8 @@ class CocoInstances(torch.utils.data.Dataset):
             self.ids = [i for i in self.ids if any(usable(a) for a in self.coco.imgToAnns[i])]
         if not self.ids:
             utils.fail(f"{self.ann_file} has no {'annotated ' if train else ''}images")
-        files = set(os.listdir(self.img_dir))
-        missing = [self.coco.imgs[i]["file_name"] for i in self.ids if self.coco.imgs[i]["file_name"] not in files
-                   and not os.path.isfile(os.path.join(self.img_dir, self.coco.imgs[i]["file_name"]))]
+        names, files = [self.coco.imgs[i]["file_name"] for i in self.ids], set(os.listdir(self.img_dir))
+        missing = [name for name in names if name not in files and not os.path.isfile(os.path.join(self.img_dir, name))]
         if missing:
             utils.fail(f"{len(missing)} image(s) of {self.ann_file} are not in {self.img_dir}, e.g. {missing[0]}")
         self.train, self.transform = train, transform
@@ -281,8 +266,9 @@ class CocoInstances(torch.utils.data.Dataset):
         target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image.shape[-2:]),
                   "labels": torch.tensor([self.label_of[a["category_id"]] for a in anns]),
                   "masks": tv_tensors.Mask(torch.from_numpy(masks)), "image_id": image_id}
-        image, target = self.transform(image, target)
-        return image.as_subclass(torch.Tensor), {k: v.as_subclass(torch.Tensor) if torch.is_tensor(v) else v for k, v in target.items()}
+        image, target = self.transform(image, target)  # tv_tensors, returned as plain tensors
+        return image.as_subclass(torch.Tensor), {k: v.as_subclass(torch.Tensor) if torch.is_tensor(v) else v
+                                                 for k, v in target.items()}
 
 
 class RandomSizeCrop:
@@ -343,11 +329,6 @@ class ViTPyramid(nn.Module):
     def forward(self, images):  # (B, 3, H, W)
         maps = self.maps(images)  # four (B, D, H/stride, W/stride)
         return self.fpn(OrderedDict((str(level), m) for level, m in enumerate(maps)))  # '0'..'3', 'pool'
-
-
-def scales(img_size):
-    """Training shorter sides (480..800 step 32) and the longer-side cap 1333, scaled by img_size/800."""
-    return tuple(sorted({round(s * img_size / 800) for s in range(480, 801, 32)})), round(1333 * img_size / 800)
 
 
 class ClampedBoxCoder(BoxCoder):
@@ -420,20 +401,12 @@ class GIoURoIHeads(RoIHeads):
                     "loss_box_reg": GIOU_WEIGHT * box_loss / len(labels), "loss_mask": mask_loss}
 
 
-def box_predictor(in_channels, num_classes):
-    """Class scores and per-class box deltas, initialised as mmdetection's BBoxHead (normal std 0.01 and 0.001)."""
-    predictor = FastRCNNPredictor(in_channels, num_classes)
-    for layer, std in ((predictor.cls_score, 0.01), (predictor.bbox_pred, 0.001)):
-        nn.init.normal_(layer.weight, std=std)
-        nn.init.zeros_(layer.bias)
-    return predictor
-
-
 def mask_rcnn(backbone, num_classes, transform):
     """Mask R-CNN of the reference config on backbone (its FPN levels '0'..'3', 'pool'); classes with background.
     Anchors 32..512 (one size per level) x ratios 0.5, 1, 2; RoIAlign 7 (boxes) and 14 (masks) with adaptive
-    sampling; box head 4 x (3x3 conv, BatchNorm, ReLU) + fc 1024 (its fc Xavier-initialised as mmdetection);
-    mmdetection's matching (low-quality matches at IoU >= MIN_POS_IOU) and box decoding in the RPN and RoI heads."""
+    sampling; box head 4 x (3x3 conv, BatchNorm, ReLU) + fc 1024, then class scores and per-class box deltas,
+    initialised as mmdetection's (fc Xavier; BBoxHead normal with std 0.01 and 0.001); mmdetection's matching
+    (low-quality matches at IoU >= MIN_POS_IOU) and box decoding in the RPN and RoI heads."""
     channels, levels = backbone.out_channels, ["0", "1", "2", "3"]
     anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
     rpn = L1RegionProposalNetwork(anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]), **RPN_SETTINGS)
@@ -443,9 +416,12 @@ def mask_rcnn(backbone, num_classes, transform):
         if isinstance(layer, nn.Linear):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
+    box_predictor = FastRCNNPredictor(HEAD_CHANNELS["box_fc"], num_classes)
+    for layer, std in ((box_predictor.cls_score, 0.01), (box_predictor.bbox_pred, 0.001)):
+        nn.init.normal_(layer.weight, std=std)
+        nn.init.zeros_(layer.bias)
     mask = HEAD_CHANNELS["mask"]
-    roi_heads = GIoURoIHeads(MultiScaleRoIAlign(levels, 7, sampling_ratio=0), box_head,
-                             box_predictor(HEAD_CHANNELS["box_fc"], num_classes), **ROI_SETTINGS,
+    roi_heads = GIoURoIHeads(MultiScaleRoIAlign(levels, 7, sampling_ratio=0), box_head, box_predictor, **ROI_SETTINGS,
                              mask_roi_pool=MultiScaleRoIAlign(levels, 14, sampling_ratio=0),
                              mask_head=MaskRCNNHeads(channels, [mask] * 4, 1),
                              mask_predictor=MaskRCNNPredictor(mask, mask, num_classes))
@@ -475,12 +451,11 @@ def build_detector(args, num_classes, log=print):
     data.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir)
     encoder.set_grad_checkpointing(args.grad_checkpointing)
     if args.lsj:
-        side = round(1024 * args.img_size / 800)
-        min_size, max_size = side, side
-    else:
-        min_size, max_size = scales(args.img_size)  # a random one per image in training, the last at test
-    transform = GeneralizedRCNNTransform(min_size, max_size, args.mean, args.std,
-                                         size_divisible=max(32, patch))
+        min_size = max_size = round(1024 * args.img_size / 800)  # the square
+    else:  # shorter side 480..800 (step 32; one at random per training image, the last at test), longer <= 1333
+        min_size = tuple(sorted({round(s * args.img_size / 800) for s in range(480, 801, 32)}))
+        max_size = round(1333 * args.img_size / 800)
+    transform = GeneralizedRCNNTransform(min_size, max_size, args.mean, args.std, size_divisible=max(32, patch))
     return mask_rcnn(ViTPyramid(encoder, blocks), num_classes + 1, transform)
 
 
@@ -523,8 +498,7 @@ def coco_evaluate(coco_gt, results):
                 evaluator = COCOeval(coco_gt, coco_gt.loadRes(dets), iou_type)
                 evaluator.evaluate()
                 evaluator.accumulate()
-            if utils.is_main():
-                print(f"{iou_type}:")
+            print(f"{iou_type}:")
             evaluator.summarize()
             values = evaluator.stats.tolist()
         stats.update({f"{iou_type}_{name}": float(v) for name, v in zip(METRICS, values)})
@@ -567,13 +541,12 @@ def main(argv=None):
             dist.barrier()
     elif not os.path.isdir(root):
         utils.fail(f"data folder {root} does not exist")
-    lsj_size = round(1024 * args.img_size / 800) if args.lsj else None
     val_set = CocoInstances(root, "val", False, v2.ToDtype(torch.float32, scale=True), log=log)
     val_loader = data.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device, collate_lists)
     log(f"{len(val_set)} validation images, {len(val_set.cat_ids)} categories")
     if not args.eval_only:
-        train_set = CocoInstances(root, "train", True, train_transform(lsj_size, args.img_size), val_set.cat_ids,
-                                 log)
+        lsj_size = round(1024 * args.img_size / 800) if args.lsj else None
+        train_set = CocoInstances(root, "train", True, train_transform(lsj_size, args.img_size), val_set.cat_ids, log)
         train_loader = data.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device,
                                          collate_lists)
         log(f"{len(train_set)} training images")
@@ -584,8 +557,7 @@ def main(argv=None):
     detector = build_detector(args, len(val_set.cat_ids), log).to(device)
     if world > 1 and device.type == "cuda":  # SyncBatchNorm has no CPU kernel
         detector = nn.SyncBatchNorm.convert_sync_batchnorm(detector)
-    depth = models.ARCHS[args.arch]["depth"]
-    groups = models.layer_decay_groups(detector, args.weight_decay, args.layer_decay, depth)
+    groups = models.layer_decay_groups(detector, args.weight_decay, args.layer_decay, models.ARCHS[args.arch]["depth"])
     optimizer = utils.adamw(groups, args.lr, (0.9, 0.999), device)
     scaler = utils.grad_scaler(device, amp)
 

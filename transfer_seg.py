@@ -2,24 +2,22 @@
 
 The protocol of CAE's ViT-B UperNet config (lxtGH/CAE downstream_tasks/semantic_segmentation/configs_local/
 cae/upernet/upernet_cae_base_12_512_slide_160k_ade20k_pt_3e-4.py, itself BEiT's), in one file on torch and
-torchvision: a relative position bias in every block (zero-initialised, trained; --no-rel-pos-bias drops
-it); tokens after four blocks (4, 6, 8, 12 of a 12-block ViT) brought to strides 4, 8, 16, 32 (two 2x
-transposed convs with BN + GELU between, one transposed conv, identity, 2x max-pool), fused by a UperNet
-head of 768 channels (pyramid pooling on the coarsest map + FPN), plus an auxiliary FCN head of 256
-channels on the stride-16 map (loss weight 0.4). 512x512 crops, 160k iterations at batch 16, AdamW (0.9,
-0.999) with lr 3e-4 and layer-wise decay 0.65, weight decay 0.05 (the bias tables included, as there),
-1500 linear warm-up iterations then poly decay (power 1) to 0, drop path 0.1. Single-scale
-sliding-window (or whole-image) mIoU over the 150 classes.
+torchvision: a relative position bias in every block (zero-initialised, trained; --no-rel-pos-bias drops it); tokens
+after four blocks (4, 6, 8, 12 of a 12-block ViT) brought to strides 4, 8, 16, 32 (two 2x transposed convs with BN +
+GELU between, one transposed conv, identity, 2x max-pool), fused by a UperNet head of 768 channels (pyramid pooling
+on the coarsest map + FPN), plus an auxiliary FCN head of 256 channels on the stride-16 map (loss weight 0.4).
+512x512 crops, 160k iterations at batch 16, AdamW (0.9, 0.999) with lr 3e-4 and layer-wise decay 0.65, weight decay
+0.05 (the bias tables included, as there), 1500 linear warm-up iterations then poly decay (power 1) to 0, drop path
+0.1. Single-scale sliding-window (or whole-image) mIoU over the 150 classes.
 
---lr is absolute (for the global --batch-size), as those configs state it; it is not scaled with the batch.
-The default 3e-4 is the CAE README's choice for its 300-epoch ViT-B (1e-4 is for its 1600-epoch one, 2e-4
-for 800 epochs); ExtreMA's released checkpoints are 300-epoch ones.
-The bias tables are built for the crop's grid; a sliding window smaller than the crop (an image whose
-short side ends below --img-size) or --eval-mode whole sees them resized bicubically to its grid.
+--lr is absolute for the global --batch-size, as those configs state it (not scaled with the batch): 3e-4 is the CAE
+README's choice for its 300-epoch ViT-B, the length of ExtreMA's released checkpoints (2e-4 for 800 epochs, 1e-4 for
+1600). The bias tables are built for the crop's grid; a sliding window smaller than the crop (an image whose short
+side ends below --img-size) or --eval-mode whole sees them resized bicubically to its grid.
 
-Data: --data is the ADEChallengeData2016 folder (images/{training,validation}/*.jpg,
-annotations/{training,validation}/*.png; 0 = unlabelled and ignored, 1..150 -> classes 0..149), or
-"synthetic": coloured rectangles whose label is their class, so there is something to learn.
+Data: --data is the ADEChallengeData2016 folder (images/{training,validation}/*.jpg with
+annotations/{training,validation}/*.png: 0 = unlabelled and ignored, 1..150 -> classes 0..149), or "synthetic":
+coloured rectangles whose label is their class, so there is something to learn.
 
     python transfer_seg.py --data ADEChallengeData2016 --pretrained extrema.pth --output-dir out/seg
     torchrun --nproc_per_node 8 transfer_seg.py --data ADEChallengeData2016 --pretrained extrema.pth
@@ -63,8 +61,7 @@ def get_args(argv=None):
     utils.add_common_args(p, "ADEChallengeData2016 folder", "output/seg", 512, 16, 8, print_freq=50,
                           branch="online", img_help="crop size (and image size of --data synthetic)")
     p.add_argument("--feature-blocks", type=int, nargs=4, default=None,
-                   help="1-based blocks whose tokens feed strides 4, 8, 16, 32 (default: 4 6 8 12 for 12 "
-                        "blocks, scaled to the depth)")
+                   help="1-based blocks whose tokens feed strides 4, 8, 16, 32 (default: 4 6 8 12 of 12, scaled)")
     p.add_argument("--decoder-channels", type=int, default=768, help="UperNet channels")
     p.add_argument("--no-rel-pos-bias", dest="rel_pos_bias", action="store_false",
                    help="no relative position bias in the encoder's blocks")
@@ -160,8 +157,7 @@ class TrainTransform:
         img = TF.resize(img, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
         mask = TF.resize(mask, size)  # nearest for masks
         top, left = self.random_crop_box(mask)
-        img, mask = (t.as_subclass(torch.Tensor)[..., top:top + self.crop, left:left + self.crop]
-                     for t in (img, mask))
+        img, mask = (t.as_subclass(torch.Tensor)[..., top:top + self.crop, left:left + self.crop] for t in (img, mask))
         if torch.rand(()) < 0.5:
             img, mask = img.flip(-1), mask.flip(-1)
         img = photometric_distortion(img.float()).div_(255)  # (3, h, w) in [0, 1], h and w <= c
@@ -184,18 +180,6 @@ class EvalTransform:
         return data.normalize(img, self.mean, self.std), labels
 
 
-def load_annotation(path):
-    """A single-channel label png as uint8 (H, W); an unreadable or colour file raises DataError."""
-    try:
-        with Image.open(path) as ann:
-            annotation = np.array(ann)
-    except Exception as e:
-        raise utils.DataError(f"cannot read annotation {path}: {e}") from None
-    if annotation.ndim != 2 or annotation.dtype != np.uint8:
-        raise utils.DataError(f"annotation {path} is not a single-channel 8-bit label image")
-    return annotation
-
-
 def files_by_stem(folder, extension):
     """{name without extension: path} of the files in folder whose extension is `extension`, in any case."""
     return {os.path.splitext(f)[0]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
@@ -207,8 +191,7 @@ class ADE20K(torch.utils.data.Dataset):
     The pairs are found once, when the set is built: every image must have its annotation."""
 
     def __init__(self, root, split, transform):
-        image_dir = os.path.join(root, "images", split)
-        annotation_dir = os.path.join(root, "annotations", split)
+        image_dir, annotation_dir = (os.path.join(root, kind, split) for kind in ("images", "annotations"))
         for folder in (image_dir, annotation_dir):
             if not os.path.isdir(folder):
                 utils.fail(f"data folder {folder} does not exist (expected the ADEChallengeData2016 layout: "
@@ -227,7 +210,14 @@ class ADE20K(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image_path, path = self.samples[index]
-        img, annotation = data.load_rgb(image_path), load_annotation(path)
+        img = data.load_rgb(image_path)
+        try:
+            with Image.open(path) as ann:
+                annotation = np.array(ann)  # uint8 (H, W) for a single-channel label png
+        except Exception as e:
+            raise utils.DataError(f"cannot read annotation {path}: {e}") from None
+        if annotation.ndim != 2 or annotation.dtype != np.uint8:
+            raise utils.DataError(f"annotation {path} is not a single-channel 8-bit label image")
         if annotation.shape != (img.height, img.width):
             raise utils.DataError(f"annotation {path} is {annotation.shape[1]}x{annotation.shape[0]} but its "
                                   f"image {image_path} is {img.width}x{img.height}")
@@ -340,9 +330,8 @@ class Segmenter(nn.Module):
 
 
 def build_model(args, log=print, load_pretrained=True):
-    """The pretrained encoder inside the segmenter. Segmentation reads the patch tokens of the blocks up
-    to the last feature block: later blocks, class-attention blocks, cls token and final norm are dropped.
-    The relative position bias tables (for the crop's grid) start at zero."""
+    """The pretrained encoder inside the segmenter, read up to its last feature block (models.FeatureMaps);
+    the relative position bias tables (for the crop's grid) start at zero."""
     encoder = models.VisionTransformer(img_size=args.img_size, patch_size=args.patch_size,
                                        **models.ARCHS[args.arch], drop_path=args.drop_path, ca_depth=args.ca_depth,
                                        rel_pos_bias=args.rel_pos_bias)
@@ -366,9 +355,9 @@ def check_args(args):
     args.feature_blocks = args.feature_blocks or models.default_feature_blocks(depth)
     if not all(1 <= block <= depth for block in args.feature_blocks):
         utils.fail(f"--feature-blocks {args.feature_blocks} must be blocks 1..{depth} of {args.arch}")
-    for flag, least in (("eval_every", 1), ("decoder_channels", 1)):
-        if getattr(args, flag) < least:
-            utils.fail(f"--{flag.replace('_', '-')} must be at least {least}")
+    for flag in ("eval_every", "decoder_channels"):
+        if getattr(args, flag) < 1:
+            utils.fail(f"--{flag.replace('_', '-')} must be at least 1")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -376,8 +365,7 @@ def check_args(args):
 
 
 def seg_loss(logits, labels):
-    """Cross-entropy of logits upsampled to the labels, averaged over all pixels (ignored ones count 0),
-    as mmseg's CrossEntropyLoss."""
+    """Cross-entropy of logits upsampled to the labels, averaged over all pixels (ignored ones count 0), as mmseg."""
     logits = upsample(logits.float(), labels.shape[-2:])
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none").mean()
 
@@ -447,10 +435,8 @@ def evaluate(model, loader, args, device, amp):
 def write_per_class(output_dir, metrics):
     """per_class_iou.json: class index (annotation value - 1) -> IoU and accuracy in %, null when NaN."""
     if utils.is_main():
-        def clean(values):
-            return [None if math.isnan(v) else round(v, 4) for v in values]
         with open(os.path.join(output_dir, "per_class_iou.json"), "w") as f:
-            json.dump({"iou": clean(metrics["iou"]), "acc": clean(metrics["acc"])}, f)
+            json.dump({k: [None if math.isnan(v) else round(v, 4) for v in metrics[k]] for k in ("iou", "acc")}, f)
 
 
 def summary(metrics):
@@ -495,9 +481,8 @@ def main(argv=None):
     model = build_model(args, log, load_pretrained=not os.path.exists(run.path)).to(device)
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    depth = models.ARCHS[args.arch]["depth"]
-    optimizer = utils.adamw(models.layer_decay_groups(model, args.weight_decay, args.layer_decay, depth),
-                            args.lr, (0.9, 0.999), device)
+    groups = models.layer_decay_groups(model, args.weight_decay, args.layer_decay, models.ARCHS[args.arch]["depth"])
+    optimizer = utils.adamw(groups, args.lr, (0.9, 0.999), device)
     scaler = utils.grad_scaler(device, amp)
     run.resume(model, optimizer, scaler, ARCH_FLAGS)
     start_iter = run.start_step
