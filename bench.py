@@ -65,8 +65,7 @@ def get_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------------------------------
-# Measuring
+# ============ Measuring ============
 
 
 def attention_flops(query, key, value, *args, out_shape=None, **kwargs):
@@ -181,11 +180,11 @@ def make_jpegs(root, count, classes=10, seed=0):
     print(f"wrote {count} JPEGs of 500x375 to {root}/train")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Baseline: the official compute pattern (explicit softmax attention, a loop of per-mask gathers, separate q/k/v
-# linears in class attention, the final norm over all tokens, per-mask loss loop, per-parameter momentum update,
-# for-loop AdamW, loss.item() and the total gradient norm every step). Same parameters and state_dict keys as
-# models.ExtreMA, except class attention's attn.kv, here attn.k and attn.v, and the patch embedding, here a conv.
+# ============ Baseline: the official compute pattern ============
+# Explicit softmax attention, a loop of per-mask gathers, separate q/k/v linears in class attention, the final norm
+# over all tokens, per-mask loss loop, per-parameter momentum update, for-loop AdamW, loss.item() and the total
+# gradient norm every step. Same parameters and state_dict keys as models.ExtreMA, except class attention's
+# attn.kv, here attn.k and attn.v, and the patch embedding, here a conv.
 
 
 def official_drop_path(x, p, training):
@@ -354,7 +353,7 @@ def baseline_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, co
     optimizer.zero_grad(set_to_none=True)
 
 
-# ----------------------------------------------------------------------------------------------------
+# ============ Preparing and timing the two ============
 
 
 def prepare_ours(learner, args, device, amp, micro_batches, lr, momentum):

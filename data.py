@@ -33,8 +33,7 @@ WARN_SKIPPED = 5  # unreadable images named in warnings, per process
 EXTRACT_PART = 10000  # rows of a folder or list per part of --extract (a shard is one part)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Decoding
+# ============ Decoding ============
 
 
 EXTENSIONS = (*IMG_EXTENSIONS, ".npy")  # the files decode() reads: torchvision's image extensions and arrays
@@ -139,8 +138,7 @@ def decode_image(source, name=None, in_chans=3):
         raise utils.DataError(f"cannot read image {name}: {e.strerror if isinstance(e, OSError) else e}") from None
 
 
-# ----------------------------------------------------------------------------------------------------
-# Finding images: folders, list files, shards
+# ============ Finding images: folders, list files, shards ============
 
 
 def folder_images(root, extensions=EXTENSIONS):
@@ -228,8 +226,7 @@ def read_sample(sample, in_chans=3):
     return decode_image(raw, f"{name}.{ext}", in_chans)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Pretraining batches: every source, unreadable images skipped
+# ============ Pretraining batches: every source, unreadable images skipped ============
 
 
 class Batch(NamedTuple):
@@ -395,8 +392,7 @@ def pretraining_loader(args, transform, batch_size, device):
     return make_loader(dataset, batch_size, True, args.num_workers, args.seed, device), args.train_num_samples
 
 
-# ----------------------------------------------------------------------------------------------------
-# The encoder and its inputs: channels and statistics from the checkpoint or the flags
+# ============ The encoder and its inputs: channels and statistics from the checkpoint or the flags ============
 
 
 OFFICIAL_ARCH = {"arch": "vit_base", "patch_size": 16, "img_size": 224}  # a stage's encoder without --pretrained
@@ -544,8 +540,7 @@ def channel_stats(images):
     return mean.tolist(), std.tolist()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Extraction: every image once, in the source's order
+# ============ Extraction: every image once, in the source's order ============
 
 
 class ExtractionBatches(torch.utils.data.IterableDataset):
@@ -598,8 +593,7 @@ def extraction_loader(data, transform, batch_size, num_workers, seed, device, sy
     return make_loader(dataset, batch_size, False, num_workers, seed, device), len(parts)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Labelled sets and loaders
+# ============ Labelled sets and loaders ============
 
 
 class LabelledFolder(datasets.DatasetFolder):
@@ -748,8 +742,7 @@ def cap_per_class(dataset, per_class):
     return torch.utils.data.Subset(dataset, keep)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Batches on the device
+# ============ Batches on the device ============
 
 
 FULL_SCALE = {torch.uint8: 255, torch.uint16: 65535}  # the value that maps to 1; floating point: 1 (as stored)

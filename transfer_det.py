@@ -101,8 +101,7 @@ def get_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------------------------------
-# Data
+# ============ Data ============
 
 
 def write_synthetic_coco(root, img_size, num_images, seed=0):
@@ -311,8 +310,7 @@ def collate_lists(batch):
     return tuple(map(list, zip(*batch)))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Model
+# ============ Model ============
 
 
 class ViTPyramid(nn.Module):
@@ -467,8 +465,7 @@ def lr_at(step, epoch, args):
     return lr
 
 
-# ----------------------------------------------------------------------------------------------------
-# COCO evaluation
+# ============ COCO evaluation ============
 
 
 def coco_results(outputs, image_ids, cat_ids):
@@ -521,7 +518,7 @@ def evaluate(detector, loader, coco_gt, cat_ids, device, amp):
     return coco_evaluate(coco_gt, results) if utils.is_main() else {}
 
 
-# ----------------------------------------------------------------------------------------------------
+# ============ Training and evaluation ============
 
 
 def main(argv=None):

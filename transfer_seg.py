@@ -78,8 +78,7 @@ def get_args(argv=None):
     return data.encoder_inputs(utils.parse_args(p, argv), channels=(3,))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Data
+# ============ Data ============
 
 
 def keep_ratio_size(height, width, long_side, short_side):
@@ -260,8 +259,7 @@ def build_datasets(args):
     return ADE20K(args.data, "training", train_tf), ADE20K(args.data, "validation", eval_tf)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Model: ViT feature pyramid + UperNet + FCN auxiliary head
+# ============ Model: ViT feature pyramid + UperNet + FCN auxiliary head ============
 
 
 def conv_bn_relu(in_channels, out_channels, kernel_size):
@@ -360,8 +358,7 @@ def check_args(args):
             utils.fail(f"--{flag.replace('_', '-')} must be at least 1")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Loss, schedule, inference, metrics
+# ============ Loss, schedule, inference, metrics ============
 
 
 def seg_loss(logits, labels):
@@ -452,7 +449,7 @@ def endless_batches(loader, first_epoch, skip=0):
         epoch, skip = epoch + 1, 0
 
 
-# ----------------------------------------------------------------------------------------------------
+# ============ Training and evaluation ============
 
 
 def main(argv=None):

@@ -32,8 +32,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMG_HELP = "input side (default: the --pretrained checkpoint's, else 224)"
 
 
-# ----------------------------------------------------------------------------------------------------
-# Errors
+# ============ Errors ============
 
 
 class DataError(Exception):
@@ -82,8 +81,7 @@ def exit_with_parent(signum):
             ctypes.CDLL(None, use_errno=True).prctl(1, int(signum))  # 1: PR_SET_PDEATHSIG
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line
+# ============ Command line ============
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -237,8 +235,7 @@ def release_output_dirs():
         os.close(OUTPUT_DIR_LOCKS.popitem()[1])
 
 
-# ----------------------------------------------------------------------------------------------------
-# Processes, devices, precision
+# ============ Processes, devices, precision ============
 
 
 def init_distributed(device):
@@ -321,8 +318,7 @@ def steps_per_epoch(loader, args):  # optimizer steps of --accum-iter micro-batc
     return steps
 
 
-# ----------------------------------------------------------------------------------------------------
-# Schedules and optimizer groups
+# ============ Schedules and optimizer groups ============
 
 
 def cosine_schedule(step, total_steps, warmup_steps, base, final=0.0):
@@ -349,8 +345,7 @@ def adamw(groups, lr, betas, device):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=None if fused else True)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints and logs
+# ============ Checkpoints and logs ============
 
 
 def check_finite(state, path):
