@@ -343,7 +343,7 @@ def main(argv=None):
 
 
 def keep_copy(path, copy):
-    """path's file also named `copy`: a hard link (else a copy); save_checkpoint later replaces path's, not copy's."""
+    """Give path's file the second name `copy` (a hard link, else a copy), kept when save_checkpoint replaces path."""
     tmp = f"{copy}.tmp"
     if os.path.lexists(tmp):
         os.remove(tmp)
