@@ -48,8 +48,7 @@ def get_args(argv=None):
     p.add_argument("--layer-decay", type=float, default=0.65, help="lr scale per block below the head")
     p.add_argument("--drop-path", type=float, default=0.2)
     p.add_argument("--color-jitter", type=float, default=0.0,
-                   help="brightness/contrast/saturation jitter after RandAugment; default 0 because the "
-                        "official pipeline (timm) drops the recipe's 0.4 whenever RandAugment is on")
+                   help="brightness/contrast/saturation jitter after RandAugment (default 0, as the official runs)")
     p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     p.add_argument("--mixup", type=float, default=0.8, help="MixUp alpha; 0: off")
     p.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha; 0: off")
@@ -61,12 +60,9 @@ def get_args(argv=None):
 
 
 class MeanPoolClassifier(nn.Module):
-    """Mean of the patch tokens after the last block (before the final norm) -> LayerNorm -> Linear.
-
-    The encoder's class-attention blocks, cls token and final norm are deleted (after loading), so every
-    parameter gets a gradient and DDP needs no unused-parameter search. Head: trunc-normal std 0.02 times
-    0.001 (i.e. std 2e-5), bias 0.
-    """
+    """Mean of the patch tokens after the last block (before the final norm) -> LayerNorm -> Linear (trunc-normal
+    std 0.02 x 0.001, bias 0). The encoder's class-attention blocks, cls token and final norm are deleted (after
+    loading), so every parameter gets a gradient and DDP needs no unused-parameter search."""
 
     def __init__(self, encoder, num_classes):
         super().__init__()
@@ -84,17 +80,15 @@ class MeanPoolClassifier(nn.Module):
 
 
 class RandAugment:
-    """timm's RandAugment "rand-m9-mstd0.5-inc1" (the official fine-tuning's --aa) on PIL images: the same PIL
-    calls with the same arguments as timm, so the same pixels, through torchvision.transforms.v2.functional
-    where its PIL kernel makes timm's call, and through PIL's affine transform for shear and translation.
+    """timm's RandAugment "rand-m9-mstd0.5-inc1" (the official fine-tuning's --aa) on PIL images: timm's PIL calls
+    with timm's arguments, so the same pixels (torchvision's functional where its PIL kernel makes timm's call, PIL's
+    affine transform for shear and translation).
 
-    Each image gets `num_ops` ops drawn uniformly, with replacement, from timm's "increasing" set. Each is
-    applied with probability `prob`, at a magnitude drawn for that application from N(magnitude,
-    magnitude_std) and clipped to timm's scale [0, 10]; level() maps it to the op's argument as timm does,
-    and the signed ops (rotate, shear, translate, the enhancements) take a random sign. Geometric ops resample
-    bicubically (the official --train_interpolation) and fill with `fill` (default the ImageNet mean pixel, as
-    timm; finetune.py gives the run's mean).
-    """
+    Each image gets `num_ops` ops drawn uniformly, with replacement, from timm's "increasing" set, each applied with
+    probability `prob` at a magnitude drawn from N(magnitude, magnitude_std) clipped to [0, 10]; level() maps it to
+    the op's argument as timm does, and the signed ops (rotate, shear, translate, enhancements) take a random sign.
+    Geometric ops resample bicubically (the official --train_interpolation) and fill with `fill` (default the
+    ImageNet mean pixel, as timm; finetune.py gives the run's mean)."""
 
     OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
            "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
@@ -140,10 +134,9 @@ class RandAugment:
         width, height = image.size
 
         def affine(*coefficients):
-            # PIL reads output pixel (x, y) from input (a x + b y + c, d x + e y + f), for (a, b, c, d, e, f) the
-            # coefficients timm passes: ShearX (1, v, 0, 0, 1, 0) is a shear about the top-left corner,
-            # TranslateXRel (1, 0, v * width, 0, 1, 0) a shift by -v * width. TF.affine would invert a matrix
-            # built from angles, whose coefficients differ in the last bit and move some pixels across an edge.
+            # PIL reads output pixel (x, y) from input (a x + b y + c, d x + e y + f), (a..f) timm's coefficients:
+            # ShearX (1, v, 0, 0, 1, 0) shears about the top-left corner, TranslateXRel (1, 0, v * width, 0, 1, 0)
+            # shifts by -v * width. TF.affine's matrix, built from angles, is off in the last bit: pixels cross edges.
             return image.transform(image.size, Image.Transform.AFFINE, coefficients, Image.Resampling.BICUBIC,
                                    fillcolor=tuple(self.fill) if len(self.fill) > 1 else self.fill[0])
 
@@ -184,12 +177,10 @@ def eight_bit_pil(image):
 
 
 def train_transform(args):
-    """RandomResizedCrop (bicubic), flip, RandAugment (on PIL: a decoded grey tensor becomes a PIL image first,
-    eight_bit_pil; its geometric ops fill with the run's mean pixel), colour jitter, as uint8 (C, H, W):
-    normalisation, random erasing and MixUp/CutMix follow on the device (data.to_device, loss_fn)."""
-    fill = [round(255 * m) for m in args.mean]
+    """RandomResizedCrop (bicubic), flip, RandAugment on PIL (eight_bit_pil; filling with the run's mean pixel),
+    colour jitter -> uint8 (C, H, W); normalisation, erasing and MixUp/CutMix follow on the device (soft_targets)."""
     steps = [v2.RandomResizedCrop(args.img_size, interpolation=v2.InterpolationMode.BICUBIC),
-             v2.RandomHorizontalFlip(), eight_bit_pil, RandAugment(fill=fill)]
+             v2.RandomHorizontalFlip(), eight_bit_pil, RandAugment(fill=[round(255 * m) for m in args.mean])]
     if args.color_jitter > 0:
         steps.append(v2.ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter))
     return v2.Compose(steps + [v2.PILToTensor()])
@@ -198,7 +189,7 @@ def train_transform(args):
 def random_erasing(images, p, scale=(0.02, 0.33), ratio=(0.3, 3.3), attempts=10):
     """torchvision's RandomErasing(p, value="random") per image of a normalised batch (B, C, H, W), on its device:
     with probability p, a rectangle of scale x H*W pixels and aspect ratio h/w in ratio (log-uniform), the first
-    of 10 draws that fits (none if none fits), is filled with normal noise."""
+    of `attempts` draws that fits (none if none fits), is filled with normal noise."""
     b, _, height, width = images.shape
     area = height * width * torch.empty(b, attempts, device=images.device).uniform_(*scale)  # (B, attempts)
     aspect = torch.empty(b, attempts, device=images.device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
@@ -218,23 +209,19 @@ def random_erasing(images, p, scale=(0.02, 0.33), ratio=(0.3, 3.3), attempts=10)
 
 def batch_mixing(args, num_classes):
     """MixUp or CutMix, chosen at random per batch, or None when both are off; labels become (B, C)."""
-    choices = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + \
-              ([v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else [])
+    choices = [mix(alpha=alpha, num_classes=num_classes)
+               for mix, alpha in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if alpha > 0]
     return v2.RandomChoice(choices) if choices else None
 
 
-def names_and_labels(dataset):
-    """Basenames and labels of a training set; synthetic item i is named synthetic_{i}.png."""
-    if isinstance(dataset, data.SyntheticImages):  # SyntheticImages labels item i with class i % num_classes
-        return ([f"synthetic_{i}.png" for i in range(len(dataset))],
-                [i % dataset.num_classes for i in range(len(dataset))])
-    return [os.path.basename(path) for path, _ in dataset.samples], list(dataset.targets)
-
-
 def subset_indices(dataset, train_subset, label_fraction):
-    """Training indices named in the train_subset file, or a class-balanced label_fraction of each class
-    (at least one image per class), or None for the whole set."""
-    names, labels = names_and_labels(dataset)
+    """Training indices named in the train_subset file (by basename; synthetic item i is synthetic_{i}.png), or a
+    class-balanced label_fraction of each class (at least one image per class), or None for the whole set."""
+    if isinstance(dataset, data.SyntheticImages):  # SyntheticImages labels item i with class i % num_classes
+        names = [f"synthetic_{i}.png" for i in range(len(dataset))]
+        labels = [i % dataset.num_classes for i in range(len(dataset))]
+    else:
+        names, labels = [os.path.basename(path) for path, _ in dataset.samples], list(dataset.targets)
     if train_subset is not None:
         if not os.path.isfile(train_subset):
             utils.fail(f"--train-subset file {train_subset} does not exist")

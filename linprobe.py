@@ -53,8 +53,7 @@ def get_args(argv=None):
 
 
 class LinearProbe(nn.Module):
-    """Frozen encoder (always in eval mode, no gradients) -> BatchNorm1d(affine=False, eps 1e-5) -> Linear,
-    as the official probe."""
+    """The official probe: frozen encoder (always in eval mode, no gradients) -> BatchNorm1d(affine=False) -> Linear."""
 
     def __init__(self, encoder, num_classes, final_norm=False):
         super().__init__()
@@ -83,9 +82,8 @@ class LinearProbe(nn.Module):
 
 
 class LARS(torch.optim.Optimizer):
-    """Momentum SGD with layer-wise adaptive rate scaling (You et al., 2017): the update of each weight
-    matrix (weight decay included) is rescaled to trust_coefficient * |w| / |update|; 1-D parameters
-    (biases) take plain momentum SGD steps without weight decay."""
+    """Momentum SGD with layer-wise adaptive rate scaling (You et al., 2017): the update of each weight matrix (weight
+    decay included) is rescaled to trust_coefficient * |w| / |update|; 1-D parameters (biases): plain momentum SGD."""
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -101,8 +99,7 @@ class LARS(torch.optim.Optimizer):
                 if p.ndim > 1:
                     update = update.add(p, alpha=group["weight_decay"])
                     w_norm, u_norm = p.norm(), update.norm()
-                    trust = torch.where((w_norm > 0) & (u_norm > 0),
-                                        group["trust_coefficient"] * w_norm / u_norm, 1.0)
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), group["trust_coefficient"] * w_norm / u_norm, 1.0)
                     update = update * trust
                 state = self.state[p]
                 if "momentum_buffer" not in state:
@@ -119,8 +116,7 @@ def load_encoder(args, rank, log):
                                        **models.ARCHS[args.arch], ca_depth=args.ca_depth,
                                        rel_pos_bias=config.get("rel_pos_bias", False))
     utils.set_seed(args.seed + rank)
-    # --knn and --extract train nothing, so they always read --pretrained, even where a probe's checkpoint-last.pth
-    # exists
+    # --knn and --extract train nothing: they read --pretrained even where a probe's checkpoint-last.pth exists
     trains = not (args.knn or args.extract)
     data.load_pretrained_encoder(encoder, args.pretrained, args.branch, log, args.output_dir if trains else None)
     return encoder
@@ -159,12 +155,9 @@ def accuracy_counts(logits, targets):
 
 @torch.no_grad()
 def evaluate(model_fn, loader, device, amp, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
-    """(top-1 %, top-5 %, mean cross-entropy) of model_fn(images) -> logits over a whole evaluation set of
-    images normalised on the device with mean, std (to_device).
-
-    Each process counts its share (make_loader(train=False) gives every image to exactly one process) and
-    the sums are added over processes, so the result is exact however the set divides.
-    """
+    """(top-1 %, top-5 %, mean cross-entropy) of model_fn(images) -> logits over a whole evaluation set, its images
+    normalised on the device with mean, std. Exact however the set divides: each process counts its share
+    (make_loader(train=False) gives every image to exactly one process) and the sums are added over processes."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, loss sum, images
     for batch in loader:
         images, targets = data.to_device(batch, device, mean, std)
@@ -199,8 +192,7 @@ def all_gather_rows(x):
     sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
     sizes = [int(n) for n in sizes]
-    padded = x.new_zeros((max(sizes),) + x.shape[1:])
-    padded[:x.shape[0]] = x
+    padded = torch.cat([x, x.new_zeros((max(sizes) - x.shape[0],) + x.shape[1:])])  # (max n_r, ...)
     gathered = [torch.empty_like(padded) for _ in sizes]
     torch.distributed.all_gather(gathered, padded)
     return torch.cat([rows[:n] for rows, n in zip(gathered, sizes)])
@@ -208,8 +200,7 @@ def all_gather_rows(x):
 
 @torch.no_grad()
 def extract_features(feature_fn, loader, device, amp, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
-    """L2-normalised float32 features (n, D) and labels (n,) of this process's share of an evaluation loader,
-    its images normalised with mean, std."""
+    """L2-normalised float32 features (n, D) and labels (n,) of this process's share of a loader (images: mean, std)."""
     features, labels = [], []
     for batch in loader:
         images, targets = data.to_device(batch, device, mean, std)
@@ -222,12 +213,9 @@ def extract_features(feature_fn, loader, device, amp, mean=utils.IMAGENET_MEAN, 
 
 @torch.no_grad()
 def knn_counts(train_features, train_labels, features, labels, num_classes, ks, temperature=0.07, chunk=256):
-    """Weighted k-NN classification (DINO's): the k most cosine-similar training images vote for their class
-    with weight exp(similarity / temperature). All features L2-normalised.
-
-    Returns float64 (len(ks), 2): top-1 and top-5 hits for each k. The similarities are computed for chunks
-    of `chunk` query images at a time, so memory stays at chunk x len(train_features).
-    """
+    """Weighted k-NN classification (DINO's): the k most cosine-similar training images (features L2-normalised)
+    vote for their class with weight exp(similarity / temperature). Returns float64 (len(ks), 2): top-1 and top-5
+    hits for each k. Queries go `chunk` at a time, so memory stays at chunk x len(train_features)."""
     if max(ks) > len(train_features):
         raise ValueError(f"k = {max(ks)} nearest neighbours asked for, but the training set holds only "
                          f"{len(train_features)} images")
@@ -244,12 +232,9 @@ def knn_counts(train_features, train_labels, features, labels, num_classes, ks, 
 
 def knn_evaluate(feature_fn, train_loader, val_loader, num_classes, device, amp, ks=(10, 20, 100, 200),
                  temperature=0.07, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
-    """{k: (top-1 %, top-5 %)} of the weighted k-NN classifier on frozen features feature_fn(images) -> (B, D).
-
-    Both loaders come from make_loader(train=False): every process extracts its share, the training
-    features of all processes are gathered, and each validation image is counted once, so the result is the
-    one-process result however the sets divide. The images are normalised with mean, std.
-    """
+    """{k: (top-1 %, top-5 %)} of the weighted k-NN classifier on frozen features feature_fn(images) -> (B, D), the
+    images normalised with mean, std. Both loaders from make_loader(train=False): every process extracts its share,
+    the training features are gathered and each validation image counts once: the one-process result, always."""
     train_features, train_labels = extract_features(feature_fn, train_loader, device, amp, mean, std)
     train_features, train_labels = all_gather_rows(train_features), all_gather_rows(train_labels)
     features, labels = extract_features(feature_fn, val_loader, device, amp, mean, std)
@@ -264,8 +249,8 @@ def knn(probe, train_set, val_set, num_classes, batch_size, device, args, log):
     --report-to, eval/k{k}_acc1 and eval/k{k}_acc5 at step 0."""
     loaders = [data.make_loader(dataset, batch_size, False, args.num_workers, args.seed, device)
                for dataset in (train_set, val_set)]
-    results = knn_evaluate(probe.features, *loaders, num_classes, device, args.amp, args.knn_k,
-                                 args.knn_temperature, args.mean, args.std)
+    results = knn_evaluate(probe.features, *loaders, num_classes, device, args.amp, args.knn_k, args.knn_temperature,
+                           args.mean, args.std)
     record = dict(knn=True, branch=args.branch, pretrained=args.pretrained, temperature=args.knn_temperature)
     for k, (acc1, acc5) in results.items():
         log(f"{k}-NN of the {args.branch} encoder: acc1 {acc1:.2f} acc5 {acc5:.2f} "
@@ -278,11 +263,10 @@ def knn(probe, train_set, val_set, num_classes, batch_size, device, args, log):
 
 
 def extract(probe, transform, batch_size, device, args, log):
-    """--extract: every process writes the rows of its parts of the source (data.extraction_loader) to files of
-    their own as the batches come; then rank 0 joins them in the source's order into instance.npy and tokens.npy
-    (numpy.lib.format.open_memmap: no copy of the whole array in memory) and names.txt, written under temporary
-    names beside the parts and renamed at the end: a failed run leaves the previous outputs as they were, and no
-    parts."""
+    """--extract: every process appends the rows of its parts of the source (data.extraction_loader) to files of
+    their own; then rank 0 joins them in the source's order into instance.npy, tokens.npy (open_memmap: never the
+    whole array in memory) and names.txt, renamed into place at the end: a failed run leaves the previous outputs
+    as they were, and no parts."""
     loader, num_parts = data.extraction_loader(args.data, transform, batch_size, args.num_workers, args.seed, device,
                                                args.synthetic_size, args.img_size, args.in_chans)
     parts = os.path.join(args.output_dir, "extract-parts")
@@ -314,23 +298,21 @@ def extract(probe, transform, batch_size, device, args, log):
         if not utils.is_main():
             return
         dim = probe.encoder.embed_dim
-        sizes = [os.path.getsize(part_path(p, "instance")) // (4 * dim) if os.path.exists(part_path(p, "instance"))
-                 else 0 for p in range(num_parts)]
+        filled = [p for p in range(num_parts) if os.path.exists(part_path(p, "instance"))]  # parts with images
+        sizes = [os.path.getsize(part_path(p, "instance")) // (4 * dim) for p in filled]
         if not sum(sizes):
             utils.fail(f"--data {args.data} holds no samples")
         for kind in ("instance", "tokens"):
             out = np.lib.format.open_memmap(part_path(0, f"{kind}.npy"), mode="w+", dtype=np.float32,
                                             shape=(sum(sizes), dim))
-            for p, start in zip(range(num_parts), np.cumsum([0] + sizes)):
-                if sizes[p]:
-                    out[start:start + sizes[p]] = np.fromfile(part_path(p, kind), dtype=np.float32).reshape(-1, dim)
+            for p, start, size in zip(filled, np.cumsum([0] + sizes), sizes):
+                out[start:start + size] = np.fromfile(part_path(p, kind), dtype=np.float32).reshape(-1, dim)
             out.flush()
             del out
         with open(part_path(0, "names.txt"), "w") as f:
-            for p in range(num_parts):
-                if sizes[p]:
-                    with open(part_path(p, "names")) as part:
-                        shutil.copyfileobj(part, f)
+            for p in filled:
+                with open(part_path(p, "names")) as part:
+                    shutil.copyfileobj(part, f)
         for kind, path in outputs.items():
             os.replace(part_path(0, kind), path)
     finally:
@@ -366,8 +348,7 @@ def main(argv=None):
 
     probe = LinearProbe(load_encoder(args, rank, log), num_classes, args.final_norm).to(device)
     if args.knn:
-        knn(probe, train_set, val_set, num_classes, local_batch, device, args, log)
-        return
+        return knn(probe, train_set, val_set, num_classes, local_batch, device, args, log)
     train_loader = data.make_loader(train_set, local_batch, True, args.num_workers, args.seed, device)
     val_loader = data.make_loader(val_set, local_batch, False, args.num_workers, args.seed, device)
     head = probe.head  # the only trained (and DDP-wrapped) part
@@ -375,19 +356,12 @@ def main(argv=None):
         if device.type == "cuda":  # SyncBatchNorm has no CPU kernel; on CPU each process keeps its own statistics
             probe.head = nn.SyncBatchNorm.convert_sync_batchnorm(probe.head)
         head = DDP(probe.head, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.optimizer == "lars":
-        optimizer = LARS(probe.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(probe.head.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    optimizer_class = LARS if args.optimizer == "lars" else torch.optim.SGD
+    optimizer = optimizer_class(probe.head.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     scaler = utils.grad_scaler(device, args.amp)
     log(f"linear probe of the {args.branch} encoder ({args.arch}, {'after' if args.final_norm else 'before'} the "
         f"final norm): {len(train_set)} training / {len(val_set)} validation images, {num_classes} classes, "
         f"lr {args.lr:.3e}, {world_size} process(es) x {local_batch} x {args.accum_iter}")
-
-    def share_statistics():  # evaluate everywhere with the BatchNorm statistics that rank 0 saves
-        if world_size > 1:
-            for buffer in probe.head.buffers():
-                torch.distributed.broadcast(buffer, 0)
 
     # the frozen encoder is saved with the head, so a checkpoint evaluates on its own
     run = utils.Run(args, utils.steps_per_epoch(train_loader, args), log, stage="linprobe.py")
@@ -400,7 +374,9 @@ def main(argv=None):
         train_one_epoch(probe, head, train_loader, optimizer, scaler, epoch, run, args, device)
         record = {"epoch": epoch, **run.end_epoch()}
         probe.eval()
-        share_statistics()
+        if world_size > 1:  # evaluate everywhere with the BatchNorm statistics that rank 0 saves
+            for buffer in probe.head.buffers():
+                torch.distributed.broadcast(buffer, 0)
         acc1, acc5, val_loss = evaluate(probe, val_loader, device, args.amp, args.mean, args.std)
         run.extra["best_acc1"] = best_acc1 = max(run.extra["best_acc1"], acc1)
         log(f"epoch {epoch}: train loss {record['train_loss']:.4f} acc1 {acc1:.2f} acc5 {acc5:.2f} "

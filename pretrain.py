@@ -88,9 +88,8 @@ def get_args(argv=None):
 
 
 def crop_transform(img_size, crop_min):
-    """The CPU part of the augmentation: one RandomResizedCrop + flip of a PIL image or a decoded tensor, shared
-    by both views, as (C, H, W) in the stored dtype (uint8, uint16 or float32). The two colourings, float
-    conversion and normalisation follow on the device for the whole batch (two_views)."""
+    """The CPU part of the augmentation, one crop + flip shared by both views -> (C, H, W) in the stored dtype
+    (uint8, uint16 or float32); colourings and normalisation follow on the device for the batch (two_views)."""
     return v2.Compose([v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0)), v2.RandomHorizontalFlip(),
                        v2.PILToTensor()])
 
@@ -101,10 +100,9 @@ def grayscale(x):
 
 
 def blend(x, factors, op, active):
-    """Brightness (op 0), contrast (1) or saturation (2) with the factor factors[:, op] of each image where
-    active, as torchvision's adjust_*: clamp(f * x + (1 - f) * y, 0, 1), y = 0, the mean grey level or the grey
-    image. x (B, C, H, W) in [0, 1], the grey level of C != 3 channels their mean; factors (B, 4); op, active
-    (B,)."""
+    """Brightness (op 0), contrast (1) or saturation (2) at factors[:, op] where active, as torchvision's adjust_*:
+    clamp(f * x + (1 - f) * y, 0, 1), y = 0, the mean grey level or the grey image. x (B, C, H, W) in [0, 1] (the
+    grey of C != 3 channels: their mean); factors (B, 4); op, active (B,)."""
     f = torch.where(active, factors.gather(1, op.clamp(max=2)[:, None])[:, 0], 1.0)[:, None, None, None]
     grey = grayscale(x) if x.shape[1] == 3 else x.mean(1, keepdim=True)  # (B, 1, H, W)
     contrast, saturation = ((op == k)[:, None, None, None].float() for k in (1, 2))
@@ -126,10 +124,9 @@ def shift_hue(x, shift):
 
 
 def jitter(x, factors, order):
-    """torchvision's ColorJitter with each image's own factors and order. x (B, C, H, W) in [0, 1]; factors
-    (B, 4): brightness, contrast, saturation (1: unchanged), hue shift (0: unchanged; RGB only); order (B, 4): a
-    permutation of the ops 0..3 (brightness, contrast, saturation, hue). The blends before an image's hue
-    shift run in three slots, then one hue pass for all, then three slots for the blends after it."""
+    """torchvision's ColorJitter with each image's own factors and order. x (B, C, H, W) in [0, 1]; factors (B, 4):
+    brightness, contrast, saturation (1: unchanged), hue shift (0: unchanged; RGB only); order (B, 4): a permutation
+    of the ops 0..3. Three slots for the blends before each image's hue shift, one hue pass, three slots after."""
     hue_at = order.argmax(1)  # (B,): the position of op 3
     for p in range(3):
         x = blend(x, factors, order[:, p], p < hue_at)
@@ -143,13 +140,10 @@ def jitter(x, factors, order):
 
 def colour(images, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD, jitter_p=0.8, grayscale_p=0.2,
            strength=(0.4, 0.4, 0.2, 0.1)):
-    """One random colouring per image of a batch (B, C, H, W) (uint8, uint16 or float, see data.normalize), on
-    its device with torch's generator: with probability jitter_p ColorJitter(*strength) (factors and order drawn
-    per image), then with probability grayscale_p grayscale. Returns float32 normalised with mean, std.
-
-    The official recipe is for RGB; for other data (a departure, README): one channel or more than three get
-    brightness and contrast only, applied to all channels together (one factor each per image, the contrast
-    about the mean over all channels), no saturation, hue or grayscale."""
+    """One random colouring per image of a batch (B, C, H, W) (uint8, uint16 or float, see data.normalize) on its
+    device: with probability jitter_p ColorJitter(*strength) (factors and order per image), then with probability
+    grayscale_p grayscale. Returns float32 normalised with mean, std. Not RGB (a departure, README): brightness and
+    contrast only, one factor each per image for all channels (contrast about their common mean)."""
     b, device = images.shape[0], images.device
     x = data.normalize(images, (0.0,) * images.shape[1], (1.0,) * images.shape[1])  # in [0, 1]
     rgb = images.shape[1] == 3
@@ -181,9 +175,8 @@ def build_model(args):
         img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans, **models.ARCHS[args.arch],
         ca_depth=args.ca_depth, layer_scale=args.layer_scale, proj_dim=args.proj_dim,
         proj_hidden_dim=args.proj_hidden_dim, mask_ratio=args.mask_ratio, num_masks=args.num_masks,
-        disjoint=args.disjoint, drop_path=args.drop_path,
-        loss=args.loss, temperature=args.temperature, autocast_residual=args.autocast_residual,
-        split_class_attention=args.split_class_attention)
+        disjoint=args.disjoint, drop_path=args.drop_path, loss=args.loss, temperature=args.temperature,
+        autocast_residual=args.autocast_residual, split_class_attention=args.split_class_attention)
     learner.encoder.set_grad_checkpointing(args.grad_checkpointing)  # the momentum encoder runs without autograd
     return learner
 
@@ -197,25 +190,9 @@ def check_args(args):
         utils.fail(e)
 
 
-def monitor_loaders(args, batch_size, device):
-    """Evaluation loaders of the monitor's labelled train and val sets (capped per class), and its classes."""
-    transform = data.eval_transform(args.img_size)
-    train, val, num_classes = data.classification_datasets(args.monitor, args.img_size, transform, transform,
-                                                           in_chans=args.in_chans)
-    if args.monitor_per_class is not None:
-        train, val = (data.cap_per_class(dataset, args.monitor_per_class) for dataset in (train, val))
-    if MONITOR_K > len(train):
-        utils.fail(f"--monitor {args.monitor}: {len(train)} training images, fewer than the k = {MONITOR_K} "
-                   f"neighbours of the k-NN monitor")
-    loaders = [data.make_loader(dataset, batch_size, False, args.num_workers, args.seed, device)
-               for dataset in (train, val)]
-    return loaders, num_classes
-
-
 class SkippedImages:
-    """This process's unreadable images, skipped by the loader (data.Batch.skipped): warns about the first
-    data.WARN_SKIPPED of the run, and stops with one line when an epoch's count passes --max-skipped of the
-    images the process reads in an epoch (`share`). Set `count` to 0 when an epoch starts."""
+    """This process's unreadable images (data.Batch.skipped): warns about the run's first data.WARN_SKIPPED, stops
+    with one line when an epoch's `count` (reset by main) passes --max-skipped of its `share` of the epoch."""
 
     def __init__(self, max_skipped, share):
         self.max_skipped, self.share, self.count, self.warned = max_skipped, share, 0, 0
@@ -255,10 +232,9 @@ def build_optimizer(args, learner, device):
 
 def train_step(model, optimizer, scaler, micro_batches, lr, momentum, amp, color_aug=True, keeps=None,
                clip_grad=None, mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD):
-    """One ExtreMA optimizer step over --accum-iter micro-batches of crops (b, C, H, W) on the device. keeps: one
-    (M, b, K) tensor of visible patches per micro-batch (None: drawn here, outside a compiled model). Returns the
-    mean loss of the micro-batches, the target_std of the step's targets and the gradient norm before clipping, as
-    device tensors (no host synchronisation)."""
+    """One ExtreMA optimizer step over --accum-iter micro-batches of crops (b, C, H, W) on the device; keeps: one
+    (M, b, K) tensor of visible patches per micro-batch (None: drawn here, outside a compiled model). Returns the mean
+    loss, the target_std of the targets and the gradient norm before clipping, as device tensors (no host sync)."""
     learner = model.module if isinstance(model, DDP) else model
     # Step 1. This step's lr, and the momentum (EMA) update of the target branch. As in the official code the EMA
     # step comes first: the online branch then chases a target that already includes its last step.
@@ -367,8 +343,7 @@ def main(argv=None):
 
 
 def keep_copy(path, copy):
-    """Give the file at path a second name, copy: a hard link (no second copy on disk), or a copy where the file
-    system has no hard links. utils.save_checkpoint later replaces path's file and leaves copy as it is."""
+    """Give path's file the second name `copy` (a hard link, else a copy), kept when save_checkpoint replaces path."""
     tmp = f"{copy}.tmp"
     if os.path.lexists(tmp):
         os.remove(tmp)
@@ -380,9 +355,8 @@ def keep_copy(path, copy):
 
 
 def init_from(path, learner, log):
-    """--init: a released or earlier pretraining checkpoint's weights as this run's starting point (continued
-    pretraining on one's own data); the position table is resized and an RGB patch embedding adapted as the
-    other stages do."""
+    """--init: a released or earlier pretraining checkpoint's weights start this run (continued pretraining on one's
+    own data); the position table is resized and an RGB patch embedding adapted as in the other stages."""
     try:
         note = models.load_pretraining(learner, utils.load_checkpoint(path))
     except ValueError as e:
@@ -400,13 +374,21 @@ def warn_resharding(args, checkpoint, run, log):
 
 
 class Monitor:
-    """--monitor: the k-NN top-1 of the momentum encoder's instance features on a labelled set (linprobe.py's
-    classifier), at initialisation (the baseline knn_acc1 has to beat, kept in the checkpoint) and every
-    --monitor-every epochs, into the epoch's record."""
+    """--monitor: k-NN top-1 (linprobe.py's) of the momentum encoder's instance features on a labelled set, at
+    initialisation (the baseline, kept in the checkpoint) and every --monitor-every epochs, into the record."""
 
     def __init__(self, args, learner, batch_size, device, amp, checkpoint, run, log):
         self.args, self.encoder, self.device, self.amp = args, learner.momentum_encoder, device, amp
-        self.loaders, self.num_classes = monitor_loaders(args, batch_size, device)
+        transform = data.eval_transform(args.img_size)
+        train, val, self.num_classes = data.classification_datasets(args.monitor, args.img_size, transform,
+                                                                    transform, in_chans=args.in_chans)
+        if args.monitor_per_class is not None:
+            train, val = (data.cap_per_class(dataset, args.monitor_per_class) for dataset in (train, val))
+        if MONITOR_K > len(train):
+            utils.fail(f"--monitor {args.monitor}: {len(train)} training images, fewer than the k = {MONITOR_K} "
+                       f"neighbours of the k-NN monitor")
+        self.loaders = [data.make_loader(dataset, batch_size, False, args.num_workers, args.seed, device)
+                        for dataset in (train, val)]
         self.init = self.knn() if checkpoint is None else checkpoint.get("knn_acc1_init")  # None: began unmonitored
         if self.init is not None:
             log(f"monitor: {MONITOR_K}-NN acc1 {self.init:.2f} at initialisation")
@@ -438,11 +420,10 @@ def compile_model(learner, mode="default"):
 class GraphedUpdates:
     """--cuda-graphs: the optimizer step and the momentum update replayed from CUDA graphs, one launch each.
 
-    A graph replays fixed addresses, so lr and momentum live in device tensors and the gradients are zeroed in
-    place, never freed. Each update runs eagerly on its first call (AdamW creates its state there) and is
-    captured on the second; off CUDA it always runs eagerly (what the CPU tests check). Stands in for the
-    optimizer in train_step, and takes over learner.update_momentum, so the step reads the same with or without it.
-    """
+    A graph replays fixed addresses, so lr and momentum live in device tensors and the gradients are zeroed in place,
+    never freed. Each update runs eagerly on its first call (AdamW makes its state) and is captured on the second; off
+    CUDA always eagerly (what the CPU tests check). Stands in for the optimizer and learner.update_momentum in
+    train_step, so the step reads the same with or without it."""
 
     def __init__(self, learner, optimizer):
         device = next(learner.parameters()).device

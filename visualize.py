@@ -1,10 +1,9 @@
 """What a pretrained ExtreMA encoder looks at, its weights in timm's ViT layout, and the curves of runs.
 
-Pictures: for each image one PNG, a row of panels: the input (resized and centre-cropped to --img-size), the
-first three principal components of its patch tokens (after the final norm) as RGB, then the attention of the
-last class-attention block's cls query to every patch, averaged over the heads and then head by head (white =
-most attention). The cls query also attends to itself; that share is dropped and each head's weights over the
-patches are renormalised to sum to 1. Maps are shown per patch (nearest-neighbour upsampling).
+Pictures: one PNG per image, a row of panels: the input (resized and centre-cropped to --img-size), the first three
+principal components of its patch tokens (after the final norm) as RGB, then the attention of the last
+class-attention block's cls query to the patches (its share on itself dropped, each head's weights renormalised to
+sum to 1), the heads' mean and then head by head (white = most), per patch (nearest-neighbour upsampling).
 
     python visualize.py --pretrained CKPT --device cpu cat.jpg dog.png    # output/visualize/cat_attention.png ...
     python visualize.py --data synthetic --arch vit_tiny --img-size 64 --patch-size 8 --device cpu
@@ -62,13 +61,13 @@ def get_args(argv=None):
                    help="write the encoder of --pretrained as ONNX (needs onnxscript), batch size free")
     p.add_argument("--curves", nargs="+", default=None, metavar="LOG",
                    help="draw the curves of these log.jsonl files (or their folders) instead of pictures")
-    p.add_argument("--output", default=None, metavar="FILE", help="the PNG of --curves (default: "
-                                                                   "<output-dir>/curves.png)")
+    p.add_argument("--output", default=None, metavar="FILE",
+                   help="the PNG of --curves (default: <output-dir>/curves.png)")
     return data.encoder_inputs(utils.parse_args(p, argv))
 
 
 def timm_export(args):
-    """(state_dict, timm_kwargs, left_out) of the --pretrained encoder in timm's ViT layout; sets args.mean, args.std."""
+    """(state_dict, timm_kwargs, left_out) of the --pretrained encoder in timm's ViT layout."""
     try:
         state_dict, left_out = models.timm_state_dict(utils.load_checkpoint(args.pretrained), args.branch)
         return state_dict, models.timm_vit_kwargs(state_dict, args.arch), left_out
@@ -77,8 +76,7 @@ def timm_export(args):
 
 
 def export_timm(args):
-    """Write {'state_dict', 'timm_kwargs' (with in_chans), 'left_out', 'mean', 'std' (of the inputs in [0, 1])} and
-    say how to load it."""
+    """Write {'state_dict', 'timm_kwargs', 'left_out', 'mean', 'std' (of inputs in [0, 1])}, say how to load it."""
     state_dict, kwargs, left_out = timm_export(args)
     os.makedirs(os.path.dirname(args.export_timm) or ".", exist_ok=True)
     utils.save_checkpoint(dict(state_dict=state_dict, timm_kwargs=kwargs, left_out=left_out, mean=args.mean,
@@ -123,8 +121,8 @@ CURVES = (("train_loss", "training loss"), ("target_std", "target_std (collapse 
 
 
 def read_epochs(path):
-    """The per-epoch records (lines with an 'epoch', --eval-only lines left out) of a log.jsonl, or of the one
-    in folder `path`; a one-line error for a missing file, a line that is not JSON or a log without epochs."""
+    """The per-epoch records (with an 'epoch', not --eval-only) of a log.jsonl or of the one in folder `path`; a
+    one-line error for a missing file, a line that is not JSON or a log without epochs."""
     if os.path.isdir(path):
         path = os.path.join(path, "log.jsonl")
     if not os.path.isfile(path):
@@ -199,8 +197,7 @@ def patch_attention(attention, grid):
 
 
 def token_pca(tokens, grid):
-    """The first three principal components of one image's patch tokens (N, D), each scaled to [0, 1], as an
-    RGB map (3, h, w)."""
+    """The first three principal components of one image's patch tokens (N, D), each in [0, 1], as RGB (3, h, w)."""
     centred = (tokens - tokens.mean(dim=0)).double()
     _, _, axes = torch.linalg.svd(centred, full_matrices=False)  # rows of axes: principal directions
     components = centred @ axes[:3].T  # (N, <=3)
@@ -214,12 +211,10 @@ def picture(image, pca, maps, patch_size):
     grey), token PCA, mean attention, each head's."""
     low, high = maps.amin(dim=(-2, -1), keepdim=True), maps.amax(dim=(-2, -1), keepdim=True)
     gray = ((maps - low) / (high - low).clamp_min(1e-12))[:, None].expand(-1, 3, -1, -1)  # (1+H, 3, h, w)
-    panels = torch.cat([pca[None], gray])
-    panels = F.interpolate(panels, scale_factor=patch_size, mode="nearest")  # (2+H, 3, S, S)
+    panels = F.interpolate(torch.cat([pca[None], gray]), scale_factor=patch_size, mode="nearest")  # (2+H, 3, S, S)
     shown = data.normalize(image, (0.0,) * len(image), (1.0,) * len(image)).clamp(0, 1)  # (C, S, S) in [0, 1]
     shown = shown if len(shown) == 3 else shown.mean(0, keepdim=True).expand(3, -1, -1)  # other C: their mean, grey
-    panels = torch.cat([shown[None], panels])
-    grid = make_grid(panels, nrow=len(panels), padding=2, pad_value=1.0)
+    grid = make_grid(torch.cat([shown[None], panels]), nrow=len(panels) + 1, padding=2, pad_value=1.0)
     return (grid * 255).round().to(torch.uint8)
 
 
@@ -228,11 +223,11 @@ def main(argv=None):
     args = get_args(argv)
     exports = [(flag, write) for flag, write in (("export_timm", export_timm), ("export_hf", export_hf),
                                                  ("export_onnx", export_onnx)) if getattr(args, flag) is not None]
-    if exports and args.pretrained is None:
-        utils.fail(f"--{exports[0][0].replace('_', '-')} needs --pretrained")
-    for _, write in exports:
-        write(args)
     if exports:
+        if args.pretrained is None:
+            utils.fail(f"--{exports[0][0].replace('_', '-')} needs --pretrained")
+        for _, write in exports:
+            write(args)
         return
     if args.curves is not None:
         return plot_curves(args)
