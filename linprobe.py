@@ -181,8 +181,7 @@ def evaluate_checkpoint(model, val_loader, device, run, checkpoint, args, log):
                                          val_loss=val_loss))
 
 
-# ----------------------------------------------------------------------------------------------------
-# k-nearest-neighbour evaluation of frozen features (--knn, and pretrain.py --monitor)
+# ============ k-nearest-neighbour evaluation of frozen features (--knn, and pretrain.py --monitor) ============
 
 
 def all_gather_rows(x):
