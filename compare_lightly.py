@@ -199,7 +199,7 @@ def save(model, args, epoch, path):
     """The two encoders in pretrain.py's naming, which linprobe.py --pretrained --branch reads."""
     state = {f"{name}.{key}": value for name, encoder in (("encoder", model.online), ("momentum_encoder", model.target))
              for key, value in encoder.state_dict().items()}
-    torch.save({"model": state, "epoch": epoch, "args": vars(args)}, path)
+    utils.save_checkpoint({"model": state, "epoch": epoch, "args": vars(args)}, path)
 
 
 def main(argv=None):
@@ -213,7 +213,7 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.num_workers)
     optimizer = optimizer_class(model.parameters(), lr=args.lr)
-    os.makedirs(args.output_dir, exist_ok=True)
+    utils.make_output_dir(args.output_dir)
     print(f"{args.method}: {len(dataset)} images, batch {args.batch_size}, {len(loader)} steps/epoch, "
           f"{optimizer_class.__name__} lr {args.lr}, {torch.get_num_threads()} thread(s)")
     wall, cpu = time.time(), cpu_seconds()
@@ -237,8 +237,7 @@ def main(argv=None):
         if spread:
             record["target_std"] = round(sum(spread) / len(spread), 4)
         print(json.dumps(record), flush=True)
-        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        utils.log_json(args.output_dir, record)
         if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
             save(model, args, epoch, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
     save(model, args, args.epochs - 1, os.path.join(args.output_dir, "checkpoint-last.pth"))
